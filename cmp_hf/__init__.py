@@ -1,0 +1,23 @@
+"""cmp_hf: calibrated prompt tuning of CLIP with the Confidence Misalignment Penalty (arXiv 2501.17595)."""
+
+from .config import CMPConfig
+from .losses import cmp_penalty
+from .metrics import CalibrationMetrics, ReliabilityTable, calibration_metrics, reliability_table
+from .modeling import PromptTunedCLIP, PromptTunedCLIPOutput
+from .prompts import CoOpPromptConfig
+from .trainer import CMPTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CMPConfig",
+    "CMPTrainer",
+    "CalibrationMetrics",
+    "CoOpPromptConfig",
+    "PromptTunedCLIP",
+    "PromptTunedCLIPOutput",
+    "ReliabilityTable",
+    "calibration_metrics",
+    "cmp_penalty",
+    "reliability_table",
+]

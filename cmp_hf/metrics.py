@@ -1,0 +1,156 @@
+"""Calibration metrics for classifiers: ECE, ACE, MCE, RMS calibration error, NLL, Brier score and accuracy.
+
+Definitions follow the evaluator the CMP paper used (DAC codebase, after Guo et al. 2017): confidence is the
+maximum softmax probability; equal-width bins are ``(lower, upper]``; ECE = sum_b |B_b|/N * |acc_b - conf_b|.
+
+* ``ace``: the same formula over equal-mass bins (samples sorted by confidence, split into ``n_bins`` groups whose
+  sizes differ by at most one).
+* ``mce``: the textbook maximum calibration error, max_b |acc_b - conf_b| over non-empty bins.
+* ``mce_weighted``: max_b |B_b|/N * |acc_b - conf_b|, which is what the DAC evaluator prints as "MCE".
+* ``rmsce``: sqrt(sum_b |B_b|/N * (acc_b - conf_b)^2) (torchmetrics' ``norm="l2"``).
+* ``nll``: mean negative log-likelihood of the true class; ``brier``: mean over samples of
+  sum_k (p_k - 1[k = y])^2 (Brier's original multi-class score, range [0, 2]).
+
+These functions work on numpy arrays and know nothing of models; ``CalibrationMetrics`` adapts them to
+``Trainer``'s ``compute_metrics``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PERCENT_METRICS = ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce")
+
+
+@dataclass(frozen=True)
+class ReliabilityTable:
+    """Per-bin statistics a reliability diagram draws. Empty bins have NaN accuracy and confidence."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    count: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+
+    @property
+    def weighted_gaps(self) -> np.ndarray:
+        """|B_b|/N * |acc_b - conf_b| per bin (0 for empty bins)."""
+        return np.nan_to_num(self.count / self.count.sum() * np.abs(self.accuracy - self.confidence))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {name: values.tolist() for name, values in asdict(self).items()}
+
+
+def probabilities(*, probs: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities in float64 from exactly one of ``probs`` or ``logits`` (softmax is applied to logits)."""
+    if (probs is None) == (logits is None):
+        raise ValueError("Pass exactly one of probs= (probabilities) or logits= (unnormalised scores).")
+    if probs is not None:
+        return np.asarray(probs, dtype=np.float64)
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _bin_statistics(
+    confidences: np.ndarray, correct: np.ndarray, bin_ids: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    count = np.bincount(bin_ids, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.bincount(bin_ids, weights=correct, minlength=n_bins) / count
+        confidence = np.bincount(bin_ids, weights=confidences, minlength=n_bins) / count
+    return count, accuracy, confidence
+
+
+def reliability_table(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> ReliabilityTable:
+    """Equal-width ``(lower, upper]`` bins over [0, 1]."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bin_ids = np.searchsorted(edges[1:-1], confidences, side="left")
+    count, accuracy, confidence = _bin_statistics(confidences, correct.astype(np.float64), bin_ids, n_bins)
+    return ReliabilityTable(edges[:-1], edges[1:], count, accuracy, confidence)
+
+
+def equal_mass_table(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> ReliabilityTable:
+    """Bins holding (almost) the same number of samples; bounds are each bin's min and max confidence."""
+    order = np.argsort(confidences, kind="stable")
+    sizes = np.array([len(chunk) for chunk in np.array_split(order, n_bins)])
+    bin_ids = np.empty(len(order), dtype=np.int64)
+    bin_ids[order] = np.repeat(np.arange(n_bins), sizes)
+    count, accuracy, confidence = _bin_statistics(confidences, correct.astype(np.float64), bin_ids, n_bins)
+    sorted_conf = confidences[order]
+    ends = np.cumsum(sizes)
+    last = len(order) - 1
+    lower = np.where(sizes > 0, sorted_conf[np.minimum(ends - sizes, last)], np.nan)
+    upper = np.where(sizes > 0, sorted_conf[np.clip(ends - 1, 0, last)], np.nan)
+    return ReliabilityTable(lower, upper, count, accuracy, confidence)
+
+
+def calibration_metrics(
+    labels: np.ndarray,
+    *,
+    probs: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+    n_bins: int = 10,
+) -> dict[str, float]:
+    """All calibration metrics as fractions (not percent). Give ``probs=`` or ``logits=``, not both."""
+    p = probabilities(probs=probs, logits=logits)
+    labels = np.asarray(labels, dtype=np.int64)
+    if p.ndim != 2 or labels.shape != (p.shape[0],):
+        raise ValueError(f"Expected scores (N, C) and labels (N,), got {p.shape} and {labels.shape}.")
+    if len(labels) == 0:
+        raise ValueError("Cannot compute calibration metrics on an empty set.")
+    if labels.min() < 0 or labels.max() >= p.shape[1]:
+        raise ValueError(f"Labels must lie in [0, {p.shape[1]}), got values in [{labels.min()}, {labels.max()}].")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
+    confidences = p.max(axis=1)
+    correct = (p.argmax(axis=1) == labels).astype(np.float64)
+    table = reliability_table(confidences, correct, n_bins)
+    gaps = np.abs(table.accuracy - table.confidence)
+    weights = table.count / table.count.sum()
+    true_prob = p[np.arange(len(labels)), labels]
+    if logits is not None:  # exact log-softmax instead of log of a possibly underflowed probability
+        z = np.asarray(logits, dtype=np.float64)
+        zmax = z.max(axis=1)
+        log_true = z[np.arange(len(labels)), labels] - zmax - np.log(np.exp(z - zmax[:, None]).sum(axis=1))
+    else:
+        log_true = np.log(np.maximum(true_prob, np.finfo(np.float64).tiny))
+    one_hot = np.eye(p.shape[1])[labels]
+    return {
+        "accuracy": float(correct.mean()),
+        "ece": float(table.weighted_gaps.sum()),
+        "ace": float(equal_mass_table(confidences, correct, n_bins).weighted_gaps.sum()),
+        "mce": float(np.nanmax(gaps)),
+        "mce_weighted": float(table.weighted_gaps.max()),
+        "rmsce": float(np.sqrt(np.nansum(weights * gaps**2))),
+        "nll": float(-log_true.mean()),
+        "brier": float(((p - one_hot) ** 2).sum(axis=1).mean()),
+    }
+
+
+def as_percent(metrics: dict[str, float]) -> dict[str, float]:
+    """Report the metrics the paper prints in percent under ``<name>_pct``; NLL and Brier keep their own scale."""
+    return {
+        (f"{k}_pct" if k in PERCENT_METRICS else k): (100.0 * v if k in PERCENT_METRICS else v)
+        for k, v in metrics.items()
+    }
+
+
+@dataclass
+class CalibrationMetrics:
+    """``compute_metrics`` for ``Trainer``: the eval predictions are class logits.
+
+    Returns ``as_percent`` keys: ``accuracy_pct``, ``ece_pct``, ``ace_pct``, ``mce_pct``, ``mce_weighted_pct``,
+    ``rmsce_pct`` (percent, as the paper prints them), ``nll`` and ``brier`` (their own scale).
+    """
+
+    n_bins: int = 10
+
+    def __call__(self, eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return as_percent(calibration_metrics(eval_prediction.label_ids, logits=logits, n_bins=self.n_bins))

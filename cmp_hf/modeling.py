@@ -1,0 +1,198 @@
+"""A frozen CLIPModel plus a peft-owned CoOp prompt: images (or their cached features) in, class logits out.
+
+peft has no CoOp method, but ``PromptTuningConfig`` on a ``PeftModel`` gives exactly what CoOp learns: an
+``nn.Embedding`` of M prompt vectors, saved as a standard adapter (``adapter_model.safetensors`` with
+``prompt_embeddings``, ``adapter_config.json``) that plain ``PeftModel.from_pretrained`` restores. peft's own
+prompt-tuning forward (virtual tokens prepended through ``inputs_embeds``) does not apply to CLIP, so this module
+never calls it: it reads the vectors and writes them into the text encoder with :class:`EmbeddingOverride`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, PromptTuningConfig
+from torch import nn
+from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
+
+from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, initial_context, resolve_n_ctx, tokenize_prompts
+from .prompts.hook import EmbeddingOverride
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class PromptTunedCLIPOutput(ModelOutput):
+    """``logits``: (B, C) = logit_scale * cos(image, class text); features are L2-normalised."""
+
+    logits: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
+
+
+class PromptTunedCLIP(nn.Module):
+    """CLIP classifier over a fixed list of classes whose text prompts carry learned CoOp context.
+
+    Only the prompt vectors (``peft_model.prompt_encoder``) are trainable; everything in CLIP, ``logit_scale``
+    included, is frozen. ``forward`` takes ``pixel_values`` or precomputed, L2-normalised ``image_features``.
+
+    Build one with :meth:`from_clip` (fresh prompt) or :meth:`from_pretrained` (a saved prompt);
+    :meth:`save_pretrained` writes the peft adapter plus ``prompt_config.json``.
+    """
+
+    def __init__(
+        self, peft_model: PeftModel, prompt_config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.prompt_config = prompt_config
+        self.tokenizer = tokenizer
+        clip = self.clip
+        tokens = tokenize_prompts(prompt_config, tokenizer, clip.config.text_config.max_position_embeddings)
+        self.register_buffer("prompt_input_ids", tokens.input_ids, persistent=False)
+        self.register_buffer("prompt_attention_mask", tokens.attention_mask, persistent=False)
+        self.register_buffer("prompt_context_index", tokens.context_index, persistent=False)
+        expected = (prompt_config.num_context_vectors, clip.config.text_config.hidden_size)
+        if tuple(self.context.shape) != expected:
+            raise ValueError(
+                f"The adapter holds prompt vectors of shape {tuple(self.context.shape)} but {PROMPT_CONFIG_NAME} and "
+                f"the base model need {expected} ({prompt_config.n_ctx} context vectors"
+                f"{' per class' if prompt_config.class_specific_context else ''}, text width {expected[1]})."
+            )
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(name.startswith("prompt_encoder."))
+        self._context_writer = EmbeddingOverride(clip.text_model.embeddings.token_embedding)
+        self._fixed_text_features: torch.Tensor | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_clip(
+        cls, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, prompt_config: CoOpPromptConfig
+    ) -> PromptTunedCLIP:
+        """Attach a new CoOp prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02))."""
+        prompt_config = resolve_n_ctx(prompt_config, tokenizer)
+        if prompt_config.base_model_name_or_path is None and clip.name_or_path:
+            prompt_config.base_model_name_or_path = clip.name_or_path
+        text_config = clip.config.text_config
+        peft_config = PromptTuningConfig(
+            task_type=None,
+            num_virtual_tokens=prompt_config.num_context_vectors,
+            token_dim=text_config.hidden_size,
+            num_transformer_submodules=1,
+            num_layers=text_config.num_hidden_layers,
+            num_attention_heads=text_config.num_attention_heads,
+        )
+        peft_model = PeftModel(clip, peft_config)
+        context = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+        with torch.no_grad():
+            context.copy_(initial_context(prompt_config, tokenizer, clip.text_model.embeddings.token_embedding))
+        return cls(peft_model, prompt_config, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        prompt_path: str | os.PathLike,
+        clip: CLIPModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> PromptTunedCLIP:
+        """Load a prompt saved by :meth:`save_pretrained` onto ``clip`` (default: the base model it names)."""
+        prompt_path = os.fspath(prompt_path)
+        for name in (PROMPT_CONFIG_NAME, ADAPTER_CONFIG_NAME):
+            if not os.path.isfile(os.path.join(prompt_path, name)):
+                raise FileNotFoundError(
+                    f"{prompt_path} has no {name}: it is not a prompt saved by cmp_hf (save_pretrained writes "
+                    f"{PROMPT_CONFIG_NAME} next to the peft adapter)."
+                )
+        prompt_config = CoOpPromptConfig.from_json_file(os.path.join(prompt_path, PROMPT_CONFIG_NAME))
+        base = prompt_config.base_model_name_or_path
+        if (clip is None or tokenizer is None) and not base:
+            raise ValueError(
+                f"{PROMPT_CONFIG_NAME} names no base model: pass clip= and tokenizer= for the CLIP it was trained on."
+            )
+        clip = clip if clip is not None else CLIPModel.from_pretrained(base)
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
+        _check_adapter_shape(prompt_path, prompt_config, clip)
+        peft_model = PeftModel.from_pretrained(clip, prompt_path)
+        return cls(peft_model, prompt_config, tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
+        self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        self.prompt_config.save_pretrained(save_directory)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+
+    @property
+    def clip(self) -> CLIPModel:
+        return self.peft_model.get_base_model()
+
+    @property
+    def context(self) -> nn.Parameter:
+        """The learned context vectors, (M, d) or (C * M, d) with class-specific context."""
+        return self.peft_model.prompt_encoder[self.peft_model.active_adapter].embedding.weight
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.prompt_config.class_names
+
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised text features of the C class prompts, differentiable w.r.t. the context."""
+        clip = self.clip
+        with self._context_writer.replacing(self.context, self.prompt_context_index):
+            pooled = clip.text_model(
+                input_ids=self.prompt_input_ids, attention_mask=self.prompt_attention_mask
+            ).pooler_output
+        return F.normalize(clip.text_projection(pooled), dim=-1)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features of the frozen image encoder (no graph is kept: nothing there trains)."""
+        clip = self.clip
+        pooled = clip.vision_model(pixel_values=pixel_values.to(clip.dtype)).pooler_output
+        return F.normalize(clip.visual_projection(pooled), dim=-1)
+
+    @contextmanager
+    def fixed_text_features(self) -> Iterator[None]:
+        """Compute the class text features once and reuse them for every forward inside the block (evaluation)."""
+        with torch.no_grad():
+            self._fixed_text_features = self.text_features()
+        try:
+            yield
+        finally:
+            self._fixed_text_features = None
+
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> PromptTunedCLIPOutput:
+        if (pixel_values is None) == (image_features is None):
+            raise ValueError("Pass exactly one of pixel_values or image_features (L2-normalised, precomputed).")
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
+        logits = self.clip.logit_scale.exp() * image_features.to(text.dtype) @ text.t()
+        return PromptTunedCLIPOutput(logits=logits, image_features=image_features, text_features=text)
+
+
+def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip: CLIPModel) -> None:
+    """Name the mismatching file before peft fails deep inside ``load_state_dict``."""
+    with open(os.path.join(prompt_path, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
+        adapter = json.load(f)
+    expected = {
+        "num_virtual_tokens": prompt_config.num_context_vectors,
+        "token_dim": clip.config.text_config.hidden_size,
+    }
+    found = {key: adapter.get(key) for key in expected}
+    if found != expected:
+        raise ValueError(
+            f"{os.path.join(prompt_path, ADAPTER_CONFIG_NAME)} describes prompt vectors {found}, but "
+            f"{PROMPT_CONFIG_NAME} and the base CLIP need {expected}: the adapter was saved for another prompt "
+            "configuration or another base model."
+        )

@@ -1,0 +1,262 @@
+"""``CMPTrainer``: CoOp prompt tuning of a frozen CLIP with cross-entropy + lambda * CMP, evaluated for calibration."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, IterableDataset
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from .config import CMPConfig
+from .data.collator import CLIPImageCollator
+from .data.loading import class_names_from_features
+from .losses import cmp_penalty
+from .metrics import CalibrationMetrics
+from .modeling import PromptTunedCLIP
+from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
+from .schedulers import coop_scheduler
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LOSS_COMPONENTS = ("ce", "cmp", "misclassified")
+
+
+class LossComponents:
+    """Sample-weighted running sums of the loss terms, reduced over processes only when reported."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+
+    def add(self, ce: torch.Tensor, cmp: torch.Tensor, misclassified: torch.Tensor, n: int) -> None:
+        values = torch.stack([ce.detach() * n, cmp.detach() * n, misclassified.detach() * n])
+        values = torch.cat([values.float(), values.new_tensor([n], dtype=torch.float32)])
+        self.sums = values if self.sums is None else self.sums + values
+
+    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor], prefix: str = "") -> dict[str, float]:
+        """Means since the last pop, over all processes; every process must call it (it is a collective)."""
+        if self.sums is None:
+            return {}
+        total = reduce(self.sums).tolist()
+        self.sums = None
+        return {f"{prefix}{name}": value / total[-1] for name, value in zip(LOSS_COMPONENTS, total[:-1], strict=True)}
+
+
+class CMPTrainer(Trainer):
+    """Trainer for CoOp prompts on a frozen CLIP with the Confidence Misalignment Penalty.
+
+    ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP``; a plain
+    CLIP gets a new CoOp prompt built from ``args`` and ``class_names`` (default: the ``ClassLabel`` names of the
+    train set's label column). The processor comes from ``processing_class`` or is loaded from where the CLIP was.
+
+    Logged besides the loss: ``ce``, ``cmp`` (the penalty before ``cmp_lambda``) and ``misclassified`` (fraction of
+    samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
+    eval set and computes the class text features once per evaluation.
+    """
+
+    _tag_names = ["cmp_hf", "cmp", "coop", "clip", "calibration"]
+    # compute_loss returns a per-batch mean: Trainer must divide it by the gradient-accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: str | CLIPModel | PromptTunedCLIP,
+        args: CMPConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: CLIPProcessor | None = None,
+        class_names: list[str] | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+    ) -> None:
+        if args is None:
+            args = CMPConfig(output_dir="cmp-output")
+        if not isinstance(args, CMPConfig):
+            raise TypeError(f"args must be a CMPConfig (it carries the CMP and prompt options), got {type(args)}.")
+        if class_names is None and isinstance(train_dataset, Dataset):
+            class_names = class_names_from_features(train_dataset, args.label_column)
+        if class_names is not None:
+            validate_class_names(class_names)
+        num_classes = len(class_names) if class_names is not None else None
+        for name, dataset in _named_datasets(train_dataset, eval_dataset):
+            _check_dataset(dataset, name, args, num_classes, needs_images=data_collator is None)
+        set_seed(args.seed)  # the random context init draws from torch's generator
+        model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        if data_collator is None:
+            data_collator = CLIPImageCollator(processing_class.image_processor, args.image_column, args.label_column)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or CalibrationMetrics(args.calibration_bins),
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._components = {"train": LossComponents(), "eval": LossComponents()}
+
+    # ---- loss and logging ---------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = inputs["labels"]
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        logits = outputs.logits.float()
+        ce = F.cross_entropy(logits, labels)
+        cmp = cmp_penalty(logits, labels, self.args.cmp_form, self.args.cmp_competitors)
+        loss = ce + self.args.cmp_lambda * cmp
+        misclassified = (logits.argmax(dim=1) != labels).float().mean()
+        self._components["train" if model.training else "eval"].add(ce, cmp, misclassified, len(labels))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the loss terms accumulated since the last one
+            logs.update(self._components["train"].pop(self._sum_over_processes))
+        super().log(logs, start_time)
+
+    def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values, reduction="sum")
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics."""
+        self.model.eval()
+        self._components["eval"].pop(lambda values: values)  # drop leftovers of an interrupted evaluation
+        with self.model.fixed_text_features():
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
+        return output
+
+    # ---- schedule -----------------------------------------------------------------------------------------------
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if not self.args.coop_schedule or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        steps_per_epoch = self._update_steps_per_epoch()
+        self.lr_scheduler = coop_scheduler(
+            optimizer if optimizer is not None else self.optimizer,
+            steps_per_epoch=steps_per_epoch,
+            num_epochs=math.ceil(num_training_steps / steps_per_epoch),
+            warmup_epochs=self.args.coop_warmup_epochs,
+            warmup_lr=self.args.coop_warmup_lr,
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _update_steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as Trainer counts them (per-process batches, then accumulation)."""
+        if not isinstance(self.train_dataset, Dataset):
+            raise ValueError("coop_schedule needs a train dataset with a length (epochs are undefined otherwise).")
+        global_batch = self._train_batch_size * self.args.world_size
+        batches = len(self.train_dataset) / global_batch
+        batches = math.floor(batches) if self.args.dataloader_drop_last else math.ceil(batches)
+        return max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+
+    # ---- save and load: the prompt is a peft adapter plus prompt_config.json -------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        _load_prompt_weights(model if model is not None else self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        _load_prompt_weights(self.model, self.state.best_model_checkpoint)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The collator, not the model's forward, decides which columns matter.
+        if self._signature_columns is None:
+            self._signature_columns = [self.args.image_column, self.args.label_column, "pixel_values", "labels"]
+
+
+def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
+    """Restore the prompt vectors of a checkpoint into ``model``, refusing a checkpoint of another prompt."""
+    saved = CoOpPromptConfig.from_json_file(os.path.join(checkpoint, PROMPT_CONFIG_NAME))
+    if saved.class_names != model.prompt_config.class_names or saved.n_ctx != model.prompt_config.n_ctx:
+        raise ValueError(f"Checkpoint {checkpoint} holds a prompt for other classes or another n_ctx.")
+    set_peft_model_state_dict(model.peft_model, load_file(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)))
+
+
+def _prompt_model(
+    model: str | CLIPModel | PromptTunedCLIP,
+    args: CMPConfig,
+    class_names: list[str] | None,
+    processing_class: CLIPProcessor | None,
+) -> tuple[PromptTunedCLIP, CLIPProcessor]:
+    """Turn what the user passed into a PromptTunedCLIP and its processor."""
+    if isinstance(model, PromptTunedCLIP):
+        if class_names is not None and class_names != model.class_names:
+            raise ValueError("class_names differ from the class names of the PromptTunedCLIP passed as model.")
+        source = model.prompt_config.base_model_name_or_path
+    elif isinstance(model, str):
+        source = model
+    elif isinstance(model, CLIPModel):
+        source = model.name_or_path or None
+    else:
+        raise TypeError(f"model must be a Hub id or directory, a CLIPModel or a PromptTunedCLIP, got {type(model)}.")
+    if processing_class is None:
+        if not source:
+            raise ValueError("This CLIPModel was not loaded from a directory or the Hub: pass processing_class.")
+        processing_class = CLIPProcessor.from_pretrained(source)
+    if isinstance(model, PromptTunedCLIP):
+        return model, processing_class
+    if class_names is None:
+        raise ValueError("Pass class_names, or a train_dataset whose label column is a ClassLabel with names.")
+    clip = CLIPModel.from_pretrained(model) if isinstance(model, str) else model
+    prompt_config = args.prompt_config(class_names, base_model_name_or_path=source)
+    return PromptTunedCLIP.from_clip(clip, processing_class.tokenizer, prompt_config), processing_class
+
+
+def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, Any]]:
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", eval_dataset))
+    return [(name, dataset) for name, dataset in named if dataset is not None]
+
+
+def _check_dataset(dataset: Any, name: str, args: CMPConfig, num_classes: int | None, needs_images: bool) -> None:
+    """Fail before any model is loaded when a dataset lacks a column or has labels outside [0, C)."""
+    columns = dataset.column_names
+    if columns is None:  # an IterableDataset of unknown schema: nothing to check up front
+        return
+    required = [args.image_column, args.label_column] if needs_images else [args.label_column]
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise ValueError(
+            f"{name} has no column {missing} (columns: {columns}). Set image_column / label_column in CMPConfig to "
+            "the columns holding the images and the integer labels."
+        )
+    if num_classes is None or not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return
+    labels = np.asarray(dataset.with_format("numpy")[args.label_column])
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"{name} has labels in [{labels.min()}, {labels.max()}] but there are {num_classes} class names: labels "
+            f"must lie in [0, {num_classes})."
+        )
