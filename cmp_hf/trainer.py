@@ -82,13 +82,15 @@ class CMPTrainer(Trainer):
             args = CMPConfig(output_dir="cmp-output")
         if not isinstance(args, CMPConfig):
             raise TypeError(f"args must be a CMPConfig (it carries the CMP and prompt options), got {type(args)}.")
+        datasets = _named_datasets(train_dataset, eval_dataset)
+        for name, dataset in datasets:
+            _check_columns(dataset, name, args, needs_images=data_collator is None)
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
         if class_names is not None:
             validate_class_names(class_names)
-        num_classes = len(class_names) if class_names is not None else None
-        for name, dataset in _named_datasets(train_dataset, eval_dataset):
-            _check_dataset(dataset, name, args, num_classes, needs_images=data_collator is None)
+            for name, dataset in datasets:
+                _check_labels(dataset, name, args.label_column, len(class_names))
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
         if data_collator is None:
@@ -240,8 +242,8 @@ def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, An
     return [(name, dataset) for name, dataset in named if dataset is not None]
 
 
-def _check_dataset(dataset: Any, name: str, args: CMPConfig, num_classes: int | None, needs_images: bool) -> None:
-    """Fail before any model is loaded when a dataset lacks a column or has labels outside [0, C)."""
+def _check_columns(dataset: Any, name: str, args: CMPConfig, needs_images: bool) -> None:
+    """Fail before any model is loaded when a dataset lacks the image or label column."""
     columns = dataset.column_names
     if columns is None:  # an IterableDataset of unknown schema: nothing to check up front
         return
@@ -252,9 +254,13 @@ def _check_dataset(dataset: Any, name: str, args: CMPConfig, num_classes: int | 
             f"{name} has no column {missing} (columns: {columns}). Set image_column / label_column in CMPConfig to "
             "the columns holding the images and the integer labels."
         )
-    if num_classes is None or not isinstance(dataset, Dataset) or len(dataset) == 0:
+
+
+def _check_labels(dataset: Any, name: str, label_column: str, num_classes: int) -> None:
+    """Fail before any model is loaded when labels fall outside [0, C)."""
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
         return
-    labels = np.asarray(dataset.with_format("numpy")[args.label_column])
+    labels = np.asarray(dataset.with_format("numpy")[label_column])
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
             f"{name} has labels in [{labels.min()}, {labels.max()}] but there are {num_classes} class names: labels "

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Set up the project's environment and run its jobs, with nothing but Python 3 and pip on the machine.
+
+    python3 dev.py quickstart   # train a prompt end to end on a tiny offline model and dataset
+    python3 dev.py test [pytest args]   # ruff, then the test suite
+
+Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev]``, torch pinned to 2.13.0) and
+reinstall only when pyproject.toml or constraints.txt change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".cmp_hf-install-stamp"
+
+
+def run(*command: str | Path) -> None:
+    print("+", " ".join(str(c) for c in command), flush=True)
+    subprocess.run([str(c) for c in command], cwd=ROOT, check=True)
+
+
+def ensure_environment() -> None:
+    digest = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in ("pyproject.toml", "constraints.txt")))
+    if STAMP.exists() and STAMP.read_text() == digest.hexdigest():
+        return
+    if not PYTHON.exists():
+        venv.create(VENV, with_pip=True)
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", ".[dev]")
+    STAMP.write_text(digest.hexdigest())
+
+
+def quickstart() -> None:
+    run(PYTHON, "recipes/make_tiny_testbed.py", "build/quickstart")
+    run(
+        BIN / "accelerate", "launch", "--config_file", "recipes/accelerate/single_process.yaml",
+        "recipes/train.py", "recipes/configs/quickstart.yaml",
+    )  # fmt: skip
+    print((ROOT / "build/quickstart/prompt/metrics.json").read_text())
+
+
+def test(pytest_args: list[str]) -> None:
+    run(PYTHON, "-m", "ruff", "check", ".")
+    run(PYTHON, "-m", "pytest", *pytest_args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in ("quickstart", "test"):
+        sys.exit(__doc__)
+    ensure_environment()
+    try:
+        quickstart() if sys.argv[1] == "quickstart" else test(sys.argv[2:])
+    except subprocess.CalledProcessError as error:
+        sys.exit(error.returncode)

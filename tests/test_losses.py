@@ -1,0 +1,154 @@
+import math
+
+import pytest
+import torch
+
+from cmp_hf.losses import RATIO_EPS, cmp_penalty
+
+
+def brute_force_cmp(logits: torch.Tensor, labels: torch.Tensor, form: str, competitors: str) -> float:
+    """The paper's definition, one sample at a time, in float64 Python arithmetic."""
+    total = 0.0
+    for z, y in zip(logits.double().tolist(), labels.tolist(), strict=True):
+        wrong = [j for j in range(len(z)) if j != y]
+        if competitors == "all":
+            winners = [j for j in wrong if z[j] > z[y]]
+        else:
+            best = max(wrong, key=lambda j: (z[j], -j))  # highest wrong logit, lowest index among ties
+            winners = [best] if z[best] > z[y] else []
+        if not winners:
+            continue
+        if form == "log_ratio":
+            top = max(z[j] for j in winners)
+            total += top + math.log(sum(math.exp(z[j] - top) for j in winners)) - z[y]
+        else:
+            zmax = max(z)
+            denom = sum(math.exp(v - zmax) for v in z)
+            p = [math.exp(v - zmax) / denom for v in z]
+            total += p[y] / (sum(p[j] for j in winners) + RATIO_EPS)
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+@pytest.mark.parametrize("competitors", ["all", "top1"])
+@pytest.mark.parametrize(("batch", "classes"), [(1, 2), (7, 2), (16, 3), (32, 10), (8, 100), (4, 1000)])
+def test_matches_brute_force(form, competitors, batch, classes):
+    generator = torch.Generator().manual_seed(batch * 1000 + classes)
+    logits = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * 3
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    expected = brute_force_cmp(logits, labels, form, competitors)
+    assert cmp_penalty(logits, labels, form, competitors).item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    # float32 input: same value up to float32 rounding
+    assert cmp_penalty(logits.float(), labels, form, competitors).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+@pytest.mark.parametrize("competitors", ["all", "top1"])
+def test_matches_brute_force_with_ties(form, competitors):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 6), generator=generator).double()  # many exact ties
+    labels = torch.randint(0, 6, (64,), generator=generator)
+    expected = brute_force_cmp(logits, labels, form, competitors)
+    assert expected > 0
+    assert cmp_penalty(logits, labels, form, competitors).item() == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+@pytest.mark.parametrize("competitors", ["all", "top1"])
+def test_zero_for_correctly_classified_batch(form, competitors):
+    logits = torch.randn(10, 5)
+    labels = logits.argmax(dim=1)
+    loss = cmp_penalty(logits.requires_grad_(), labels, form, competitors)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_normalised_by_full_batch():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 2])  # only the first sample is misclassified
+    per_sample = cmp_penalty(logits, labels, reduction="none")
+    assert per_sample[1:].eq(0).all()
+    assert per_sample[0].item() == pytest.approx(math.log(math.exp(2) + math.exp(1)) - 0.0)
+    assert cmp_penalty(logits, labels).item() == pytest.approx(per_sample[0].item() / 4)
+    assert cmp_penalty(logits, labels, reduction="sum").item() == pytest.approx(per_sample[0].item())
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+@pytest.mark.parametrize("competitors", ["all", "top1"])
+def test_gradient_matches_finite_differences(form, competitors):
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(6, 5, generator=generator, dtype=torch.float64) * 2).requires_grad_()
+    labels = torch.randint(0, 5, (6,), generator=generator)
+    assert (logits.argmax(1) != labels).any()
+    assert torch.autograd.gradcheck(lambda z: cmp_penalty(z, labels, form, competitors), (logits,), eps=1e-6)
+
+
+def _misclassified_gradients(form):
+    logits = torch.tensor([[0.5, 2.0, 1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0])  # classes 1 and 2 beat the true class 0; class 3 does not
+    cmp_penalty(logits, labels, form).backward()
+    return logits.grad[0]
+
+
+def test_log_ratio_raises_true_logit_and_lowers_winners():
+    grad = _misclassified_gradients("log_ratio")
+    # gradient descent moves opposite to the gradient
+    assert grad[0] < 0, "descent must raise the true logit"
+    assert grad[1] > 0 and grad[2] > 0, "descent must lower the winning wrong logits"
+    assert grad[3] == 0, "a wrong class below the true one is left alone"
+
+
+def test_ratio_lowers_true_logit():
+    grad = _misclassified_gradients("ratio")
+    assert grad[0] > 0, "the released ratio form pushes the true logit down (documented in cmp-method.md)"
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+@pytest.mark.parametrize("competitors", ["all", "top1"])
+def test_finite_for_huge_logits(form, competitors):
+    generator = torch.Generator().manual_seed(2)
+    logits = (torch.randn(32, 10, generator=generator) * 1e4).requires_grad_()
+    labels = torch.randint(0, 10, (32,), generator=generator)
+    loss = cmp_penalty(logits, labels, form, competitors)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logits.grad).all()
+    # p_true underflows to 0 in the ratio form, exactly as in float64: the value matches the definition.
+    assert loss.item() == pytest.approx(
+        brute_force_cmp(logits.detach(), labels, form, competitors), rel=1e-5, abs=1e-30
+    )
+
+
+@pytest.mark.parametrize("form", ["log_ratio", "ratio"])
+def test_bf16_inputs_are_computed_in_float32(form):
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(32, 10, generator=generator) * 20).bfloat16().requires_grad_()
+    labels = torch.randint(0, 10, (32,), generator=generator)
+    loss = cmp_penalty(logits, labels, form)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+    reference = brute_force_cmp(logits.detach().double(), labels, form, "all")
+    assert loss.item() == pytest.approx(reference, rel=1e-5)
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+def test_top1_equals_all_for_two_classes():
+    logits, labels = torch.randn(20, 2), torch.randint(0, 2, (20,))
+    assert torch.equal(cmp_penalty(logits, labels, competitors="top1"), cmp_penalty(logits, labels, competitors="all"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"form": "squared"}, "Unknown CMP form"), ({"competitors": "top2"}, "Unknown CMP competitors"),
+     ({"reduction": "max"}, "Unknown reduction")],
+)  # fmt: skip
+def test_bad_options_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cmp_penalty(torch.randn(2, 3), torch.tensor([0, 1]), **kwargs)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="logits \\(B, C\\)"):
+        cmp_penalty(torch.randn(2, 3), torch.tensor([0, 1, 2]))

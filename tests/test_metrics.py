@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+from transformers import EvalPrediction
+
+from cmp_hf.metrics import CalibrationMetrics, calibration_metrics, equal_mass_table, reliability_table
+
+
+def random_probs(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, classes)) * rng.uniform(0.5, 4.0, size=(n, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = rng.integers(0, classes, size=n)
+    labels[: n // 2] = probs[: n // 2].argmax(axis=1)  # about half correct, so bins are not all-wrong
+    return probs, labels
+
+
+@pytest.mark.parametrize(("n_bins", "classes", "seed"), [(10, 5, 0), (15, 3, 1), (7, 10, 2), (20, 4, 3)])
+def test_matches_torchmetrics(n_bins, classes, seed):
+    probs, labels = random_probs(2000, classes, seed)
+    conf = probs.max(axis=1)
+    assert np.min(np.abs(conf[:, None] * n_bins - np.arange(n_bins + 1))) > 1e-9  # nothing on a bin edge
+    ours = calibration_metrics(labels, probs=probs, n_bins=n_bins)
+    p, y = torch.from_numpy(probs), torch.from_numpy(labels)
+    for key, norm in [("ece", "l1"), ("rmsce", "l2"), ("mce", "max")]:
+        theirs = multiclass_calibration_error(p, y, num_classes=classes, n_bins=n_bins, norm=norm).item()
+        assert ours[key] == pytest.approx(theirs, abs=1e-6), key
+
+
+def test_hand_computed_case():
+    # 3 classes; confidences 0.95, 0.85 (bin (0.9,1] and (0.8,0.9]), 0.55 and 0.45 ((0.5,0.6] and (0.4,0.5]).
+    probs = np.array(
+        [[0.95, 0.03, 0.02], [0.10, 0.85, 0.05], [0.55, 0.25, 0.20], [0.30, 0.25, 0.45]]
+    )  # fmt: skip
+    labels = np.array([0, 0, 0, 2])  # correct, wrong, correct, correct
+    m = calibration_metrics(labels, probs=probs, n_bins=10)
+    gaps = [abs(1 - 0.95), abs(0 - 0.85), abs(1 - 0.55), abs(1 - 0.45)]
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["ece"] == pytest.approx(sum(gaps) / 4)
+    assert m["mce"] == pytest.approx(0.85)
+    assert m["mce_weighted"] == pytest.approx(0.85 / 4)
+    assert m["rmsce"] == pytest.approx(np.sqrt(sum(g**2 for g in gaps) / 4))
+    assert m["nll"] == pytest.approx(-np.mean(np.log([0.95, 0.10, 0.55, 0.45])))
+    one_hot = np.eye(3)[labels]
+    assert m["brier"] == pytest.approx(((probs - one_hot) ** 2).sum(axis=1).mean())
+    # Equal-mass with 2 bins: {0.45, 0.55} (both right) and {0.85 (wrong), 0.95 (right)}.
+    ace = calibration_metrics(labels, probs=probs, n_bins=2)["ace"]
+    assert ace == pytest.approx(0.5 * abs(1 - 0.5) + 0.5 * abs(0.5 - 0.9))
+
+
+def test_bins_are_right_closed():
+    table = reliability_table(np.array([0.5, 0.5000001, 1.0, 0.1]), np.array([1, 0, 1, 1]), n_bins=10)
+    assert table.count.tolist() == [1, 0, 0, 0, 1, 1, 0, 0, 0, 1]  # 0.5 in (0.4, 0.5], 1.0 in (0.9, 1.0]
+    assert np.isnan(table.accuracy[1]) and table.weighted_gaps[1] == 0
+
+
+def test_equal_mass_bins_hold_equal_counts():
+    conf = np.random.default_rng(0).uniform(0.2, 1.0, size=103)
+    table = equal_mass_table(conf, np.ones(103), n_bins=10)
+    assert sorted(set(table.count.tolist())) == [10, 11]
+    assert np.all(table.lower[1:] >= table.upper[:-1])  # bins are ordered and do not overlap
+
+
+def test_logits_and_probabilities_agree():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(300, 6)) * 3
+    labels = rng.integers(0, 6, size=300)
+    probs = torch.from_numpy(logits).softmax(dim=1).numpy()
+    from_logits = calibration_metrics(labels, logits=logits)
+    from_probs = calibration_metrics(labels, probs=probs)
+    assert from_logits == pytest.approx(from_probs, abs=1e-12)
+    nll = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    assert from_logits["nll"] == pytest.approx(nll, rel=1e-12)
+
+
+def test_nll_from_logits_survives_underflow():
+    logits = np.array([[0.0, 2000.0], [5.0, 0.0]])
+    m = calibration_metrics(np.array([0, 0]), logits=logits)
+    assert np.isfinite(m["nll"]) and m["nll"] == pytest.approx((2000.0 + np.log1p(np.exp(-5.0))) / 2)
+
+
+def test_compute_metrics_reports_percent():
+    probs, labels = random_probs(500, 4, 5)
+    logits = np.log(probs)
+    out = CalibrationMetrics(n_bins=10)(EvalPrediction(predictions=logits, label_ids=labels))
+    raw = calibration_metrics(labels, probs=probs)
+    for key in ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce"):
+        assert out[f"{key}_pct"] == pytest.approx(100 * raw[key])
+    assert out["nll"] == pytest.approx(raw["nll"]) and out["brier"] == pytest.approx(raw["brier"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"probs": np.eye(3), "logits": np.eye(3)}, "exactly one"),
+        ({}, "exactly one"),
+        ({"probs": np.eye(3), "labels": np.array([0, 1, 3])}, "Labels must lie in"),
+        ({"probs": np.eye(3), "n_bins": 0}, "n_bins"),
+        ({"probs": np.zeros((0, 3)), "labels": np.zeros(0)}, "empty"),
+    ],
+)
+def test_bad_input_is_rejected(kwargs, message):
+    kwargs.setdefault("labels", np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match=message):
+        calibration_metrics(**kwargs)

@@ -1,0 +1,125 @@
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPTokenizer
+
+from cmp_hf.modeling import PromptTunedCLIP
+from cmp_hf.prompts import CoOpPromptConfig
+
+
+@pytest.fixture
+def model(tiny_clip_dir, class_names):
+    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, class_token_position="middle")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
+    with torch.no_grad():
+        model.context.normal_(0, 0.5)  # a "trained" prompt, far from its init
+    return model.eval()
+
+
+def pixels(n=5, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_only_the_context_is_trainable(model):
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["peft_model.prompt_encoder.default.embedding.weight"]
+    assert not model.clip.logit_scale.requires_grad
+
+
+def test_gradient_reaches_the_context_only(model):
+    logits = model(pixel_values=pixels()).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3, 0])).backward()
+    assert model.context.grad is not None and model.context.grad.abs().sum() > 0
+    assert all(p.grad is None for name, p in model.named_parameters() if "prompt_encoder" not in name)
+
+
+def test_logits_are_scaled_cosines(model):
+    out = model(pixel_values=pixels())
+    cos = out.image_features @ out.text_features.t()
+    torch.testing.assert_close(out.logits, model.clip.logit_scale.exp() * cos)
+    assert out.logits.shape == (5, 4)
+    torch.testing.assert_close(out.text_features.norm(dim=-1), torch.ones(4))
+
+
+def test_cached_image_features_give_the_same_logits(model):
+    x = pixels()
+    torch.testing.assert_close(
+        model(image_features=model.image_features(x)).logits, model(pixel_values=x).logits, rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="exactly one of pixel_values or image_features"):
+        model()
+
+
+def test_fixed_text_features_runs_the_text_encoder_once(model):
+    calls = []
+    handle = model.clip.text_model.register_forward_hook(lambda *args: calls.append(1))
+    expected = model(pixel_values=pixels()).logits
+    calls.clear()
+    with model.fixed_text_features():
+        for _ in range(3):
+            torch.testing.assert_close(model(pixel_values=pixels()).logits, expected)
+    handle.remove()
+    assert len(calls) == 1
+    model(pixel_values=pixels())  # outside the block, features are recomputed (they depend on the context)
+    assert model._fixed_text_features is None
+
+
+def test_save_writes_a_standard_adapter(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert {"adapter_model.safetensors", "adapter_config.json", "prompt_config.json"} <= set(os.listdir(tmp_path))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".bin", ".pt", ".pkl"))]
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "PROMPT_TUNING" and adapter_config["num_virtual_tokens"] == 3
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(weights["prompt_embeddings"], model.context.detach())
+    prompt = json.loads((tmp_path / "prompt_config.json").read_text())
+    assert prompt["class_names"] == model.class_names and prompt["class_token_position"] == "middle"
+
+
+def test_save_load_gives_identical_logits(model, tmp_path, tiny_clip_dir):
+    model.save_pretrained(tmp_path)
+    loaded = PromptTunedCLIP.from_pretrained(tmp_path)  # base CLIP found through prompt_config.json
+    assert loaded.prompt_config == model.prompt_config
+    x = pixels()
+    torch.testing.assert_close(loaded.eval()(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        "peft_model.prompt_encoder.default.embedding.weight"
+    ]
+
+
+def test_plain_peft_restores_the_prompt_vectors(model, tmp_path, tiny_clip_dir):
+    model.save_pretrained(tmp_path)
+    peft_model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_dir), tmp_path)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, model.context)
+
+
+def test_load_without_prompt_config_names_the_file(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "prompt_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no prompt_config.json"):
+        PromptTunedCLIP.from_pretrained(tmp_path)
+
+
+def test_load_with_mismatched_shapes_names_the_file(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    prompt = json.loads((tmp_path / "prompt_config.json").read_text())
+    prompt["n_ctx"] = 5
+    (tmp_path / "prompt_config.json").write_text(json.dumps(prompt))
+    with pytest.raises(ValueError, match="adapter_config.json describes prompt vectors"):
+        PromptTunedCLIP.from_pretrained(tmp_path)
+
+
+def test_load_without_base_model_asks_for_one(model, tmp_path, tiny_clip_dir):
+    model.prompt_config.base_model_name_or_path = None
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="names no base model"):
+        PromptTunedCLIP.from_pretrained(tmp_path)
+    loaded = PromptTunedCLIP.from_pretrained(
+        tmp_path, clip=CLIPModel.from_pretrained(tiny_clip_dir), tokenizer=CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    )
+    torch.testing.assert_close(loaded.context, model.context, rtol=0, atol=0)

@@ -1,0 +1,215 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP, calibration_metrics
+from cmp_hf.data import colour_patches
+
+
+def make_config(tmp_path, **overrides) -> CMPConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        n_ctx=4,
+        learning_rate=0.05,
+        seed=7,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return CMPConfig(**values)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_training_changes_exactly_the_context(tmp_path, tiny_clip_dir, train_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=3), train_dataset=train_set)
+    before = snapshot(trainer.model)
+    trainer.train()
+    after = snapshot(trainer.model)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == ["peft_model.prompt_encoder.default.embedding.weight"]
+    assert "peft_model.base_model.logit_scale" in before  # frozen, not merely absent
+
+
+def final_context(tmp_path, tiny_clip_dir, dataset, **overrides) -> torch.Tensor:
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, **overrides), train_dataset=dataset)
+    trainer.train()
+    return trainer.model.context.detach().clone()
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_clip_dir):
+    data = colour_patches(["red", "green", "blue", "yellow"], per_class=4, seed=3)  # 16 rows: 2 steps of 8
+    config = dict(max_steps=2, cmp_lambda=1.0, optim="sgd", optim_args="momentum=0.9", weight_decay=5e-4)
+    start = final_context(tmp_path, tiny_clip_dir, data, **config, learning_rate=0.0)
+    full = final_context(tmp_path, tiny_clip_dir, data, **config, per_device_train_batch_size=8)
+    accumulated = final_context(
+        tmp_path, tiny_clip_dir, data, **config, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    moved = (full - start).abs().max().item()
+    gap = (full - accumulated).abs().max().item()
+    print(f"GA equivalence: update {moved:.3e}, |batch 8 - 2 x batch 4| = {gap:.3e}")
+    assert moved > 1e-3  # the comparison is not between two untouched prompts
+    assert gap <= 1e-6
+
+
+def test_loss_is_ce_plus_lambda_cmp_and_terms_are_logged(tmp_path, tiny_clip_dir, train_set):
+    trainer = CMPTrainer(
+        model=tiny_clip_dir,
+        args=make_config(tmp_path, max_steps=4, logging_steps=1, cmp_lambda=0.5, cmp_competitors="top1"),
+        train_dataset=train_set,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["ce"] + 0.5 * entry["cmp"], rel=1e-4)
+        assert 0.0 <= entry["misclassified"] <= 1.0
+    assert any(entry["cmp"] > 0 for entry in logs)
+
+
+def test_lambda_zero_is_plain_cross_entropy(tmp_path, tiny_clip_dir, train_set):
+    trainer = CMPTrainer(
+        model=tiny_clip_dir,
+        args=make_config(tmp_path, max_steps=2, logging_steps=1, cmp_lambda=0.0),
+        train_dataset=train_set,
+    )
+    trainer.train()
+    for entry in (e for e in trainer.state.log_history if "loss" in e):
+        assert entry["loss"] == pytest.approx(entry["ce"], rel=1e-6) and entry["cmp"] > 0
+
+
+def test_evaluation_reports_calibration_for_each_eval_set(tmp_path, tiny_clip_dir, train_set, test_set):
+    trainer = CMPTrainer(
+        model=tiny_clip_dir,
+        args=make_config(tmp_path),
+        train_dataset=train_set,
+        eval_dataset={"test": test_set, "train": train_set},
+    )
+    calls = []
+    trainer.model.clip.text_model.register_forward_hook(lambda *args: calls.append(1))
+    metrics = trainer.evaluate()
+    assert len(calls) == 2  # once per eval set, not once per batch (4 batches each)
+    for split, dataset in (("test", test_set), ("train", train_set)):
+        batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+        with torch.no_grad():
+            logits = trainer.model.eval()(pixel_values=batch["pixel_values"]).logits.numpy()
+        expected = calibration_metrics(batch["labels"].numpy(), logits=logits)
+        for key in ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce"):
+            assert metrics[f"eval_{split}_{key}_pct"] == pytest.approx(100 * expected[key], abs=1e-4)
+        assert metrics[f"eval_{split}_nll"] == pytest.approx(expected["nll"], rel=1e-5)
+        assert metrics[f"eval_{split}_ce"] == pytest.approx(expected["nll"], rel=1e-5)
+        assert metrics[f"eval_{split}_loss"] == pytest.approx(
+            metrics[f"eval_{split}_ce"] + metrics[f"eval_{split}_cmp"], rel=1e-5
+        )
+
+
+def test_coop_schedule_drives_the_learning_rate(tmp_path, tiny_clip_dir, train_set):
+    # 16 rows / batch 4 = 4 steps per epoch, 3 epochs: warm-up epoch, then cosine over 3 epochs per epoch.
+    trainer = CMPTrainer(
+        model=tiny_clip_dir,
+        args=make_config(tmp_path, num_train_epochs=3, logging_steps=1, coop_schedule=True, learning_rate=2e-3),
+        train_dataset=train_set,
+    )
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    expected = [1e-5] * 4 + [2e-3] * 4 + [2e-3 * 0.5 * (1 + math.cos(math.pi / 3))] * 4
+    assert rates == pytest.approx(expected, rel=1e-9)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tiny_clip_dir, train_set):
+    full = final_context(tmp_path / "a", tiny_clip_dir, train_set, max_steps=6)
+    config = make_config(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3)
+    CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set).train()
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-3"
+    assert (checkpoint / "adapter_model.safetensors").exists() and (checkpoint / "optimizer.pt").exists()
+    resumed = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    torch.testing.assert_close(resumed.model.context.detach(), full, atol=1e-6, rtol=0)
+
+
+def test_model_can_be_a_clip_or_a_prompt(tmp_path, tiny_clip_dir, train_set, class_names):
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    from_clip = CMPTrainer(
+        model=CLIPModel.from_pretrained(tiny_clip_dir), args=make_config(tmp_path, ctx_init="a photo of a"),
+        processing_class=processor, class_names=class_names,
+    )  # fmt: skip
+    assert isinstance(from_clip.model, PromptTunedCLIP) and from_clip.model.prompt_config.n_ctx == 4
+    again = CMPTrainer(model=from_clip.model, args=make_config(tmp_path), train_dataset=train_set)
+    assert again.model is from_clip.model
+
+
+def test_saved_model_loads_back(tmp_path, tiny_clip_dir, train_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2), train_dataset=train_set)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "prompt"))
+    loaded = PromptTunedCLIP.from_pretrained(tmp_path / "prompt").eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(pixel_values=x).logits, trainer.model.eval()(pixel_values=x).logits)
+
+
+MISSING_MODEL = "/nonexistent/clip"  # errors must come before the model is loaded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cmp_lambda": -0.1}, "cmp_lambda must be >= 0"),
+        ({"cmp_form": "squared"}, "Unknown cmp_form"),
+        ({"cmp_competitors": "top3"}, "Unknown cmp_competitors"),
+        ({"n_ctx": 0}, "n_ctx must be >= 1"),
+        ({"class_token_position": "left"}, "class_token_position"),
+        ({"calibration_bins": 0}, "calibration_bins"),
+    ],
+)
+def test_bad_config_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def test_labels_outside_the_classes_are_rejected(tmp_path, train_set, class_names):
+    bad = Dataset.from_dict({"image": train_set["image"], "label": [0, 1, 2, 3] * 3 + [4, 0, 1, 2]})
+    with pytest.raises(ValueError, match=r"train_dataset has labels in \[0, 4\] but there are 4 class names"):
+        CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=bad, class_names=class_names)
+
+
+def test_bad_eval_set_is_rejected(tmp_path, train_set, class_names):
+    negative = Dataset.from_dict({"image": train_set["image"][:2], "label": [-1, 0]})
+    with pytest.raises(ValueError, match=r"eval_dataset\['shifted'\] has labels in \[-1, 0\]"):
+        CMPTrainer(
+            model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=train_set,
+            eval_dataset={"ok": train_set, "shifted": negative},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("class_names", "message"),
+    [([], "class_names is empty"), (["red", "green", "red", "blue"], "duplicate: 'red'")],
+)
+def test_bad_class_names_are_rejected(tmp_path, train_set, class_names, message):
+    with pytest.raises(ValueError, match=message):
+        CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=train_set, class_names=class_names)
+
+
+def test_missing_columns_are_rejected(tmp_path, train_set):
+    renamed = train_set.rename_column("image", "img")
+    with pytest.raises(ValueError, match=r"train_dataset has no column \['image'\] .* image_column"):
+        CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=renamed)
+    with pytest.raises(ValueError, match=r"has no column \['target'\]"):
+        CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path, label_column="target"), train_dataset=train_set)
+
+
+def test_unlabelled_classes_need_names(tmp_path, train_set):
+    plain = Dataset.from_dict({"image": train_set["image"], "label": np.asarray(train_set["label"]).tolist()})
+    with pytest.raises(ValueError, match="is not a ClassLabel .* pass class_names"):
+        CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=plain)
