@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class PromptTunedCLIP(nn.Module):
         """Attach a new CoOp prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02))."""
         prompt_config = resolve_n_ctx(prompt_config, tokenizer)
         if prompt_config.base_model_name_or_path is None and clip.name_or_path:
-            prompt_config.base_model_name_or_path = clip.name_or_path
+            prompt_config = replace(prompt_config, base_model_name_or_path=clip.name_or_path)
         text_config = clip.config.text_config
         peft_config = PromptTuningConfig(
             task_type=None,

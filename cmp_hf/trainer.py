@@ -40,6 +40,9 @@ class LossComponents:
         values = torch.cat([values.float(), values.new_tensor([n], dtype=torch.float32)])
         self.sums = values if self.sums is None else self.sums + values
 
+    def reset(self) -> None:
+        self.sums = None
+
     def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor], prefix: str = "") -> dict[str, float]:
         """Means since the last pop, over all processes; every process must call it (it is a collective)."""
         if self.sums is None:
@@ -52,9 +55,10 @@ class LossComponents:
 class CMPTrainer(Trainer):
     """Trainer for CoOp prompts on a frozen CLIP with the Confidence Misalignment Penalty.
 
-    ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP``; a plain
-    CLIP gets a new CoOp prompt built from ``args`` and ``class_names`` (default: the ``ClassLabel`` names of the
-    train set's label column). The processor comes from ``processing_class`` or is loaded from where the CLIP was.
+    ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP`` (whose
+    own prompt options then apply). A plain CLIP gets a new CoOp prompt built from ``args`` and ``class_names``
+    (default: the ``ClassLabel`` names of the train set's label column). The processor comes from
+    ``processing_class`` or is loaded from where the CLIP was.
 
     Logged besides the loss: ``ce``, ``cmp`` (the penalty before ``cmp_lambda``) and ``misclassified`` (fraction of
     samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
@@ -142,7 +146,7 @@ class CMPTrainer(Trainer):
     ):
         """Evaluate with the class text features computed once, and add the mean loss terms to the metrics."""
         self.model.eval()
-        self._components["eval"].pop(lambda values: values)  # drop leftovers of an interrupted evaluation
+        self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         with self.model.fixed_text_features():
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
