@@ -48,6 +48,21 @@ class CMPConfig(TrainingArguments):
     calibration_bins (`int`, defaults to `10`):
         Number of bins of ECE / ACE / MCE (10 as in the paper's evaluator).
 
+    > Image features and augmentation
+
+    cache_image_features (`bool`, defaults to `True`):
+        Encode every image once with the frozen image tower and train / evaluate on the stored features (exact:
+        same logits, same prompt, far fewer image-encoder passes). Off: images are encoded at every step.
+    image_feature_cache_dir (`str` or `None`, defaults to `None`):
+        Where the cache lives; `None` uses `<HF datasets cache>/cmp_hf_image_features`.
+    image_feature_batch_size (`int`, defaults to `64`):
+        Batch size of the one-off encoding.
+    augment (`bool`, defaults to `False`):
+        CoOp's random resized crop + flip on training images. With the cache: a pool of `augmented_views`
+        precomputed views per image, one drawn per access; without it: a fresh crop at every access.
+    augmented_views (`int`, defaults to `8`):
+        Views per training image in the cache when `augment` is on.
+
     > Learning-rate schedule
 
     coop_schedule (`bool`, defaults to `False`):
@@ -84,6 +99,12 @@ class CMPConfig(TrainingArguments):
     label_column: str = field(default="label", metadata={"help": "Dataset column with the class labels."})
     calibration_bins: int = field(default=10, metadata={"help": "Bins of ECE / ACE / MCE."})
 
+    cache_image_features: bool = field(default=True, metadata={"help": "Encode each image once (exact)."})
+    image_feature_cache_dir: str | None = field(default=None, metadata={"help": "Directory of the feature cache."})
+    image_feature_batch_size: int = field(default=64, metadata={"help": "Batch size of the one-off encoding."})
+    augment: bool = field(default=False, metadata={"help": "Random resized crop + flip on training images."})
+    augmented_views: int = field(default=8, metadata={"help": "Cached views per training image with augment."})
+
     coop_schedule: bool = field(default=False, metadata={"help": "Use CoOp's warm-up + per-epoch cosine schedule."})
     coop_warmup_epochs: int = field(default=1, metadata={"help": "Epochs at coop_warmup_lr."})
     coop_warmup_lr: float = field(default=1e-5, metadata={"help": "Constant learning rate of the warm-up."})
@@ -97,6 +118,8 @@ class CMPConfig(TrainingArguments):
             raise ValueError(f"Unknown cmp_competitors {self.cmp_competitors!r}: use one of {CMP_COMPETITORS}.")
         if self.calibration_bins < 1:
             raise ValueError(f"calibration_bins must be >= 1, got {self.calibration_bins}.")
+        if self.augmented_views < 1 or self.image_feature_batch_size < 1:
+            raise ValueError("augmented_views and image_feature_batch_size must be >= 1.")
         if self.coop_warmup_epochs < 0 or self.coop_warmup_lr < 0:
             raise ValueError("coop_warmup_epochs and coop_warmup_lr must be >= 0.")
         # Validates n_ctx, position and template now, before any model is loaded.

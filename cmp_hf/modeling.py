@@ -48,14 +48,19 @@ class PromptTunedCLIP(nn.Module):
     """
 
     def __init__(
-        self, peft_model: PeftModel, prompt_config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase
+        self,
+        peft_model: PeftModel,
+        prompt_config: CoOpPromptConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        pad_prompts_to: int | None = None,
     ) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.prompt_config = prompt_config
         self.tokenizer = tokenizer
         clip = self.clip
-        tokens = tokenize_prompts(prompt_config, tokenizer, clip.config.text_config.max_position_embeddings)
+        max_positions = clip.config.text_config.max_position_embeddings
+        tokens = tokenize_prompts(prompt_config, tokenizer, max_positions, pad_to=pad_prompts_to)
         self.register_buffer("prompt_input_ids", tokens.input_ids, persistent=False)
         self.register_buffer("prompt_attention_mask", tokens.attention_mask, persistent=False)
         self.register_buffer("prompt_context_index", tokens.context_index, persistent=False)
@@ -75,9 +80,17 @@ class PromptTunedCLIP(nn.Module):
 
     @classmethod
     def from_clip(
-        cls, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, prompt_config: CoOpPromptConfig
+        cls,
+        clip: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_config: CoOpPromptConfig,
+        pad_prompts_to: int | None = None,
     ) -> PromptTunedCLIP:
-        """Attach a new CoOp prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02))."""
+        """Attach a new CoOp prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02)).
+
+        Prompts are padded to the longest one; ``pad_prompts_to=77`` reproduces CoOp's fixed length (same features,
+        more compute), which the speed benchmark uses as its reference.
+        """
         prompt_config = resolve_n_ctx(prompt_config, tokenizer)
         if prompt_config.base_model_name_or_path is None and clip.name_or_path:
             prompt_config = replace(prompt_config, base_model_name_or_path=clip.name_or_path)
@@ -94,7 +107,7 @@ class PromptTunedCLIP(nn.Module):
         context = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         with torch.no_grad():
             context.copy_(initial_context(prompt_config, tokenizer, clip.text_model.embeddings.token_embedding))
-        return cls(peft_model, prompt_config, tokenizer)
+        return cls(peft_model, prompt_config, tokenizer, pad_prompts_to)
 
     @classmethod
     def from_pretrained(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -11,19 +12,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
+from datasets.config import HF_DATASETS_CACHE
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import CMPConfig
-from .data.collator import CLIPImageCollator
+from .data.augment import RandomResizedCropFlip
+from .data.collator import CLIPImageCollator, ImageFeatureCollator
+from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
 from .losses import cmp_penalty
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
 from .schedulers import coop_scheduler
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LOSS_COMPONENTS = ("ce", "cmp", "misclassified")
@@ -97,8 +103,16 @@ class CMPTrainer(Trainer):
                 _check_labels(dataset, name, args.label_column, len(class_names))
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        self._feature_cache: ImageFeatureCache | None = None
         if data_collator is None:
-            data_collator = CLIPImageCollator(processing_class.image_processor, args.image_column, args.label_column)
+            data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
+            train_dataset = self._model_inputs(
+                train_dataset, views=args.augmented_views if args.augment else 0, args=args
+            )
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {key: self._model_inputs(dataset, args=args) for key, dataset in eval_dataset.items()}
+            else:
+                eval_dataset = self._model_inputs(eval_dataset, args=args)
         super().__init__(
             model=model,
             args=args,
@@ -111,6 +125,48 @@ class CMPTrainer(Trainer):
             optimizers=optimizers,
         )
         self._components = {"train": LossComponents(), "eval": LossComponents()}
+
+    # ---- input pipeline: cached image features (default) or images ---------------------------------------------
+
+    def _default_input_pipeline(
+        self, model: PromptTunedCLIP, image_processor: Any, args: CMPConfig, datasets: list[tuple[str, Any]]
+    ) -> Callable:
+        """Choose the collator; set up the feature cache when every dataset can be cached."""
+        self._crop = RandomResizedCropFlip(model.clip.config.vision_config.image_size)
+        cacheable = all(isinstance(dataset, Dataset) for _, dataset in datasets)
+        if args.cache_image_features and not cacheable:
+            logger.warning("Image features are not cached: only `datasets.Dataset` inputs can be (got a stream).")
+        if not (args.cache_image_features and cacheable):
+            return CLIPImageCollator(image_processor, args.image_column, args.label_column)
+        self._feature_cache = ImageFeatureCache(
+            model.to(args.device),
+            image_processor,
+            cache_dir=args.image_feature_cache_dir or os.path.join(HF_DATASETS_CACHE, "cmp_hf_image_features"),
+            image_column=args.image_column,
+            label_column=args.label_column,
+            batch_size=args.image_feature_batch_size,
+            seed=args.seed,
+        )
+        return ImageFeatureCollator(args.label_column)
+
+    def _model_inputs(self, dataset: Any, views: int = 0, args: CMPConfig | None = None) -> Any:
+        """Turn a dataset of images into what the collator takes: cached features, or (augmented) images."""
+        args = args if args is not None else self.args
+        if dataset is None or isinstance(dataset, str) or FEATURES_COLUMN in (dataset.column_names or []):
+            return dataset
+        if self._feature_cache is None:
+            if not views:
+                return dataset
+            return augmented(dataset, self._crop, args.image_column, args.seed)
+        with args.main_process_first(desc="image-feature cache"):
+            return select_views(self._feature_cache.features(dataset, views), seed=args.seed)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """As Trainer's; a dataset of images passed here goes through the same feature cache as the eval sets."""
+        return super().evaluate(self._model_inputs(eval_dataset), ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
 
     # ---- loss and logging ---------------------------------------------------------------------------------------
 
@@ -196,7 +252,8 @@ class CMPTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # The collator, not the model's forward, decides which columns matter.
         if self._signature_columns is None:
-            self._signature_columns = [self.args.image_column, self.args.label_column, "pixel_values", "labels"]
+            columns = [self.args.image_column, self.args.label_column, FEATURES_COLUMN, "pixel_values", "labels"]
+            self._signature_columns = columns
 
 
 def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: tests never reach the Hub
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_datasets_")  # isolated feature cache
 
 import pytest  # noqa: E402
 

@@ -143,3 +143,15 @@ def test_hook_is_inert_outside_the_prompt_forward(tiny_clip_dir, tokenizer):
     model = PromptTunedCLIP.from_clip(clip, tokenizer, CoOpPromptConfig(class_names=["red"], n_ctx=2))
     model.text_features()
     torch.testing.assert_close(clip.get_text_features(**text).pooler_output, before, rtol=0, atol=0)
+
+
+def test_fixed_length_padding(tiny_clip_dir, tokenizer):
+    config = CoOpPromptConfig(class_names=["red", "green"], n_ctx=4)
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config, pad_prompts_to=77)
+    assert model.prompt_input_ids.shape == (2, 77)
+    short = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
+    with torch.no_grad():
+        short.context.copy_(model.context)
+    torch.testing.assert_close(model.text_features(), short.text_features(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pad_to=5 must lie between the longest prompt"):
+        tokenize_prompts(config, tokenizer, max_positions=77, pad_to=5)

@@ -1,5 +1,6 @@
 """The training recipe end to end, launched the way users launch it: ``accelerate launch recipes/train.py <yaml>``."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from cmp_hf.cli import parse_config_and_overrides
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
+import bench_speed  # noqa: E402
 import make_tiny_testbed  # noqa: E402
 import train  # noqa: E402
 
@@ -83,3 +85,11 @@ def test_shipped_configs_parse():
     for path in (ROOT / "recipes/configs").glob("*.yaml"):
         script, cmp = parse_config_and_overrides(parser, [str(path)])
         assert script.model_name_or_path and script.dataset_name, path
+
+
+def test_speed_benchmark_runs_and_both_formulations_agree(capsys):
+    options = dict(size="tiny", classes=4, shots=4, batch_size=4, seed=1, device="cpu", bf16=False)
+    figures = bench_speed.main(argparse.Namespace(**options))
+    assert figures["loss_gap"] <= 1e-5 and figures["train_loss_gap"] <= 1e-5
+    printed = capsys.readouterr().out
+    assert "| seconds per epoch |" in printed and "speed-up per epoch (a)/(b)" in printed

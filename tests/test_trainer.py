@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP, calibration_metrics
-from cmp_hf.data import colour_patches
+from cmp_hf.data import CLIPImageCollator, colour_patches
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:
@@ -99,7 +99,7 @@ def test_evaluation_reports_calibration_for_each_eval_set(tmp_path, tiny_clip_di
     metrics = trainer.evaluate()
     assert len(calls) == 2  # once per eval set, not once per batch (4 batches each)
     for split, dataset in (("test", test_set), ("train", train_set)):
-        batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+        batch = CLIPImageCollator(trainer.processing_class.image_processor)(list(dataset))
         with torch.no_grad():
             logits = trainer.model.eval()(pixel_values=batch["pixel_values"]).logits.numpy()
         expected = calibration_metrics(batch["labels"].numpy(), logits=logits)

@@ -30,3 +30,15 @@ class CLIPImageCollator:
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
         return {"pixel_values": pixel_values, "labels": labels}
+
+
+@dataclass
+class ImageFeatureCollator:
+    """Batches rows of cached, L2-normalised ``image_features`` (D,) into ``image_features`` and ``labels``."""
+
+    label_column: str = "label"
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = torch.from_numpy(np.stack([np.asarray(row["image_features"], dtype=np.float32) for row in rows]))
+        labels = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
+        return {"image_features": features, "labels": labels}

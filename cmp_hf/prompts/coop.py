@@ -119,8 +119,10 @@ def resolve_n_ctx(config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) 
     return replace(config, n_ctx=len(_text_ids(tokenizer, config.ctx_init)))
 
 
-def tokenize_prompts(config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> PromptTokens:
-    """Build the C prompts, right-padded to the longest one.
+def tokenize_prompts(
+    config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int, pad_to: int | None = None
+) -> PromptTokens:
+    """Build the C prompts, right-padded to the longest one (or to ``pad_to``, e.g. CoOp's 77).
 
     Context positions hold the BOS id as a placeholder (never EOS, so EOS pooling, including the legacy
     ``argmax`` pooling of configs with ``eos_token_id == 2``, still finds the real end of the prompt).
@@ -151,6 +153,10 @@ def tokenize_prompts(config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBas
             )
         rows.append(row)
     length = max(len(row) for row in rows)
+    if pad_to is not None:
+        if not length <= pad_to <= max_positions:
+            raise ValueError(f"pad_to={pad_to} must lie between the longest prompt ({length}) and {max_positions}.")
+        length = pad_to
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     context_index = torch.full((len(rows), length), -1, dtype=torch.long)
