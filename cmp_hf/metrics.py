@@ -39,8 +39,9 @@ class ReliabilityTable:
         """|B_b|/N * |acc_b - conf_b| per bin (0 for empty bins)."""
         return np.nan_to_num(self.count / self.count.sum() * np.abs(self.accuracy - self.confidence))
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {name: values.tolist() for name, values in asdict(self).items()}
+    def to_dict(self) -> dict[str, list[float | None]]:
+        """Plain lists for JSON; empty bins' NaN become ``None`` (null)."""
+        return {name: [None if np.isnan(v) else float(v) for v in values] for name, values in asdict(self).items()}
 
 
 def probabilities(*, probs: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .hub import fetch_prompt
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, initial_context, resolve_n_ctx, tokenize_prompts
 from .prompts.hook import EmbeddingOverride
 
@@ -116,8 +117,9 @@ class PromptTunedCLIP(nn.Module):
         clip: CLIPModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> PromptTunedCLIP:
-        """Load a prompt saved by :meth:`save_pretrained` onto ``clip`` (default: the base model it names)."""
-        prompt_path = os.fspath(prompt_path)
+        """Load a prompt saved by :meth:`save_pretrained` (a directory or a Hub repo id) onto ``clip`` (default: the
+        base model it names). Only JSON and safetensors files are read."""
+        prompt_path = fetch_prompt(prompt_path)
         for name in (PROMPT_CONFIG_NAME, ADAPTER_CONFIG_NAME):
             if not os.path.isfile(os.path.join(prompt_path, name)):
                 raise FileNotFoundError(

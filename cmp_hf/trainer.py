@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -16,22 +17,24 @@ from datasets.config import HF_DATASETS_CACHE
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import CMPConfig
 from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
+from .hub import hub_errors, model_card, repo_name
 from .losses import cmp_penalty
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
+from .reports import EvalReport
 from .schedulers import coop_scheduler
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+TRAINING_ARGS_JSON = "training_args.json"
 LOSS_COMPONENTS = ("ce", "cmp", "misclassified")
 
 
@@ -125,6 +128,8 @@ class CMPTrainer(Trainer):
             optimizers=optimizers,
         )
         self._components = {"train": LossComponents(), "eval": LossComponents()}
+        self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
+        self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
     # ---- input pipeline: cached image features (default) or images ---------------------------------------------
 
@@ -208,6 +213,12 @@ class CMPTrainer(Trainer):
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
+        if output.predictions is not None and output.label_ids is not None:
+            name = metric_key_prefix.removeprefix("eval_")
+            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+            self.eval_reports[name] = EvalReport.from_logits(
+                name, logits, output.label_ids, self.args.calibration_bins
+            )
         return output
 
     # ---- schedule -----------------------------------------------------------------------------------------------
@@ -238,10 +249,83 @@ class CMPTrainer(Trainer):
     # ---- save and load: the prompt is a peft adapter plus prompt_config.json -------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The prompt (adapter + prompt_config.json), the training arguments as JSON, the last evaluation of each
+        eval set (metrics + reliability diagram) and the model card: a directory the Hub repo mirrors."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
+        for report in self.eval_reports.values():
+            report.save(output_dir)
+        self._model_card().save(os.path.join(output_dir, "README.md"))
+
+    # ---- Hub ----------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+        """Write ``README.md`` (cmp_hf's card: metrics table, diagrams, model-index with ECE) to ``output_dir``.
+
+        ``dataset_name`` is remembered for later saves; other Trainer card arguments are not used.
+        """
+        if dataset_name is not None:
+            self.dataset_name = dataset_name
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self._model_card(model_name).save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _model_card(self, model_name: str | None = None):
+        args, prompt = self.args, self.model.prompt_config
+        train = self.train_dataset if isinstance(self.train_dataset, Dataset) else None
+        schedule = (
+            f"CoOp schedule ({args.coop_warmup_epochs} warm-up epoch(s) at {args.coop_warmup_lr}, cosine per epoch)"
+            if args.coop_schedule
+            else f"{args.lr_scheduler_type} schedule"
+        )
+        info = dict(
+            model_name=model_name or repo_name(args.output_dir, args.hub_model_id).split("/")[-1],
+            repo_id=repo_name(args.output_dir, args.hub_model_id),
+            base_model=prompt.base_model_name_or_path or "",
+            dataset_name=self.dataset_name or "custom",
+            num_classes=len(prompt.class_names),
+            n_ctx=prompt.n_ctx,
+            num_vectors=prompt.num_context_vectors,
+            ctx_init=f"the text `{prompt.ctx_init}`" if prompt.ctx_init else "N(0, 0.02)",
+            class_token_position=prompt.class_token_position,
+            class_specific_context=prompt.class_specific_context,
+            template=prompt.template,
+            train_size=len(train) if train is not None else "-",
+            shots=_examples_per_class(train, args.label_column),
+            cmp_lambda=args.cmp_lambda,
+            cmp_form=args.cmp_form,
+            cmp_competitors=args.cmp_competitors,
+            optimizer=f"{args.optim} ({args.optim_args})" if args.optim_args else str(args.optim),
+            learning_rate=args.learning_rate,
+            batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            schedule=schedule,
+            length=f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
+            seed=args.seed,
+            n_bins=args.calibration_bins,
+        )
+        return model_card(list(self.eval_reports.values()), **info)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        with hub_errors("creating the Hub repo", retry=None):
+            super().init_hf_repo(token=token, private=private)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """Trainer's push (save, card, upload of ``output_dir``), with errors that say what to do."""
+        retry = (
+            f"python recipes/push.py {self.args.output_dir} {repo_name(self.args.output_dir, self.args.hub_model_id)}"
+        )
+        with hub_errors("pushing to the Hub", retry=retry):
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer copies the adapter files of a checkpoint before pushing; the prompt JSON must travel with them.
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            source = os.path.join(checkpoint_folder, PROMPT_CONFIG_NAME)
+            shutil.copy(source, os.path.join(self.args.output_dir, PROMPT_CONFIG_NAME))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         _load_prompt_weights(model if model is not None else self.model, resume_from_checkpoint)
@@ -254,6 +338,14 @@ class CMPTrainer(Trainer):
         if self._signature_columns is None:
             columns = [self.args.image_column, self.args.label_column, FEATURES_COLUMN, "pixel_values", "labels"]
             self._signature_columns = columns
+
+
+def _examples_per_class(dataset: Dataset | None, label_column: str) -> str:
+    """ "16" for a balanced k-shot set, "3-9" otherwise, "-" when unknown (a stream)."""
+    if dataset is None or len(dataset) == 0:
+        return "-"
+    counts = np.bincount(np.asarray(dataset.with_format("numpy")[label_column]))
+    return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
 
 
 def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:

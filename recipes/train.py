@@ -55,9 +55,11 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         eval_dataset={split: dataset[split] for split in script_args.eval_splits},
         class_names=script_args.class_names,
     )
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
     trainer.train()
-    trainer.save_model(config.output_dir)
+    trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
     flat = trainer.evaluate()
+    trainer.save_model(config.output_dir)  # now with eval/<split>/ metrics, reliability diagrams and the card
     metrics = {
         split: {
             key.removeprefix(f"eval_{split}_"): value
@@ -69,6 +71,8 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
     if trainer.is_world_process_zero():
         with open(os.path.join(config.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
+    if config.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return metrics
 
 

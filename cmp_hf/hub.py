@@ -1,0 +1,135 @@
+"""The Hub side of a trained prompt: its model card, pushing an output directory, and fetching a repo.
+
+A pushed repo holds exactly what ``CMPTrainer.save_model`` writes: the peft adapter (safetensors), the JSON that
+rebuilds the prompt, one ``eval/<set>/`` folder per eval set (metrics JSON + reliability diagram) and the card.
+Fetching takes JSON and safetensors only: nothing is ever unpickled from a repo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+from .reports import EvalReport
+
+CARD_TEMPLATE = "prompt_card.md"
+PROMPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "prompt_config.json")
+PUSH_PATTERNS = ["*.safetensors", "*.json", "*.md", "eval/*/*"]
+PULL_PATTERNS = ["*.safetensors", "*.json"]
+CARD_METRICS = {"accuracy": "accuracy_pct", "ece": "ece_pct", "ace": "ace_pct", "mce": "mce_pct", "nll": "nll",
+                "brier": "brier"}  # fmt: skip
+
+
+class HubError(RuntimeError):
+    """A Hub operation failed; the message says why and what to do. Local files are never touched by a push."""
+
+
+def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
+    """Render the card: ``info`` fills the template (see ``templates/prompt_card.md``); each report adds a row,
+    a diagram and ``EvalResult``s (accuracy, ECE, ACE, MCE in percent; NLL, Brier) to the ``model-index``."""
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=info["dataset_name"],
+            dataset_name=info["dataset_name"],
+            dataset_split=report.name,
+            metric_type=metric,
+            metric_name=f"{metric.upper()} (%)" if key.endswith("_pct") else metric.upper(),
+            metric_value=round(report.metrics[key], 6),
+            metric_args={"n_bins": report.n_bins},
+        )
+        for report in reports
+        for metric, key in CARD_METRICS.items()
+    ]
+    card_data = ModelCardData(
+        model_name=info["model_name"],
+        base_model=info["base_model"] or None,
+        library_name="peft",
+        pipeline_tag="image-classification",
+        tags=["cmp_hf", "clip", "coop", "prompt-tuning", "calibration", "cmp"],
+        eval_results=eval_results or None,
+    )
+    template = resources.files("cmp_hf").joinpath("templates", CARD_TEMPLATE).read_text(encoding="utf-8")
+    base = info["base_model"] or "the base CLIP"
+    url = f"https://huggingface.co/{base}" if info["base_model"] and not os.path.isdir(base) else "#"
+    return ModelCard.from_template(card_data, template_str=template, reports=reports, base_model_url=url, **info)
+
+
+def push_output_dir(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload calibrated CoOp prompt",
+) -> str:
+    """Upload a saved prompt directory (prompt, metrics, diagrams, card) to ``repo_id``; returns the commit URL.
+
+    Checks that the directory is complete before any network call. On failure raises :class:`HubError` with what
+    to do; the directory is only read, so re-running the push later uploads the same files.
+    """
+    output_dir = os.fspath(output_dir)
+    missing = [name for name in (*PROMPT_FILES, "README.md") if not os.path.isfile(os.path.join(output_dir, name))]
+    if missing:
+        raise HubError(f"{output_dir} lacks {missing}: save the trained prompt there first (CMPTrainer.save_model).")
+    api = HfApi()
+    with hub_errors(f"pushing {output_dir} to {repo_id}", retry=f"python recipes/push.py {output_dir} {repo_id}"):
+        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=output_dir, token=token, revision=revision, commit_message=commit_message,
+            allow_patterns=PUSH_PATTERNS,
+        )  # fmt: skip
+    return commit.commit_url
+
+
+def fetch_prompt(repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> str:
+    """A local directory holding the prompt: ``repo_or_dir`` itself, or a snapshot of JSON + safetensors files."""
+    if os.path.isdir(repo_or_dir):
+        return os.fspath(repo_or_dir)
+    with hub_errors(f"downloading {repo_or_dir}", retry=None):
+        return snapshot_download(str(repo_or_dir), revision=revision, token=token, allow_patterns=PULL_PATTERNS)
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx; httpx2 from huggingface_hub 2)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        if importlib.util.find_spec(module) is not None:
+            found.append(importlib.import_module(module).TransportError)
+    return tuple(found)
+
+
+@contextmanager
+def hub_errors(action: str, retry: str | None) -> Iterator[None]:
+    """Turn Hub client errors into a :class:`HubError` that says what happened and what to do."""
+    try:
+        yield
+    except (LocalTokenNotFoundError, HfHubHTTPError, *_transport_errors()) as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(error, LocalTokenNotFoundError) or status == 401:
+            advice = "no valid token: log in with `hf auth login` or set HF_TOKEN (pushing needs write access)"
+        elif status is not None:
+            server = str(getattr(error, "server_message", None) or error).splitlines()[0]
+            advice = f"the Hub refused the request (HTTP {status}: {server})"
+            if status == 403:
+                advice += "; check that your token can write to this repo"
+        else:
+            advice = f"could not reach the Hub at {constants.ENDPOINT} ({error}); check the network and HF_ENDPOINT"
+        message = f"Failed {action}: {advice}."
+        if retry:
+            message += f" Nothing local was changed; run `{retry}` to push again."
+        raise HubError(message) from error
+
+
+def repo_name(output_dir: str | os.PathLike, hub_model_id: str | None) -> str:
+    """Trainer's rule: the Hub id given, else the output directory's name."""
+    return hub_model_id or Path(output_dir).absolute().name

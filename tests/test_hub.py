@@ -1,0 +1,212 @@
+"""Push and pull through a loopback Hub (tests/hub_server.py) with the real huggingface_hub client.
+
+huggingface_hub reads HF_ENDPOINT when it is imported, so every Hub call runs in a subprocess whose environment
+points at the loopback server; the trained model it is compared with stays in this process.
+"""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hub_server import FakeHub, Repo
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from cmp_hf import CalibratedCLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "tester/tiny-prompt"
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import make_tiny_testbed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hub_testbed")
+    make_tiny_testbed.main(str(directory), per_class=4, seed=0)
+    return directory
+
+
+@pytest.fixture
+def hub():
+    with FakeHub() as server:
+        yield server
+
+
+def hub_env(tmp_path: Path, endpoint: str, token: str | None = "hf_test_token") -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
+    env["HF_DATASETS_CACHE"] = os.environ["HF_DATASETS_CACHE"]
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+def train_and_push(tmp_path: Path, testbed: Path, hub: FakeHub, **overrides) -> Path:
+    config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
+    output_dir = tmp_path / "run"
+    config.update(
+        model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"), output_dir=str(output_dir),
+        num_train_epochs=2, shots=4, push_to_hub=True, hub_model_id=REPO, **overrides,
+    )  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run([sys.executable, "recipes/train.py", str(tmp_path / "config.yaml")], hub_env(tmp_path, hub.endpoint))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert not hub.unknown_routes, hub.unknown_routes
+    return output_dir
+
+
+def probe_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+
+
+PULL = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from PIL import Image
+    from peft import PeftModel
+    from transformers import CLIPModel
+    from cmp_hf import CalibratedCLIP
+
+    repo, out = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    model = CalibratedCLIP.from_pretrained(repo)
+    base = model.model.prompt_config.base_model_name_or_path
+    peft_model = PeftModel.from_pretrained(CLIPModel.from_pretrained(base), repo)
+    vectors = peft_model.prompt_encoder["default"].embedding.weight
+    np.savez(out, logits=model.logits(images).numpy(), proba=model.predict_proba(images),
+             vectors=vectors.detach().numpy(), names=np.array(model.class_names))
+    """
+)
+
+
+@pytest.mark.slow
+def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub):
+    output_dir = train_and_push(tmp_path, testbed, hub)
+    files = hub.repos[REPO].files
+    for name in ("adapter_model.safetensors", "adapter_config.json", "prompt_config.json", "README.md",
+                 "eval/test/metrics.json", "eval/test/reliability.png", "training_args.json"):  # fmt: skip
+        assert name in files, name
+        assert files[name] == (output_dir / name).read_bytes(), name  # the repo mirrors the output directory
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pkl", ".pickle"))]
+
+    card = ModelCard(files["README.md"].decode())
+    metrics = json.loads(files["eval/test/metrics.json"])
+    ece = [r for r in card.data.eval_results if r.metric_type == "ece" and r.dataset_split == "test"]
+    assert len(ece) == 1 and ece[0].metric_value == pytest.approx(metrics["ece_pct"], abs=1e-6)
+    assert card.data.base_model == str(testbed / "clip") and card.data.library_name == "peft"
+    assert "eval/test/reliability.png" in card.text and "CalibratedCLIP.from_pretrained" in card.text
+    with Image.open(io.BytesIO(files["eval/test/reliability.png"])) as png:
+        assert png.format == "PNG" and png.size[0] >= 400
+
+    result = run([sys.executable, "-c", PULL, REPO, str(tmp_path / "pulled.npz")], hub_env(tmp_path, hub.endpoint))
+    assert result.returncode == 0, result.stderr[-5000:]
+    pulled = np.load(tmp_path / "pulled.npz")
+    local = CalibratedCLIP.from_pretrained(output_dir)
+    images = probe_images()
+    np.testing.assert_array_equal(pulled["logits"], local.logits(images).numpy())
+    np.testing.assert_allclose(pulled["proba"].sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(pulled["vectors"], local.model.context.detach().numpy())
+    assert list(pulled["names"]) == local.class_names
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+@pytest.fixture
+def saved_run(tmp_path, tiny_clip_dir, train_set, test_set):
+    from cmp_hf import CMPConfig, CMPTrainer
+
+    config = CMPConfig(
+        output_dir=str(tmp_path / "saved"), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        max_steps=2, per_device_train_batch_size=8, n_ctx=4,
+    )  # fmt: skip
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set, eval_dataset={"test": test_set})
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    return tmp_path / "saved"
+
+
+def push(saved: Path, tmp_path: Path, endpoint: str, token: str | None = "hf_test_token"):
+    return run([sys.executable, "recipes/push.py", str(saved), REPO], hub_env(tmp_path, endpoint, token))
+
+
+def test_refused_push_leaves_files_intact_and_can_be_rerun(tmp_path, hub, saved_run):
+    before = tree_digest(saved_run)
+    hub.refuse_commits = True
+    refused = push(saved_run, tmp_path, hub.endpoint)
+    assert refused.returncode != 0
+    assert "the Hub refused the request (HTTP 403" in refused.stderr
+    assert f"run `python recipes/push.py {saved_run} {REPO}` to push again" in refused.stderr
+    assert tree_digest(saved_run) == before and not hub.repos[REPO].files
+    hub.refuse_commits = False
+    again = push(saved_run, tmp_path, hub.endpoint)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert hub.repos[REPO].files["adapter_model.safetensors"] == (saved_run / "adapter_model.safetensors").read_bytes()
+    assert tree_digest(saved_run) == before
+
+
+def test_push_without_token_says_how_to_log_in(tmp_path, hub, saved_run):
+    result = push(saved_run, tmp_path, hub.endpoint, token=None)
+    assert result.returncode != 0 and "no valid token" in result.stderr and "HF_TOKEN" in result.stderr
+
+
+def test_push_without_network_says_so(tmp_path, saved_run):
+    result = push(saved_run, tmp_path, "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert result.returncode != 0 and "could not reach the Hub at http://127.0.0.1:9" in result.stderr
+
+
+def test_push_of_an_incomplete_directory_is_refused_before_the_network(tmp_path, saved_run):
+    (saved_run / "prompt_config.json").unlink()
+    result = push(saved_run, tmp_path, "http://127.0.0.1:9")
+    assert result.returncode != 0 and "lacks ['prompt_config.json']" in result.stderr
+
+
+@pytest.mark.slow
+def test_hub_strategy_every_save_pushes_during_training(tmp_path, testbed, hub):
+    train_and_push(tmp_path, testbed, hub, save_strategy="steps", save_steps=1, hub_strategy="every_save")
+    summaries = [summary for _, summary in hub.repos[REPO].commits]
+    assert any(summary.startswith("Training in progress") for summary in summaries), summaries
+    assert summaries[-1] == "End of training"
+    assert "prompt_config.json" in hub.repos[REPO].files
+
+
+def test_pulling_a_repo_without_prompt_config_names_the_file(tmp_path, hub, saved_run):
+    broken = Repo()
+    broken.files = {"adapter_config.json": (saved_run / "adapter_config.json").read_bytes()}
+    broken.commits.append(("1" * 40, "only the adapter config"))
+    hub.repos["tester/broken"] = broken
+    script = "from cmp_hf import CalibratedCLIP; CalibratedCLIP.from_pretrained('tester/broken')"
+    result = run([sys.executable, "-c", script], hub_env(tmp_path, hub.endpoint))
+    assert result.returncode != 0 and "has no prompt_config.json" in result.stderr
+
+
+def test_model_card_is_written_with_the_prompt(saved_run):
+    card = ModelCard.load(saved_run / "README.md")
+    assert card.data.library_name == "peft" and "calibration" in card.data.tags
+    ece = next(r for r in card.data.eval_results if r.metric_type == "ece")
+    assert ece.dataset_split == "test" and ece.metric_args == {"n_bins": 10}
+    metrics = json.loads((saved_run / "eval/test/metrics.json").read_text())
+    assert ece.metric_value == pytest.approx(metrics["ece_pct"], abs=1e-6)
+    assert metrics["num_samples"] == 16 and metrics["n_bins"] == 10 and len(metrics["reliability"]["count"]) == 10
+    assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))
