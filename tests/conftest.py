@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: tests never reach the Hub
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_datasets_")  # isolated feature cache
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from cmp_hf.data import colour_patches  # noqa: E402
 from cmp_hf.tiny import save_tiny_clip  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))  # the recipe scripts are imported by their tests
+
+import make_tiny_testbed  # noqa: E402
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]
@@ -35,3 +43,20 @@ def train_set():
 @pytest.fixture(scope="session")
 def test_set():
     return colour_patches(CLASS_NAMES, per_class=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory) -> Path:
+    """What the quickstart trains on: a tiny CLIP directory and an image folder (6 images per class and split)."""
+    directory = tmp_path_factory.mktemp("testbed")
+    make_tiny_testbed.main(str(directory), per_class=6, seed=0)
+    return directory
+
+
+def quickstart_config(testbed: Path, path: Path, **overrides) -> Path:
+    """recipes/configs/quickstart.yaml pointed at ``testbed``, with overrides, written to ``path/config.yaml``."""
+    config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
+    config.update(model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"), **overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return path / "config.yaml"

@@ -16,25 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import ROOT, quickstart_config
 from hub_server import FakeHub, Repo
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
 
-ROOT = Path(__file__).resolve().parents[1]
 REPO = "tester/tiny-prompt"
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import make_tiny_testbed  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("hub_testbed")
-    make_tiny_testbed.main(str(directory), per_class=4, seed=0)
-    return directory
 
 
 @pytest.fixture
@@ -57,14 +46,12 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def train_and_push(tmp_path: Path, testbed: Path, hub: FakeHub, **overrides) -> Path:
-    config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
     output_dir = tmp_path / "run"
-    config.update(
-        model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"), output_dir=str(output_dir),
-        num_train_epochs=2, shots=4, push_to_hub=True, hub_model_id=REPO, **overrides,
+    config = quickstart_config(
+        testbed, tmp_path, output_dir=str(output_dir), num_train_epochs=2, shots=4, push_to_hub=True,
+        hub_model_id=REPO, **overrides,
     )  # fmt: skip
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = run([sys.executable, "recipes/train.py", str(tmp_path / "config.yaml")], hub_env(tmp_path, hub.endpoint))
+    result = run([sys.executable, "recipes/train.py", str(config)], hub_env(tmp_path, hub.endpoint))
     assert result.returncode == 0, result.stderr[-5000:]
     assert not hub.unknown_routes, hub.unknown_routes
     return output_dir

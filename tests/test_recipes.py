@@ -7,37 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_speed
 import pytest
-import yaml
+import train
+from conftest import ROOT, quickstart_config
 from transformers import HfArgumentParser
 
 from cmp_hf import CMPConfig, PromptTunedCLIP
 from cmp_hf.cli import parse_config_and_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import bench_speed  # noqa: E402
-import make_tiny_testbed  # noqa: E402
-import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("testbed")
-    make_tiny_testbed.main(str(directory), per_class=6, seed=0)
-    return directory
-
 
 def write_config(path: Path, testbed: Path, **overrides) -> Path:
-    config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
-    config.update(
-        model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"), output_dir=str(path / "unused")
-    )
-    config.update(overrides)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(config))
-    return path / "config.yaml"
+    return quickstart_config(testbed, path, **{"output_dir": str(path / "unused"), **overrides})
 
 
 @pytest.mark.slow
