@@ -59,8 +59,8 @@ def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
         eval_results=eval_results or None,
     )
     template = resources.files("cmp_hf").joinpath("templates", CARD_TEMPLATE).read_text(encoding="utf-8")
-    base = info["base_model"] or "the base CLIP"
-    url = f"https://huggingface.co/{base}" if info["base_model"] and not os.path.isdir(base) else "#"
+    base = info["base_model"]
+    url = f"https://huggingface.co/{base}" if base and not os.path.isdir(base) else None  # no link to a local dir
     return ModelCard.from_template(card_data, template_str=template, reports=reports, base_model_url=url, **info)
 
 

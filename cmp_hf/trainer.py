@@ -275,6 +275,7 @@ class CMPTrainer(Trainer):
 
     def _model_card(self, model_name: str | None = None):
         args, prompt = self.args, self.model.prompt_config
+        optim = getattr(args.optim, "value", args.optim)  # TrainingArguments turns the name into an enum
         train = self.train_dataset if isinstance(self.train_dataset, Dataset) else None
         schedule = (
             f"CoOp schedule ({args.coop_warmup_epochs} warm-up epoch(s) at {args.coop_warmup_lr}, cosine per epoch)"
@@ -298,7 +299,8 @@ class CMPTrainer(Trainer):
             cmp_lambda=args.cmp_lambda,
             cmp_form=args.cmp_form,
             cmp_competitors=args.cmp_competitors,
-            optimizer=f"{args.optim} ({args.optim_args})" if args.optim_args else str(args.optim),
+            class_list=_short_list(prompt.class_names),
+            optimizer=f"{optim} ({args.optim_args})" if args.optim_args else optim,
             learning_rate=args.learning_rate,
             batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             schedule=schedule,
@@ -338,6 +340,11 @@ class CMPTrainer(Trainer):
         if self._signature_columns is None:
             columns = [self.args.image_column, self.args.label_column, FEATURES_COLUMN, "pixel_values", "labels"]
             self._signature_columns = columns
+
+
+def _short_list(names: list[str], shown: int = 20) -> str:
+    more = f" ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _examples_per_class(dataset: Dataset | None, label_column: str) -> str:
