@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, snapshot_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from .reports import EvalReport
@@ -62,6 +62,15 @@ def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
     base = info["base_model"]
     url = f"https://huggingface.co/{base}" if base and not os.path.isdir(base) else None  # no link to a local dir
     return ModelCard.from_template(card_data, template_str=template, reports=reports, base_model_url=url, **info)
+
+
+def require_token(token: str | None) -> None:
+    """Fail before training when a push is planned and no token is at hand (it would only fail at the end)."""
+    if not (token or get_token()):
+        raise HubError(
+            "push_to_hub is set but no Hugging Face token was found: log in with `hf auth login`, set HF_TOKEN or "
+            "pass hub_token, then start again (or turn push_to_hub off and push later with recipes/push.py)."
+        )
 
 
 def push_output_dir(

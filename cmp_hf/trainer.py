@@ -23,7 +23,7 @@ from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
-from .hub import hub_errors, model_card, repo_name
+from .hub import hub_errors, model_card, repo_name, require_token
 from .losses import cmp_penalty
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
@@ -95,6 +95,8 @@ class CMPTrainer(Trainer):
             args = CMPConfig(output_dir="cmp-output")
         if not isinstance(args, CMPConfig):
             raise TypeError(f"args must be a CMPConfig (it carries the CMP and prompt options), got {type(args)}.")
+        if args.push_to_hub:
+            require_token(args.hub_token)
         datasets = _named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
             _check_columns(dataset, name, args, needs_images=data_collator is None)

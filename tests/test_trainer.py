@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP, calibration_metrics
+from cmp_hf import CMPConfig, CMPTrainer, HubError, PromptTunedCLIP, calibration_metrics
 from cmp_hf.data import CLIPImageCollator, colour_patches
 
 
@@ -213,3 +213,12 @@ def test_unlabelled_classes_need_names(tmp_path, train_set):
     plain = Dataset.from_dict({"image": train_set["image"], "label": np.asarray(train_set["label"]).tolist()})
     with pytest.raises(ValueError, match="is not a ClassLabel .* pass class_names"):
         CMPTrainer(model=MISSING_MODEL, args=make_config(tmp_path), train_dataset=plain)
+
+
+def test_push_without_token_is_refused_before_loading_anything(tmp_path, train_set, monkeypatch):
+    import cmp_hf.hub
+
+    monkeypatch.setattr(cmp_hf.hub, "get_token", lambda: None)
+    config = make_config(tmp_path, push_to_hub=True, hub_model_id="tester/x")
+    with pytest.raises(HubError, match="no Hugging Face token was found"):
+        CMPTrainer(model=MISSING_MODEL, args=config, train_dataset=train_set)
