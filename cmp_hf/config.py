@@ -40,6 +40,8 @@ class CMPConfig(TrainingArguments):
         One context per class (CoOp's CSC).
     prompt_template (`str`, defaults to `"{}."`):
         Text around the class name, `{}` standing for it.
+    allow_duplicate_class_names (`bool`, defaults to `False`):
+        Accept repeated class names (CLIP's ImageNet list repeats two); otherwise a repeat is an error.
 
     > Parameters that control the data and the evaluation
 
@@ -94,6 +96,7 @@ class CMPConfig(TrainingArguments):
     class_token_position: str = field(default="end", metadata={"help": f"One of {CLASS_TOKEN_POSITIONS}."})
     class_specific_context: bool = field(default=False, metadata={"help": "One context per class (CSC)."})
     prompt_template: str = field(default="{}.", metadata={"help": "Text around the class name ({})."})
+    allow_duplicate_class_names: bool = field(default=False, metadata={"help": "Accept repeated class names."})
 
     image_column: str = field(default="image", metadata={"help": "Dataset column with the images."})
     label_column: str = field(default="label", metadata={"help": "Dataset column with the class labels."})
@@ -136,4 +139,5 @@ class CMPConfig(TrainingArguments):
             class_specific_context=self.class_specific_context,
             template=self.prompt_template,
             base_model_name_or_path=base_model_name_or_path,
+            allow_duplicate_names=self.allow_duplicate_class_names,
         )

@@ -138,6 +138,17 @@ class PromptTunedCLIP(nn.Module):
         peft_model = PeftModel.from_pretrained(clip, prompt_path)
         return cls(peft_model, prompt_config, tokenizer)
 
+    def for_classes(self, class_names: list[str]) -> PromptTunedCLIP:
+        """The same learned context over other classes (CoOp's transfer to novel classes or shifted datasets):
+        a new prompt on the same frozen CLIP whose context is a copy of this one. Needs a shared context."""
+        if self.prompt_config.class_specific_context:
+            raise ValueError("A class-specific context (CSC) has no vectors for new classes: it cannot transfer.")
+        config = replace(self.prompt_config, class_names=list(class_names), ctx_init=None)
+        other = PromptTunedCLIP.from_clip(self.clip, self.tokenizer, config)
+        with torch.no_grad():
+            other.context.copy_(self.context)
+        return other
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
         self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)

@@ -103,7 +103,7 @@ class CMPTrainer(Trainer):
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
         if class_names is not None:
-            validate_class_names(class_names)
+            validate_class_names(class_names, args.allow_duplicate_class_names)
             for name, dataset in datasets:
                 _check_labels(dataset, name, args.label_column, len(class_names))
         set_seed(args.seed)  # the random context init draws from torch's generator

@@ -1,78 +1,161 @@
 """Train a CoOp prompt on a frozen CLIP with CMP, evaluate its calibration, save the prompt and the metrics.
 
     accelerate launch recipes/train.py recipes/configs/quickstart.yaml [--seed 2 --output_dir ...]
+    accelerate launch recipes/train.py recipes/configs/suite/oxford_pets.yaml --cmp_lambda 0 --base_to_novel true
 
-The model is a Hub id or a local CLIP directory; the dataset a Hub id, a local image folder or a ``save_to_disk``
-directory of a DatasetDict. Writes to ``output_dir``: the prompt (peft adapter + prompt_config.json) and
-``metrics.json`` (one entry per eval split, metrics as ``CalibrationMetrics`` names them).
+Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub or ``data_dir``) or from
+``dataset_name`` (a Hub id, a local image folder or a ``save_to_disk`` DatasetDict). With ``shots``, k training and
+min(k, 4) validation examples per class are drawn with the seed and saved as ``fewshot_split.json`` (reused on a
+re-run). ``base_to_novel`` trains on the first half of the classes and evaluates on base and novel test classes;
+``eval_benchmarks`` evaluates the same context on other suite datasets with their own classes (ImageNet -> shifts).
+
+Writes to ``output_dir``: the prompt (peft adapter + prompt_config.json), ``eval/<set>/`` (metrics JSON +
+reliability diagram), the model card, ``metrics.json`` (all eval sets) and ``run.json`` (what this run was). With
+``push_to_hub: true`` the directory is pushed at the end; ``recipes/push.py`` pushes it again later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 
+from datasets import Dataset
 from transformers import HfArgumentParser
 
 from cmp_hf import CMPConfig, CMPTrainer
 from cmp_hf.cli import parse_config_and_overrides
-from cmp_hf.data import load_image_dataset, sample_few_shot
+from cmp_hf.data import (
+    base_novel_classes,
+    class_names_from_features,
+    few_shot_sets,
+    load_image_dataset,
+    load_suite_dataset,
+    subset_classes,
+)
 
 
 @dataclass
 class ScriptArguments:
-    """What to train on; the training itself is configured by CMPConfig."""
+    """What to train and evaluate on; the training itself is configured by CMPConfig."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP Hub id or local directory."})
+    benchmark: str | None = field(default=None, metadata={"help": "Suite dataset key (cmp_hf.data.SUITE)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Local copy of the suite dataset."})
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, image folder or save_to_disk dir."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on (dataset_name)."})
     eval_splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "Splits to evaluate."})
     class_names: list[str] | None = field(default=None, metadata={"help": "Override the ClassLabel names."})
     shots: int | None = field(default=None, metadata={"help": "Train on this many examples per class (seeded)."})
+    base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
+    eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
+    eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
+
+
+@dataclass
+class RunData:
+    train: Dataset
+    class_names: list[str]  # what the prompts say, in label order
+    evals: dict[str, Dataset]  # same classes as train
+    transfers: dict[str, tuple[Dataset, list[str]]] = field(default_factory=dict)  # other classes, same context
+    setting: str = "all"
 
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ScriptArguments, CMPConfig))
 
 
-def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
-    if not script_args.model_name_or_path or not script_args.dataset_name:
-        raise ValueError("Set model_name_or_path and dataset_name (in the YAML or as --options).")
-    dataset = load_image_dataset(script_args.dataset_name, script_args.dataset_config)
-    missing = [s for s in [script_args.train_split, *script_args.eval_splits] if s not in dataset]
-    if missing:
-        raise ValueError(f"Splits {missing} are not in {script_args.dataset_name} (it has {list(dataset)}).")
-    train = dataset[script_args.train_split]
+def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
+    if bool(script_args.benchmark) == bool(script_args.dataset_name):
+        raise ValueError(
+            "Set exactly one of benchmark (a suite dataset) or dataset_name (in the YAML or as --option)."
+        )
+    if script_args.benchmark:
+        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir)
+        pool, test, names = suite.splits["train"], {"test": suite.splits["test"]}, suite.class_names
+    else:
+        dataset = load_image_dataset(script_args.dataset_name, script_args.dataset_config)
+        missing = [s for s in [script_args.train_split, *script_args.eval_splits] if s not in dataset]
+        if missing:
+            raise ValueError(f"Splits {missing} are not in {script_args.dataset_name} (it has {list(dataset)}).")
+        pool = dataset[script_args.train_split]
+        test = {split: dataset[split] for split in script_args.eval_splits}
+        names = script_args.class_names or class_names_from_features(pool, config.label_column)
+    data = RunData(train=pool, class_names=list(names), evals=dict(test))
+    if script_args.base_to_novel:
+        base, novel = base_novel_classes(len(names))
+        data.train = subset_classes(pool, base, config.label_column)
+        data.class_names = [names[c] for c in base]
+        data.evals = {f"{split}_base": subset_classes(ds, base, config.label_column) for split, ds in test.items()}
+        novel_names = [names[c] for c in novel]
+        data.transfers = {
+            f"{split}_novel": (subset_classes(ds, novel, config.label_column), novel_names)
+            for split, ds in test.items()
+        }
+        data.setting = "base_to_novel"
     if script_args.shots:
-        train = sample_few_shot(train, script_args.shots, config.label_column, seed=config.seed)
+        data.train, val = few_shot_sets(
+            data.train, script_args.shots, config.seed, config.label_column, config.output_dir
+        )
+        data.evals = {"val": val, **data.evals}
+        data.setting = f"{data.setting}_{script_args.shots}shot"
+    dirs = script_args.eval_data_dirs or [None] * len(script_args.eval_benchmarks or [])
+    for key, data_dir in zip(script_args.eval_benchmarks or [], dirs, strict=True):
+        shifted = load_suite_dataset(key, data_dir)
+        data.transfers[key] = (shifted.splits["test"], shifted.class_names)
+    return data
+
+
+def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
+    if not script_args.model_name_or_path:
+        raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
+    data = load_run_data(script_args, config)
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
         args=config,
-        train_dataset=train,
-        eval_dataset={split: dataset[split] for split in script_args.eval_splits},
-        class_names=script_args.class_names,
+        train_dataset=data.train,
+        eval_dataset=data.evals,
+        class_names=data.class_names,
     )
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
     trainer.train()
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
     flat = trainer.evaluate()
-    trainer.save_model(config.output_dir)  # now with eval/<split>/ metrics, reliability diagrams and the card
+    for name, (dataset, names) in data.transfers.items():  # the same context over other classes
+        other = CMPTrainer(
+            model=trainer.model.for_classes(names),
+            args=dataclasses.replace(config, push_to_hub=False),
+            eval_dataset={name: dataset},
+            processing_class=trainer.processing_class,
+        )
+        flat.update(other.evaluate())
+        trainer.eval_reports.update(other.eval_reports)
+    trainer.save_model(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
+    names = [*data.evals, *data.transfers]
     metrics = {
-        split: {
-            key.removeprefix(f"eval_{split}_"): value
-            for key, value in flat.items()
-            if key.startswith(f"eval_{split}_")
+        name: {
+            key.removeprefix(f"eval_{name}_"): value for key, value in flat.items() if key.startswith(f"eval_{name}_")
         }
-        for split in script_args.eval_splits
+        for name in names
     }
     if trainer.is_world_process_zero():
-        with open(os.path.join(config.output_dir, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
+        run = {
+            "dataset": script_args.benchmark or script_args.dataset_name,
+            "setting": data.setting,
+            "shots": script_args.shots,
+            "seed": config.seed,
+            "cmp_lambda": config.cmp_lambda,
+            "cmp_form": config.cmp_form,
+            "cmp_competitors": config.cmp_competitors,
+        }
+        for name, content in (("metrics.json", metrics), ("run.json", run)):
+            with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
     if config.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
     return metrics
 
 

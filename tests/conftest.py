@@ -47,9 +47,9 @@ def test_set():
 
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory) -> Path:
-    """What the quickstart trains on: a tiny CLIP directory and an image folder (6 images per class and split)."""
+    """What the quickstart trains on: a tiny CLIP directory and an image folder (12 images per class and split)."""
     directory = tmp_path_factory.mktemp("testbed")
-    make_tiny_testbed.main(str(directory), per_class=6, seed=0)
+    make_tiny_testbed.main(str(directory), per_class=12, seed=0)
     return directory
 
 

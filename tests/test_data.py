@@ -7,10 +7,15 @@ from transformers import CLIPImageProcessor
 
 from cmp_hf.data import (
     CLIPImageCollator,
+    FewShotSplit,
+    base_novel_classes,
     class_names_from_features,
     colour_patches,
+    few_shot_sets,
+    few_shot_split,
     load_image_dataset,
     sample_few_shot,
+    subset_classes,
     to_rgb,
     write_image_folder,
 )
@@ -35,7 +40,7 @@ def test_few_shot_sampling_is_seeded_and_balanced():
     first_images = [np.asarray(im).tobytes() for im in first["image"]]
     assert first_images == [np.asarray(im).tobytes() for im in again["image"]]
     assert first_images != [np.asarray(im).tobytes() for im in other["image"]]
-    with pytest.raises(ValueError, match="fewer than shots=11"):
+    with pytest.raises(ValueError, match="Class 0 has 10 rows, fewer than shots \\+ validation shots = 11 \\+ 0"):
         sample_few_shot(data, shots=11)
 
 
@@ -65,3 +70,42 @@ def test_collator_handles_grey_arrays_and_pil():
     assert batch["labels"].tolist() == [1, 0, 2] and batch["labels"].dtype == torch.long
     grey = np.asarray(to_rgb(np.full((4, 4), 77, dtype=np.uint8)))
     assert grey.shape == (4, 4, 3) and (grey == 77).all()  # grey input is replicated to three channels
+
+
+def test_few_shot_split_is_seeded_balanced_and_disjoint():
+    labels = np.repeat(np.arange(5), 12)
+    train, val = few_shot_split(labels, shots=8, seed=3)
+    assert np.bincount(labels[train]).tolist() == [8] * 5 and np.bincount(labels[val]).tolist() == [4] * 5  # min(k, 4)
+    assert not set(train) & set(val)
+    assert (train, val) == few_shot_split(labels, shots=8, seed=3)
+    assert train != few_shot_split(labels, shots=8, seed=4)[0]
+    assert np.bincount(labels[few_shot_split(labels, shots=2, seed=0)[1]]).tolist() == [2] * 5
+    with pytest.raises(ValueError, match="fewer than shots \\+ validation shots = 10 \\+ 4"):
+        few_shot_split(labels, shots=10, seed=0)
+
+
+def test_few_shot_sets_are_saved_and_reused(tmp_path):
+    pool = colour_patches(["red", "blue", "green"], per_class=8, seed=0)
+    train, val = few_shot_sets(pool, shots=2, seed=5, run_dir=str(tmp_path))
+    saved = FewShotSplit.load(str(tmp_path))
+    assert saved.train == sorted(saved.train) and len(saved.train) == 6 and len(saved.val) == 6
+    saved.train = saved.train[::-1][:6]  # a run dir holds the split of that run: it is read back, not redrawn
+    saved.save(str(tmp_path))
+    again, _ = few_shot_sets(pool, shots=2, seed=5, run_dir=str(tmp_path))
+    assert [np.asarray(im).tobytes() for im in again["image"]] == [
+        np.asarray(pool[i]["image"]).tobytes() for i in saved.train
+    ]
+    other, _ = few_shot_sets(pool, shots=2, seed=6, run_dir=str(tmp_path))  # another seed: a new split
+    assert FewShotSplit.load(str(tmp_path)).seed == 6 and len(other) == 6
+    assert len(train) == 6 and len(val) == 6
+
+
+def test_base_to_novel_split_is_disjoint_and_relabelled():
+    assert base_novel_classes(5) == ([0, 1, 2], [3, 4])
+    data = colour_patches(["red", "blue", "green", "yellow", "pink"], per_class=2, seed=0)
+    base, novel = base_novel_classes(5)
+    base_set, novel_set = subset_classes(data, base), subset_classes(data, novel)
+    assert base_set.features["label"].names == ["red", "blue", "green"]
+    assert novel_set.features["label"].names == ["yellow", "pink"]
+    assert sorted(set(novel_set["label"])) == [0, 1] and len(base_set) + len(novel_set) == len(data)
+    assert np.array_equal(np.asarray(novel_set[0]["image"]), np.asarray(data[6]["image"]))  # first yellow row

@@ -123,3 +123,29 @@ def test_load_without_base_model_asks_for_one(model, tmp_path, tiny_clip_dir):
         tmp_path, clip=CLIPModel.from_pretrained(tiny_clip_dir), tokenizer=CLIPTokenizer.from_pretrained(tiny_clip_dir)
     )
     torch.testing.assert_close(loaded.context, model.context, rtol=0, atol=0)
+
+
+def test_context_transfers_to_other_classes(model, tiny_clip_dir):
+    other = model.for_classes(["pink", "cyan"])
+    assert other.class_names == ["pink", "cyan"] and other.clip is model.clip
+    torch.testing.assert_close(other.context, model.context, rtol=0, atol=0)
+    fresh = PromptTunedCLIP.from_clip(
+        CLIPModel.from_pretrained(tiny_clip_dir), model.tokenizer,
+        CoOpPromptConfig(class_names=["pink", "cyan"], n_ctx=3, class_token_position="middle"),
+    )  # fmt: skip
+    with torch.no_grad():
+        fresh.context.copy_(model.context)
+    x = pixels()
+    torch.testing.assert_close(other.eval()(pixel_values=x).logits, fresh.eval()(pixel_values=x).logits)
+    # the original prompt is unaffected by the second adapter on the same CLIP
+    before = model(pixel_values=x).logits
+    other(pixel_values=x)
+    torch.testing.assert_close(model(pixel_values=x).logits, before, rtol=0, atol=0)
+
+
+def test_class_specific_context_does_not_transfer(tiny_clip_dir):
+    config = CoOpPromptConfig(class_names=["red", "blue"], n_ctx=2, class_specific_context=True)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    csc = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
+    with pytest.raises(ValueError, match="class-specific context"):
+        csc.for_classes(["green"])

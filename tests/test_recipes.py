@@ -1,6 +1,7 @@
 """The training recipe end to end, launched the way users launch it: ``accelerate launch recipes/train.py <yaml>``."""
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -8,13 +9,18 @@ import sys
 from pathlib import Path
 
 import bench_speed
+import numpy as np
 import pytest
+import report
+import sweep
 import train
 from conftest import ROOT, quickstart_config
+from test_suite import local_copy
 from transformers import HfArgumentParser
 
 from cmp_hf import CMPConfig, PromptTunedCLIP
 from cmp_hf.cli import parse_config_and_overrides
+from cmp_hf.data import DOMAIN_SHIFTS, SUITE
 
 
 def write_config(path: Path, testbed: Path, **overrides) -> Path:
@@ -33,7 +39,7 @@ def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-5000:]
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert set(metrics) == {"test"}
+    assert set(metrics) == {"val", "test"}  # the few-shot validation set (min(k, 4) per class) is evaluated too
     assert 0 <= metrics["test"]["ece_pct"] <= 100 and metrics["test"]["nll"] > 0
     assert {"accuracy_pct", "ace_pct", "mce_pct", "mce_weighted_pct", "brier", "cmp", "ce"} <= set(metrics["test"])
     model = PromptTunedCLIP.from_pretrained(output_dir)
@@ -74,3 +80,61 @@ def test_speed_benchmark_runs_and_both_formulations_agree(capsys):
     assert figures["loss_gap"] <= 1e-5 and figures["train_loss_gap"] <= 1e-5
     printed = capsys.readouterr().out
     assert "| seconds per epoch |" in printed and "speed-up per epoch (a)/(b)" in printed
+
+
+def test_suite_configs_parse_and_name_registry_entries():
+    parser = train.make_parser()
+    configs = sorted((ROOT / "recipes/configs/suite").glob("*.yaml"))
+    assert len(configs) == 15  # base + 13 datasets + ImageNet -> shifts
+    for path in configs:
+        if path.name == "base.yaml":
+            continue
+        script, cmp = parse_config_and_overrides(parser, [str(path), "--seed", "3", "--use_cpu", "true"])
+        assert script.benchmark in SUITE, path
+        assert all(key in SUITE for key in script.eval_benchmarks or []), path
+        assert cmp.seed == 3 and cmp.coop_schedule and script.shots in (8, 16)
+    dg, _ = parse_config_and_overrides(
+        parser, [str(ROOT / "recipes/configs/suite/imagenet_to_shifts.yaml"), "--use_cpu", "true"]
+    )
+    assert dg.eval_benchmarks == list(DOMAIN_SHIFTS) and dg.shots == 16
+
+
+def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
+    local_copy("dtd", tmp_path / "dtd", rows_per_class=6)  # 3 classes: base = 2, novel = 1
+    local_copy("cifar10", tmp_path / "cifar10")
+    argv = [
+        "--model_name_or_path", tiny_clip_dir, "--benchmark", "dtd", "--data_dir", str(tmp_path / "dtd"),
+        "--base_to_novel", "true", "--shots", "2", "--eval_benchmarks", "cifar10",
+        "--eval_data_dirs", str(tmp_path / "cifar10"), "--output_dir", str(tmp_path / "run"), "--use_cpu", "true",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
+        "--save_strategy", "no", "--n_ctx", "4", "--image_feature_cache_dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    metrics = train.main(*parse_config_and_overrides(train.make_parser(), argv))
+    assert set(metrics) == {"val", "test_base", "test_novel", "cifar10"}
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["setting"] == "base_to_novel_2shot" and run["dataset"] == "dtd"
+    assert metrics["test_novel"]["accuracy_pct"] == 100.0  # one novel class: a 1-way task
+    for name in metrics:
+        assert (tmp_path / "run" / "eval" / name / "reliability.png").exists()
+    split = json.loads((tmp_path / "run" / "fewshot_split.json").read_text())
+    assert len(split["train"]) == 2 * 2 and len(split["val"]) == 2 * 2  # base classes only
+
+
+def test_sweep_then_report(tmp_path, testbed):
+    config = quickstart_config(testbed, tmp_path, num_train_epochs=1, shots=2)
+    runs = tmp_path / "runs"
+    argv = [str(config), "--methods", "coop", "coop_cmp", "--seeds", "1", "2", "--runs_dir", str(runs)]
+    done = sweep.main(argv)
+    assert len(done) == 4 and all((d / "metrics.json").exists() for d in done)
+    assert sweep.main(argv) == []  # everything exists: nothing reruns
+    markdown = report.main([str(runs), "--out", str(tmp_path / "report")])
+    assert "### all_2shot / test / ECE (%)" in markdown
+    assert "| CoOp |" in markdown and "| CoOp + CMP (log_ratio, all, lambda 1) |" in markdown
+    assert "(n=2)" in markdown
+    with open(tmp_path / "report.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    ece = [r for r in rows if r["metric"] == "ece_pct" and r["eval_set"] == "test" and r["method"] == "CoOp"]
+    seeds = [
+        json.loads((runs / "few_shot" / "config" / "coop" / f"seed{s}" / "metrics.json").read_text()) for s in (1, 2)
+    ]
+    assert float(ece[0]["mean"]) == pytest.approx(np.mean([m["test"]["ece_pct"] for m in seeds]))

@@ -3,11 +3,28 @@
 from .augment import RandomResizedCropFlip
 from .collator import CLIPImageCollator, ImageFeatureCollator, to_rgb
 from .feature_cache import ImageFeatureCache, augmented, select_views
-from .fewshot import sample_few_shot
+from .fewshot import (
+    FewShotSplit,
+    base_novel_classes,
+    few_shot_sets,
+    few_shot_split,
+    sample_few_shot,
+    subset_classes,
+)
 from .loading import class_names_from_features, load_image_dataset
+from .suite import DOMAIN_SHIFTS, SUITE, SuiteDataset, load_suite_dataset
 from .synthetic import PALETTE, colour_patches, write_image_folder
 
 __all__ = [
+    "DOMAIN_SHIFTS",
+    "SUITE",
+    "FewShotSplit",
+    "SuiteDataset",
+    "base_novel_classes",
+    "few_shot_sets",
+    "few_shot_split",
+    "load_suite_dataset",
+    "subset_classes",
     "PALETTE",
     "CLIPImageCollator",
     "ImageFeatureCache",

@@ -39,6 +39,9 @@ class CoOpPromptConfig:
         template: text around the class name, ``"{}"`` standing for it. Text before ``"{}"`` stays attached to the
             name, text after it ends the prompt. CoOp's prompt is ``"{}."``.
         base_model_name_or_path: the CLIP the prompt was learned on (Hub id or directory), used to load it back.
+        allow_duplicate_names: accept repeated class names. Off by default (a repeat is nearly always a mistake
+            and makes two classes indistinguishable); CLIP's and CoOp's ImageNet names repeat "missile" and
+            "sunglasses", so reproducing ImageNet needs it on.
     """
 
     class_names: list[str] = field(default_factory=list)
@@ -49,10 +52,11 @@ class CoOpPromptConfig:
     template: str = "{}."
     base_model_name_or_path: str | None = None
     learner: str = "coop"
+    allow_duplicate_names: bool = False
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
-        validate_class_names(self.class_names)
+        validate_class_names(self.class_names, self.allow_duplicate_names)
         if self.n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1 (the number of learned context vectors), got {self.n_ctx}.")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
@@ -85,8 +89,8 @@ class CoOpPromptConfig:
         return cls(**data)
 
 
-def validate_class_names(class_names: list[str]) -> None:
-    """Reject what would silently produce a wrong classifier: no names, blank names, duplicates."""
+def validate_class_names(class_names: list[str], allow_duplicates: bool = False) -> None:
+    """Reject what would silently produce a wrong classifier: no names, blank names, duplicates (unless allowed)."""
     if not class_names:
         raise ValueError("class_names is empty: pass one name per class, in label order.")
     blank = [i for i, name in enumerate(class_names) if not isinstance(name, str) or not name.strip()]
@@ -94,8 +98,11 @@ def validate_class_names(class_names: list[str]) -> None:
         raise ValueError(f"class_names has empty or non-string entries at positions {blank}.")
     seen: dict[str, int] = {}
     for i, name in enumerate(class_names):
-        if name in seen:
-            raise ValueError(f"class_names has a duplicate: {name!r} at positions {seen[name]} and {i}.")
+        if name in seen and not allow_duplicates:
+            raise ValueError(
+                f"class_names has a duplicate: {name!r} at positions {seen[name]} and {i} (set "
+                "allow_duplicate_class_names if this is intended, as for CLIP's ImageNet names)."
+            )
         seen[name] = i
 
 

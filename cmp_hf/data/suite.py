@@ -1,0 +1,274 @@
+"""The CoOp / CMP benchmark suite: where each dataset lives on the Hub and how to turn it into CoOp's task.
+
+Facts come from ``shared/reference/hub-datasets.md`` (repos, columns, splits, CoOp's names and templates). Every
+entry maps the repo's own class names to CoOp's names *by name* and sorts them into CoOp's label order, so a repo
+whose label order differs (Food101 swaps two labels, Caltech101 drops two classes and reorders) still yields
+CoOp's labels. Each entry can read a local copy instead of the Hub (``data_dir``: a ``save_to_disk`` DatasetDict
+with the repo's columns, plus ``classnames.txt`` where the repo has one), through the same code.
+
+Splits: ``train`` is the pool the few-shot training and validation sets are drawn from, ``test`` the evaluation
+set. Where the Hub test split is not CoOp's (Caltech101, Flowers102, Food101, DTD, EuroSAT), numbers are not
+comparable with CoOp's tables; ``coop_test`` says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+
+SPLITS = ("train", "test")
+
+IMAGENET_A_INDICES = (6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105, 107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295, 298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336, 347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438, 445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552, 557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668, 677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786, 792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880, 888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972, 980, 981, 984, 986, 987, 988)  # fmt: skip  # noqa: E501
+IMAGENET_R_INDICES = (1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105, 107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187, 195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267, 269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327, 330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967, 980, 981, 983, 988)  # fmt: skip  # noqa: E501
+
+EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+    "SeaLake": "Sea or Lake",
+}  # fmt: skip
+CALTECH_RENAMES = {"airplanes": "airplane", "faces": "face", "leopards": "leopard", "motorbikes": "motorbike"}
+CALTECH_FIRST = ("faces", "leopards", "motorbikes")  # capitalised folders, first in CoOp's case-sensitive sort
+# Qualifiers SUN397 puts after the scene in its paths (/a/apse/indoor); CoOp puts them first ("indoor apse").
+SUN_QUALIFIERS = frozenset(
+    [
+        "indoor",
+        "outdoor",
+        "exterior",
+        "interior",
+        "public",
+        "home",
+        "shop",
+        "office",
+        "vehicle",
+        "natural",
+        "urban",
+        "cultivated",
+        "wild",
+        "platform",
+        "water",
+        "broadleaf",
+        "needleleaf",
+        "baseball",
+        "football",
+        "soccer",
+        "track",
+        "ice",
+        "bench",
+        "door",
+    ]
+)
+
+
+@cache
+def imagenet_classnames() -> tuple[str, ...]:
+    """CLIP's (= CoOp's) 1000 ImageNet names, shipped with the package (from open_clip, MIT)."""
+    text = resources.files("cmp_hf.data").joinpath("resources", "imagenet_classnames.txt").read_text("utf-8")
+    return tuple(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _keep(name: str) -> str:
+    return name
+
+
+def cars_name(name: str) -> str:
+    """'AM General Hummer SUV 2000' -> '2000 AM General Hummer SUV' (CoOp puts the year first)."""
+    parts = name.split()
+    return " ".join([parts[-1], *parts[:-1]])
+
+
+def sun397_name(name: str) -> str:
+    """'apartment building outdoor' -> 'outdoor apartment_building', CoOp's reversed hierarchy."""
+    words = name.replace("/", " ").split()
+    if len(words) > 1 and words[-1] in SUN_QUALIFIERS:
+        return f"{words[-1]} {'_'.join(words[:-1])}"
+    return "_".join(words)
+
+
+def ucf101_name(name: str) -> str:
+    """'ApplyEyeMakeup' -> 'Apply_Eye_Makeup' (CoOp's ``re.findall('[A-Z][^A-Z]*')`` rule)."""
+    return "_".join(re.findall("[A-Z][^A-Z]*", name))
+
+
+def caltech_name(name: str) -> str:
+    return CALTECH_RENAMES.get(name, name).replace("_", " ")
+
+
+@dataclass(frozen=True)
+class SuiteDataset:
+    """One dataset of the suite: its Hub repo, its schema, and the rules that give CoOp's classes."""
+
+    key: str
+    hub_id: str
+    image_column: str
+    label_column: str
+    splits: dict[str, str]  # our split -> the repo's split
+    template: str  # CoOp's hand-crafted zero-shot template
+    names_from: str = "features"  # "features" (ClassLabel), "classnames.txt" (repo root), "imagenet"
+    rename: Callable[[str], str] = _keep  # repo name -> CoOp name
+    drop: tuple[str, ...] = ()  # repo classes CoOp does not use
+    order: str = "repo"  # CoOp label order: "repo", "sorted" (Python sort of repo names), "caltech"
+    imagenet_indices: tuple[int, ...] | None = None  # 200-class ImageNet subsets (A, R)
+    mid_frames: bool = False  # UCF101: keep the middle frame of each video clip
+    coop_test: bool = True  # is the Hub test split CoOp's test set?
+    fallback: str | None = None  # another repo with the same schema
+    config_name: str | None = None
+    notes: str = ""
+
+    def raw_class_names(self, dataset: Dataset, data_dir: str | None, revision: str | None) -> list[str]:
+        if self.names_from == "imagenet":
+            names = imagenet_classnames()
+            return [names[i] for i in self.imagenet_indices] if self.imagenet_indices else list(names)
+        if self.names_from == "classnames.txt":
+            return _read_classnames(self.hub_id, data_dir, revision)
+        feature = dataset.features[self.label_column]
+        if not isinstance(feature, ClassLabel):
+            raise ValueError(f"{self.key}: column {self.label_column!r} is not a ClassLabel ({feature!r}).")
+        return list(feature.names)
+
+    def coop_classes(self, raw_names: list[str]) -> tuple[list[str], np.ndarray]:
+        """CoOp's class names in CoOp's order, and for each repo label its CoOp label (-1: dropped)."""
+        kept = [i for i, name in enumerate(raw_names) if name not in self.drop]
+        if self.order == "sorted":
+            kept.sort(key=lambda i: raw_names[i])
+        elif self.order == "caltech":
+            kept.sort(key=lambda i: (raw_names[i] not in CALTECH_FIRST, raw_names[i]))
+        mapping = np.full(len(raw_names), -1, dtype=np.int64)
+        mapping[kept] = np.arange(len(kept))
+        return [self.rename(raw_names[i]) for i in kept], mapping
+
+
+def _read_classnames(hub_id: str, data_dir: str | None, revision: str | None) -> list[str]:
+    if data_dir is not None:
+        path = os.path.join(data_dir, "classnames.txt")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(hub_id, "classnames.txt", repo_type="dataset", revision=revision)
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+TRAIN_TEST = {"train": "train", "test": "test"}
+_IMAGENET = dict(template="a photo of a {}.", names_from="imagenet")
+
+SUITE: dict[str, SuiteDataset] = {
+    spec.key: spec
+    for spec in [
+        SuiteDataset("imagenet", "clip-benchmark/wds_imagenet1k", "jpg", "cls", TRAIN_TEST, **_IMAGENET,
+                     fallback="timm/imagenet-1k-wds", notes="timm's repo names its test split 'validation'"),
+        SuiteDataset("caltech101", "mteb/Caltech101", "image", "label", TRAIN_TEST, "a photo of a {}.",
+                     rename=caltech_name, drop=("background_google", "faces_easy"), order="caltech",
+                     coop_test=False, fallback="dpdl-benchmark/caltech101"),
+        SuiteDataset("oxford_pets", "timm/oxford-iiit-pet", "image", "label", TRAIN_TEST,
+                     "a photo of a {}, a type of pet."),
+        SuiteDataset("stanford_cars", "tanganke/stanford_cars", "image", "label", TRAIN_TEST, "a photo of a {}.",
+                     rename=cars_name),
+        SuiteDataset("flowers102", "dpdl-benchmark/oxford_flowers102", "image", "label", TRAIN_TEST,
+                     "a photo of a {}, a type of flower.", coop_test=False,
+                     notes="TFDS/CLIP names; CoOp's cat_to_name.json may differ in 3 strings (unverified)"),
+        SuiteDataset("food101", "ethz/food101", "image", "label", {"train": "train", "test": "validation"},
+                     "a photo of {}, a type of food.", order="sorted", coop_test=False),
+        SuiteDataset("fgvc_aircraft", "clip-benchmark/wds_fgvc_aircraft", "jpg", "cls", TRAIN_TEST,
+                     "a photo of a {}, a type of aircraft.", names_from="classnames.txt"),
+        SuiteDataset("sun397", "tanganke/sun397", "image", "label", TRAIN_TEST, "a photo of a {}.",
+                     rename=sun397_name, notes="qualifier list for the name reversal unverified on the real repo"),
+        SuiteDataset("dtd", "tanganke/dtd", "image", "label", TRAIN_TEST, "{} texture.", coop_test=False),
+        SuiteDataset("eurosat", "timm/eurosat-rgb", "image", "label", TRAIN_TEST,
+                     "a centered satellite photo of {}.", rename=lambda n: EUROSAT_NAMES.get(n, n), coop_test=False),
+        SuiteDataset("ucf101", "flwrlabs/ucf101", "image", "label", TRAIN_TEST, "a photo of a person doing {}.",
+                     rename=ucf101_name, mid_frames=True, fallback="mteb/ucf101",
+                     notes="all frames on the Hub (tens of GB); label order vs classInd.txt unverified"),
+        SuiteDataset("cifar10", "uoft-cs/cifar10", "img", "label", TRAIN_TEST, "a photo of a {}.", coop_test=False),
+        SuiteDataset("cifar100", "uoft-cs/cifar100", "img", "fine_label", TRAIN_TEST, "a photo of a {}.",
+                     rename=lambda n: n.replace("_", " "), coop_test=False),
+        SuiteDataset("imagenet_v2", "clip-benchmark/wds_imagenetv2", "webp", "cls", {"test": "test"}, **_IMAGENET),
+        SuiteDataset("imagenet_sketch", "clip-benchmark/wds_imagenet_sketch", "jpg", "cls", {"test": "test"},
+                     **_IMAGENET),
+        SuiteDataset("imagenet_a", "clip-benchmark/wds_imagenet-a", "jpg", "cls", {"test": "test"}, **_IMAGENET,
+                     imagenet_indices=IMAGENET_A_INDICES, notes="image column 'jpg' unverified"),
+        SuiteDataset("imagenet_r", "clip-benchmark/wds_imagenet-r", "jpg", "cls", {"test": "test"}, **_IMAGENET,
+                     imagenet_indices=IMAGENET_R_INDICES),
+    ]
+}  # fmt: skip
+DOMAIN_SHIFTS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+@dataclass
+class SuiteData:
+    """A suite dataset in CoOp's form: splits with columns ``image`` and ``label`` (a ClassLabel), and the exact
+    CoOp class names the prompts use (the ClassLabel's, except that repeated names are made unique there)."""
+
+    spec: SuiteDataset
+    splits: DatasetDict
+    class_names: list[str] = field(default_factory=list)
+
+
+def load_suite_dataset(key: str, data_dir: str | None = None, revision: str | None = None) -> SuiteData:
+    """Load ``key`` from its Hub repo (or ``data_dir``) and normalise it to CoOp's classes and labels."""
+    if key not in SUITE:
+        raise ValueError(f"Unknown suite dataset {key!r}: choose one of {sorted(SUITE)}.")
+    spec = SUITE[key]
+    raw = _load_raw(spec, data_dir, revision)
+    missing = [split for split in spec.splits.values() if split not in raw]
+    if missing:
+        raise ValueError(f"{key}: splits {missing} are missing from {data_dir or spec.hub_id} (it has {list(raw)}).")
+    first = raw[next(iter(spec.splits.values()))]
+    for column in (spec.image_column, spec.label_column):
+        if column not in first.column_names:
+            raise ValueError(f"{key}: column {column!r} is missing (columns: {first.column_names}).")
+    class_names, mapping = spec.coop_classes(spec.raw_class_names(first, data_dir, revision))
+    splits = DatasetDict(
+        {ours: _normalise(raw[theirs], spec, mapping, class_names) for ours, theirs in spec.splits.items()}
+    )
+    return SuiteData(spec, splits, class_names)
+
+
+def _load_raw(spec: SuiteDataset, data_dir: str | None, revision: str | None) -> DatasetDict:
+    if data_dir is not None:
+        return load_from_disk(data_dir)
+    try:
+        return load_dataset(spec.hub_id, spec.config_name, revision=revision)
+    except Exception as error:  # a gated or vanished repo: try the fallback with the same schema
+        if spec.fallback is None:
+            raise
+        import logging
+
+        logging.getLogger(__name__).warning("%s failed (%s); trying %s", spec.hub_id, error, spec.fallback)
+        return load_dataset(spec.fallback, spec.config_name)
+
+
+def _normalise(dataset: Dataset, spec: SuiteDataset, mapping: np.ndarray, class_names: list[str]) -> Dataset:
+    if spec.mid_frames:
+        dataset = dataset.select(middle_frame_rows(dataset))
+    labels = mapping[np.asarray(dataset.with_format("numpy")[spec.label_column])]
+    keep = np.flatnonzero(labels >= 0)
+    dataset = dataset.select_columns([spec.image_column]).select(keep)
+    if spec.image_column != "image":
+        dataset = dataset.rename_column(spec.image_column, "image")
+    return dataset.add_column("label", labels[keep].tolist(), feature=ClassLabel(names=unique_names(class_names)))
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``datasets.ClassLabel`` needs unique names; CLIP's ImageNet list repeats two. Repeats get their label index
+    appended ("missile (744)") in the ClassLabel only: ``SuiteData.class_names`` keeps the exact CoOp names."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [name if counts[name] == 1 else f"{name} ({i})" for i, name in enumerate(names)]
+
+
+def middle_frame_rows(dataset: Dataset) -> list[int]:
+    """Rows of the middle frame of each (video_id, clip_id), as CoOp's UCF-101-midframes (sorted by frame)."""
+    table = dataset.select_columns(["video_id", "clip_id", "frame"]).with_format("numpy")[:]
+    clips: dict[tuple, list[tuple[int, int]]] = {}
+    for row, key in enumerate(zip(table["video_id"].tolist(), table["clip_id"].tolist(), strict=True)):
+        clips.setdefault(key, []).append((int(table["frame"][row]), row))
+    return sorted(sorted(frames)[len(frames) // 2][1] for frames in clips.values())
