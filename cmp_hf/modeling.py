@@ -149,6 +149,10 @@ class PromptTunedCLIP(nn.Module):
             other.context.copy_(self.context)
         return other
 
+    def remove_hook(self) -> None:
+        """Detach this prompt's embedding hook from the CLIP, for a prompt discarded while its CLIP lives on."""
+        self._context_writer.remove()
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
         self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)

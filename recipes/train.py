@@ -53,6 +53,9 @@ class ScriptArguments:
     base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
     eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
     eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
+    zero_shot_baseline: bool = field(
+        default=False, metadata={"help": "Also evaluate the untrained ctx_init prompt: CLIP's hand-crafted zero-shot."}
+    )
 
 
 @dataclass
@@ -109,6 +112,44 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
     return data
 
 
+def evaluate_all(trainer: CMPTrainer, data: RunData, config: CMPConfig, prefix: str) -> dict[str, float]:
+    """Evaluate the eval sets, then the transfer sets with the same context over their own classes."""
+    flat = trainer.evaluate(metric_key_prefix=prefix)
+    for name, (dataset, names) in data.transfers.items():
+        other = CMPTrainer(
+            model=trainer.model.for_classes(names),
+            args=dataclasses.replace(config, push_to_hub=False),
+            eval_dataset={name: dataset},
+            processing_class=trainer.processing_class,
+        )
+        flat.update(other.evaluate(metric_key_prefix=prefix))
+        trainer.eval_reports.update(other.eval_reports)
+        other.model.remove_hook()
+    return flat
+
+
+def nest(flat: dict[str, float], prefix: str, names: list[str]) -> dict[str, dict[str, float]]:
+    """{"<prefix>_<set>_<metric>": v} -> {set: {metric: v}}."""
+    return {
+        name: {k.removeprefix(f"{prefix}_{name}_"): v for k, v in flat.items() if k.startswith(f"{prefix}_{name}_")}
+        for name in names
+    }
+
+
+def summary(metrics: dict[str, dict[str, float]]) -> str:
+    """A small table: accuracy, ECE and NLL per eval set, the zero-shot prompt beside the trained one."""
+    lines = ["| eval set | prompt | accuracy % | ECE % | NLL |", "|---|---|---|---|---|"]
+    for name, values in metrics.items():
+        if name.startswith("zeroshot_"):
+            continue
+        for label, row in (("zero-shot", metrics.get(f"zeroshot_{name}")), ("trained", values)):
+            if row:
+                lines.append(
+                    f"| {name} | {label} | {row['accuracy_pct']:.2f} | {row['ece_pct']:.2f} | {row['nll']:.3f} |"
+                )
+    return "\n".join(lines)
+
+
 def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
@@ -121,26 +162,22 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         class_names=data.class_names,
     )
     trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
+    flat = {}
+    if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
+        if not config.ctx_init:
+            raise ValueError(
+                "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
+            )
+        flat.update(evaluate_all(trainer, data, config, prefix="zeroshot"))
+        trainer.eval_reports.clear()  # the saved reports are the trained prompt's
     trainer.train()
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
-    flat = trainer.evaluate()
-    for name, (dataset, names) in data.transfers.items():  # the same context over other classes
-        other = CMPTrainer(
-            model=trainer.model.for_classes(names),
-            args=dataclasses.replace(config, push_to_hub=False),
-            eval_dataset={name: dataset},
-            processing_class=trainer.processing_class,
-        )
-        flat.update(other.evaluate())
-        trainer.eval_reports.update(other.eval_reports)
+    flat.update(evaluate_all(trainer, data, config, prefix="eval"))
     trainer.save_model(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
     names = [*data.evals, *data.transfers]
-    metrics = {
-        name: {
-            key.removeprefix(f"eval_{name}_"): value for key, value in flat.items() if key.startswith(f"eval_{name}_")
-        }
-        for name in names
-    }
+    metrics = nest(flat, "eval", names)
+    if script_args.zero_shot_baseline:
+        metrics.update({f"zeroshot_{name}": values for name, values in nest(flat, "zeroshot", names).items()})
     if trainer.is_world_process_zero():
         run = {
             "dataset": script_args.benchmark or script_args.dataset_name,
@@ -154,6 +191,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         for name, content in (("metrics.json", metrics), ("run.json", run)):
             with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
+        print(summary(metrics))
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
     return metrics

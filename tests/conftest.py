@@ -56,7 +56,10 @@ def testbed(tmp_path_factory) -> Path:
 def quickstart_config(testbed: Path, path: Path, **overrides) -> Path:
     """recipes/configs/quickstart.yaml pointed at ``testbed``, with overrides, written to ``path/config.yaml``."""
     config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
-    config.update(model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"), **overrides)
+    config.update(model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"))
+    # the tiny testbed has train/test splits only and a random CLIP: no shifted sets, no zero-shot baseline
+    config.update(eval_splits=["test"], base_to_novel=False, zero_shot_baseline=False, num_train_epochs=5, shots=8)
+    config.update(overrides)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path / "config.yaml"
