@@ -68,6 +68,8 @@ def test_shapes_and_shifts_are_deterministic():
 
 def test_task_splits(mnist_task):
     assert set(mnist_task) == {"train", "test", "test_noise", "test_invert", "test_blur", "test_sklearn_digits"}
+    shapes = load_task("shapes")
+    assert len(shapes["train"].features["label"].names) == 24 and len(shapes["test"]) == 600
     noisy = load_task("animals_noisy")
     assert "test_sklearn_digits" not in noisy and len(noisy["test"]) == 2000
     assert mnist_task["train"].features["label"].names == DIGIT_NAMES

