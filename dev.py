@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Set up the project's environment and run its jobs, with nothing but Python 3 and pip on the machine.
 
-    python3 dev.py quickstart   # train a prompt end to end on a tiny offline model and dataset
+    python3 dev.py quickstart   # CoOp + CMP on the shipped micro-CLIP, offline data; prints base/novel/shifted
     python3 dev.py test [pytest args]   # ruff, then the test suite
 
-Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev]``, torch pinned to 2.13.0) and
-reinstall only when pyproject.toml or constraints.txt change.
+Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev,testbed]`` with torch pinned to
+2.13.0, then animal-mnist without its declared tensorflow dependency) and reinstall only when pyproject.toml or
+constraints.txt change.
 """
 
 from __future__ import annotations

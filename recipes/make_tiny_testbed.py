@@ -1,4 +1,4 @@
-"""Write a tiny random CLIP and a colour-patch image folder, so the training recipe runs offline in seconds.
+"""Write a tiny random CLIP and a colour-patch image folder: the fastest offline end-to-end run (used by the tests).
 
     python recipes/make_tiny_testbed.py build/quickstart
 
