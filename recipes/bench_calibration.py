@@ -17,15 +17,14 @@ CoOp-CE (same seed, same sample), and writes a CSV of every run.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import publish  # recipes/report.py, beside this script
 from transformers import CLIPModel, CLIPProcessor
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
@@ -193,14 +192,7 @@ def report(rows: list[dict], out: str | None) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     markdown = "\n".join(lines)
-    print(markdown)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.md").write_text(markdown)
-        with open(f"{out}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    publish(markdown, rows, out)
     return markdown
 
 

@@ -78,15 +78,20 @@ def main(argv: list[str] | None = None) -> str:
     if not values:
         raise SystemExit(f"No runs with metrics.json and run.json under {args.runs_dir}.")
     markdown, rows = tables(values)
+    publish(markdown, rows, args.out)
+    return markdown
+
+
+def publish(markdown: str, rows: list[dict], out: str | None) -> None:
+    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv``."""
     print(markdown)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.md").write_text(markdown)
-        with open(f"{args.out}.csv", "w", newline="", encoding="utf-8") as f:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.md").write_text(markdown)
+        with open(f"{out}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return markdown
 
 
 if __name__ == "__main__":

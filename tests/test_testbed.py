@@ -150,3 +150,17 @@ def test_pretraining_recipe_is_deterministic(tmp_path):
     assert weights == again and first["zero_shot_test"] == second["zero_shot_test"]
     loaded = CLIPModel.from_pretrained(tmp_path / "a")
     assert loaded.config.vision_config.patch_size == 4 and loaded.config.text_config.hidden_size == 96
+
+
+def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
+    import bench_calibration
+
+    options = dict(model=MICRO_CLIP, tasks=["mnist"], shots=[1], seeds=[1, 2], epoch_scale=0.1,
+                   methods=["CoOp-CE", "CMP log_ratio/all l=1"], out=str(tmp_path / "bench"))  # fmt: skip
+    rows = bench_calibration.main(argparse.Namespace(**options))
+    assert {r["eval_set"] for r in rows} == {"base", "novel", "shifted"}
+    assert len(rows) == 3 * 2 * 3  # (zero-shot + 2 methods) x 2 seeds x 3 eval sets
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "paired difference against CoOp-CE" in markdown and "| CMP log_ratio/all l=1 |" in markdown
+    zero_shot_base = [r["accuracy"] for r in rows if r["method"] == "zero-shot" and r["eval_set"] == "base"]
+    assert zero_shot_base[0] == zero_shot_base[1] > 80  # no training: the same for every seed, and well above chance
