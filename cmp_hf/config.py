@@ -28,6 +28,17 @@ class CMPConfig(TrainingArguments):
     cmp_competitors (`str`, defaults to `"all"`):
         `"all"` wrong classes that beat the true class, or only the `"top1"` wrong class.
 
+    > Calibration baselines (combinable with CMP; see cmp_hf/losses/baselines.py)
+
+    label_smoothing_factor (`float`, defaults to `0.0`):
+        TrainingArguments' own field: cross-entropy against smoothed targets.
+    focal_gamma (`float`, defaults to `0.0`):
+        Focal loss instead of cross-entropy when > 0 (not together with label smoothing).
+    mbls_weight (`float`, defaults to `0.0`), mbls_margin (`float`, defaults to `10.0`):
+        Margin-based label smoothing (MbLS): weight alpha (paper: 0.1) and margin of its logit-distance hinge.
+    kgcoop_weight (`float`, defaults to `0.0`), kgcoop_template (`str`, defaults to `"a photo of a {}."`):
+        KgCoOp: weight of the distance between learned and hand-crafted class text features (0 = CoOp exactly).
+
     > Parameters that control the prompt (CoOp)
 
     n_ctx (`int`, defaults to `16`):
@@ -91,6 +102,12 @@ class CMPConfig(TrainingArguments):
     cmp_form: str = field(default="log_ratio", metadata={"help": f"CMP form: one of {CMP_FORMS}."})
     cmp_competitors: str = field(default="all", metadata={"help": f"CMP competitors: one of {CMP_COMPETITORS}."})
 
+    focal_gamma: float = field(default=0.0, metadata={"help": "Focal loss gamma (0 = cross-entropy)."})
+    mbls_weight: float = field(default=0.0, metadata={"help": "Weight of the MbLS margin penalty."})
+    mbls_margin: float = field(default=10.0, metadata={"help": "Margin of MbLS."})
+    kgcoop_weight: float = field(default=0.0, metadata={"help": "Weight of KgCoOp's text-feature distance."})
+    kgcoop_template: str = field(default="a photo of a {}.", metadata={"help": "KgCoOp's hand-crafted prompt."})
+
     n_ctx: int = field(default=16, metadata={"help": "Number of learned context vectors M."})
     ctx_init: str | None = field(default=None, metadata={"help": "Text that initialises the context."})
     class_token_position: str = field(default="end", metadata={"help": f"One of {CLASS_TOKEN_POSITIONS}."})
@@ -119,6 +136,12 @@ class CMPConfig(TrainingArguments):
             raise ValueError(f"Unknown cmp_form {self.cmp_form!r}: use one of {CMP_FORMS}.")
         if self.cmp_competitors not in CMP_COMPETITORS:
             raise ValueError(f"Unknown cmp_competitors {self.cmp_competitors!r}: use one of {CMP_COMPETITORS}.")
+        if min(self.focal_gamma, self.mbls_weight, self.mbls_margin, self.kgcoop_weight) < 0:
+            raise ValueError("focal_gamma, mbls_weight, mbls_margin and kgcoop_weight must be >= 0.")
+        if self.focal_gamma and self.label_smoothing_factor:
+            raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
+        if self.kgcoop_template.count("{}") != 1:
+            raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")
         if self.calibration_bins < 1:
             raise ValueError(f"calibration_bins must be >= 1, got {self.calibration_bins}.")
         if self.augmented_views < 1 or self.image_feature_batch_size < 1:

@@ -27,6 +27,7 @@ from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, initial_context,
 from .prompts.hook import EmbeddingOverride
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (temperature)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class PromptTunedCLIP(nn.Module):
             param.requires_grad_(name.startswith("prompt_encoder."))
         self._context_writer = EmbeddingOverride(clip.text_model.embeddings.token_embedding)
         self._fixed_text_features: torch.Tensor | None = None
+        self.temperature = 1.0  # post-hoc temperature scaling divides the logits (cmp_hf.posthoc)
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -136,7 +138,12 @@ class PromptTunedCLIP(nn.Module):
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
         _check_adapter_shape(prompt_path, prompt_config, clip)
         peft_model = PeftModel.from_pretrained(clip, prompt_path)
-        return cls(peft_model, prompt_config, tokenizer)
+        model = cls(peft_model, prompt_config, tokenizer)
+        calibration = os.path.join(prompt_path, CALIBRATION_NAME)
+        if os.path.isfile(calibration):
+            with open(calibration, encoding="utf-8") as f:
+                model.temperature = float(json.load(f)["temperature"])
+        return model
 
     def for_classes(self, class_names: list[str]) -> PromptTunedCLIP:
         """The same learned context over other classes (CoOp's transfer to novel classes or shifted datasets):
@@ -147,6 +154,7 @@ class PromptTunedCLIP(nn.Module):
         other = PromptTunedCLIP.from_clip(self.clip, self.tokenizer, config)
         with torch.no_grad():
             other.context.copy_(self.context)
+        other.temperature = self.temperature
         return other
 
     def remove_hook(self) -> None:
@@ -157,6 +165,12 @@ class PromptTunedCLIP(nn.Module):
         """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
         self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
         self.prompt_config.save_pretrained(save_directory)
+        calibration = os.path.join(save_directory, CALIBRATION_NAME)
+        if self.temperature != 1.0:
+            with open(calibration, "w", encoding="utf-8") as f:
+                json.dump({"method": "temperature_scaling", "temperature": self.temperature}, f, indent=2)
+        elif os.path.isfile(calibration):  # a directory reused for an uncalibrated prompt
+            os.remove(calibration)
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -180,6 +194,16 @@ class PromptTunedCLIP(nn.Module):
             pooled = clip.text_model(
                 input_ids=self.prompt_input_ids, attention_mask=self.prompt_attention_mask
             ).pooler_output
+        return F.normalize(clip.text_projection(pooled), dim=-1)
+
+    @torch.no_grad()
+    def hand_crafted_text_features(self, template: str = "a photo of a {}.") -> torch.Tensor:
+        """L2-normalised features of the plain text prompts ``template.format(class name)`` (CLIP's zero-shot
+        classifier; KgCoOp's anchor). No learned context is involved."""
+        clip = self.clip
+        texts = [template.format(name.replace("_", " ")) for name in self.class_names]
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.prompt_input_ids.device)
+        pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         return F.normalize(clip.text_projection(pooled), dim=-1)
 
     @torch.no_grad()
@@ -207,7 +231,7 @@ class PromptTunedCLIP(nn.Module):
         if image_features is None:
             image_features = self.image_features(pixel_values)
         text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
-        logits = self.clip.logit_scale.exp() * image_features.to(text.dtype) @ text.t()
+        logits = self.clip.logit_scale.exp() / self.temperature * image_features.to(text.dtype) @ text.t()
         return PromptTunedCLIPOutput(logits=logits, image_features=image_features, text_features=text)
 
 

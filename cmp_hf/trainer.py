@@ -18,13 +18,14 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
 
+from . import posthoc
 from .config import CMPConfig
 from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
 from .hub import hub_errors, model_card, repo_name, require_token
-from .losses import cmp_penalty
+from .losses import cmp_penalty, focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
@@ -35,18 +36,22 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 TRAINING_ARGS_JSON = "training_args.json"
-LOSS_COMPONENTS = ("ce", "cmp", "misclassified")
 
 
 class LossComponents:
-    """Sample-weighted running sums of the loss terms, reduced over processes only when reported."""
+    """Sample-weighted running sums of named loss terms, reduced over processes only when reported.
+
+    The names are the same on every process (they follow the config), so the reduction lines up.
+    """
 
     def __init__(self) -> None:
+        self.names: list[str] = []
         self.sums: torch.Tensor | None = None
 
-    def add(self, ce: torch.Tensor, cmp: torch.Tensor, misclassified: torch.Tensor, n: int) -> None:
-        values = torch.stack([ce.detach() * n, cmp.detach() * n, misclassified.detach() * n])
-        values = torch.cat([values.float(), values.new_tensor([n], dtype=torch.float32)])
+    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        self.names = list(terms)
+        values = torch.stack([value.detach().float() * n for value in terms.values()])
+        values = torch.cat([values, values.new_tensor([n])])
         self.sums = values if self.sums is None else self.sums + values
 
     def reset(self) -> None:
@@ -58,7 +63,7 @@ class LossComponents:
             return {}
         total = reduce(self.sums).tolist()
         self.sums = None
-        return {f"{prefix}{name}": value / total[-1] for name, value in zip(LOSS_COMPONENTS, total[:-1], strict=True)}
+        return {f"{prefix}{name}": value / total[-1] for name, value in zip(self.names, total[:-1], strict=True)}
 
 
 class CMPTrainer(Trainer):
@@ -69,8 +74,10 @@ class CMPTrainer(Trainer):
     (default: the ``ClassLabel`` names of the train set's label column). The processor comes from
     ``processing_class`` or is loaded from where the CLIP was.
 
-    Logged besides the loss: ``ce``, ``cmp`` (the penalty before ``cmp_lambda``) and ``misclassified`` (fraction of
-    samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
+    The loss is cross-entropy (or focal loss, or label-smoothed cross-entropy) + ``cmp_lambda`` x CMP, plus MbLS and
+    KgCoOp terms when their weights are set. Logged besides the loss: ``ce`` (plain cross-entropy, whatever the
+    loss), ``cmp`` (the penalty before ``cmp_lambda``), each active baseline term, and ``misclassified`` (fraction
+    of samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
     eval set and computes the class text features once per evaluation.
     """
 
@@ -130,6 +137,8 @@ class CMPTrainer(Trainer):
             optimizers=optimizers,
         )
         self._components = {"train": LossComponents(), "eval": LossComponents()}
+        if args.kgcoop_weight:  # KgCoOp keeps the learned class features near the hand-crafted prompt's
+            self._hand_crafted_text_features = self.model.hand_crafted_text_features(args.kgcoop_template)
         self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
@@ -184,14 +193,27 @@ class CMPTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = inputs["labels"]
+        args, labels = self.args, inputs["labels"]
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
-        ce = F.cross_entropy(logits, labels)
-        cmp = cmp_penalty(logits, labels, self.args.cmp_form, self.args.cmp_competitors)
-        loss = ce + self.args.cmp_lambda * cmp
-        misclassified = (logits.argmax(dim=1) != labels).float().mean()
-        self._components["train" if model.training else "eval"].add(ce, cmp, misclassified, len(labels))
+        terms = {"ce": F.cross_entropy(logits, labels)}  # logged whatever the loss, for comparison
+        if args.focal_gamma:
+            terms["focal"] = loss = focal_loss(logits, labels, args.focal_gamma)
+        elif args.label_smoothing_factor:
+            terms["smoothed_ce"] = loss = smoothed_cross_entropy(logits, labels, args.label_smoothing_factor)
+        else:
+            loss = terms["ce"]
+        terms["cmp"] = cmp_penalty(logits, labels, args.cmp_form, args.cmp_competitors)
+        loss = loss + args.cmp_lambda * terms["cmp"]
+        if args.mbls_weight:
+            terms["mbls"] = mbls_penalty(logits, args.mbls_margin)
+            loss = loss + args.mbls_weight * terms["mbls"]
+        if args.kgcoop_weight:
+            hand_crafted = self._hand_crafted_text_features.to(outputs.text_features.device)
+            terms["kgcoop"] = kgcoop_penalty(outputs.text_features, hand_crafted)
+            loss = loss + args.kgcoop_weight * terms["kgcoop"]
+        terms["misclassified"] = (logits.argmax(dim=1) != labels).float().mean()
+        self._components["train" if model.training else "eval"].add(terms, len(labels))
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -215,13 +237,23 @@ class CMPTrainer(Trainer):
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
-        if output.predictions is not None and output.label_ids is not None:
+        is_evaluation = metric_key_prefix == "eval" or metric_key_prefix.startswith("eval_")
+        if is_evaluation and output.predictions is not None and output.label_ids is not None:
             name = metric_key_prefix.removeprefix("eval_")
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             self.eval_reports[name] = EvalReport.from_logits(
                 name, logits, output.label_ids, self.args.calibration_bins
             )
         return output
+
+    def fit_temperature(self, dataset: Dataset) -> float:
+        """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,
+        set it on the model (saved with it from now on) and return it."""
+        self.model.temperature = 1.0
+        output = self.predict(dataset, metric_key_prefix="temperature_fit")
+        logits, labels = torch.from_numpy(output.predictions), torch.from_numpy(output.label_ids)
+        self.model.temperature = posthoc.fit_temperature(logits, labels)
+        return self.model.temperature
 
     # ---- schedule -----------------------------------------------------------------------------------------------
 

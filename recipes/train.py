@@ -53,6 +53,9 @@ class ScriptArguments:
     base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
     eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
     eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
+    temperature_scaling: bool = field(
+        default=False, metadata={"help": "Fit a temperature on the few-shot validation set after training."}
+    )
     zero_shot_baseline: bool = field(
         default=False, metadata={"help": "Also evaluate the untrained ctx_init prompt: CLIP's hand-crafted zero-shot."}
     )
@@ -172,6 +175,10 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         trainer.eval_reports.clear()  # the saved reports are the trained prompt's
     trainer.train()
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
+    if script_args.temperature_scaling:
+        if "val" not in data.evals:
+            raise ValueError("temperature_scaling fits on the few-shot validation set: set shots.")
+        print(f"temperature scaling: T = {trainer.fit_temperature(data.evals['val']):.4f}")
     flat.update(evaluate_all(trainer, data, config, prefix="eval"))
     trainer.save_model(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
     names = [*data.evals, *data.transfers]
@@ -187,6 +194,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             "cmp_lambda": config.cmp_lambda,
             "cmp_form": config.cmp_form,
             "cmp_competitors": config.cmp_competitors,
+            "temperature": trainer.model.temperature,
         }
         for name, content in (("metrics.json", metrics), ("run.json", run)):
             with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cmp_hf.losses import RATIO_EPS, cmp_penalty
+from cmp_hf.losses import RATIO_EPS, cmp_penalty, focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
 
 
 def brute_force_cmp(logits: torch.Tensor, labels: torch.Tensor, form: str, competitors: str) -> float:
@@ -152,3 +152,50 @@ def test_bad_options_are_rejected(kwargs, message):
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="logits \\(B, C\\)"):
         cmp_penalty(torch.randn(2, 3), torch.tensor([0, 1, 2]))
+
+
+# ---- calibration baselines ---------------------------------------------------------------------------------------
+
+
+def random_batch(seed: int, batch: int = 16, classes: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * 4
+    return logits, torch.randint(0, classes, (batch,), generator=generator)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_smoothing_matches_torch(smoothing):
+    logits, labels = random_batch(0)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    assert smoothed_cross_entropy(logits, labels, smoothing).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 3.0])
+def test_focal_loss_matches_brute_force(gamma):
+    logits, labels = random_batch(1)
+    expected = 0.0
+    for z, y in zip(logits.tolist(), labels.tolist(), strict=True):
+        p = math.exp(z[y]) / sum(math.exp(v) for v in z)
+        expected += -((1 - p) ** gamma) * math.log(p)
+    assert focal_loss(logits, labels, gamma).item() == pytest.approx(expected / len(labels), rel=1e-10)
+    if gamma == 0:
+        assert focal_loss(logits, labels, 0.0).item() == pytest.approx(
+            torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-12
+        )
+
+
+@pytest.mark.parametrize("margin", [0.0, 2.0, 10.0])
+def test_mbls_matches_brute_force(margin):
+    logits, _ = random_batch(2)
+    expected = sum(max(0.0, max(z) - zk - margin) for z in logits.tolist() for zk in z) / logits.numel()
+    assert mbls_penalty(logits, margin).item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert mbls_penalty(logits, 1e6).item() == 0.0
+
+
+def test_kgcoop_penalty_matches_brute_force():
+    generator = torch.Generator().manual_seed(3)
+    learned, anchor = torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    rows = zip(learned.tolist(), anchor.tolist(), strict=True)
+    expected = sum(sum((a - b) ** 2 for a, b in zip(u, v, strict=True)) for u, v in rows) / 5
+    assert kgcoop_penalty(learned, anchor).item() == pytest.approx(expected, rel=1e-6)
+    assert kgcoop_penalty(learned, learned).item() == 0.0

@@ -222,3 +222,44 @@ def test_push_without_token_is_refused_before_loading_anything(tmp_path, train_s
     config = make_config(tmp_path, push_to_hub=True, hub_model_id="tester/x")
     with pytest.raises(HubError, match="no Hugging Face token was found"):
         CMPTrainer(model=MISSING_MODEL, args=config, train_dataset=train_set)
+
+
+def test_kgcoop_with_weight_zero_is_coop_exactly(tmp_path, tiny_clip_dir, train_set):
+    coop = final_context(tmp_path / "a", tiny_clip_dir, train_set, max_steps=3)
+    zero = final_context(tmp_path / "b", tiny_clip_dir, train_set, max_steps=3, kgcoop_weight=0.0)
+    kg = final_context(tmp_path / "c", tiny_clip_dir, train_set, max_steps=3, kgcoop_weight=8.0)
+    torch.testing.assert_close(zero, coop, rtol=0, atol=0)
+    assert (kg - coop).abs().max() > 1e-4  # and a positive weight does change the prompt
+
+
+def test_baseline_terms_are_added_and_logged(tmp_path, tiny_clip_dir, train_set):
+    config = make_config(tmp_path, max_steps=2, logging_steps=1, cmp_lambda=0.5, focal_gamma=2.0, mbls_weight=0.1,
+                         mbls_margin=1.0, kgcoop_weight=3.0)  # fmt: skip
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    trainer.train()
+    for entry in (e for e in trainer.state.log_history if "loss" in e):
+        expected = entry["focal"] + 0.5 * entry["cmp"] + 0.1 * entry["mbls"] + 3.0 * entry["kgcoop"]
+        assert entry["loss"] == pytest.approx(expected, rel=1e-4)
+        assert entry["kgcoop"] > 0 and entry["focal"] < entry["ce"]
+
+
+def test_temperature_scaling_on_validation_data(tmp_path, tiny_clip_dir, train_set, test_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2), train_dataset=train_set,
+                         eval_dataset={"test": test_set})  # fmt: skip
+    trainer.train()
+    before = trainer.evaluate()["eval_test_nll"]
+    t = trainer.fit_temperature(test_set)
+    assert trainer.model.temperature == t != 1.0 and "temperature_fit" not in trainer.eval_reports
+    assert trainer.evaluate()["eval_test_nll"] < before  # fitted on this very set: NLL can only go down
+    trainer.save_model(str(tmp_path / "saved"))
+    assert PromptTunedCLIP.from_pretrained(tmp_path / "saved").temperature == t
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"focal_gamma": 2.0, "label_smoothing_factor": 0.1}, "not both"), ({"mbls_weight": -1.0}, "must be >= 0"),
+     ({"kgcoop_template": "a photo"}, "kgcoop_template")],
+)  # fmt: skip
+def test_bad_baseline_options_are_rejected(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
