@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from datasets.config import HF_DATASETS_CACHE
 from peft import set_peft_model_state_dict
@@ -25,7 +24,7 @@ from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
 from .hub import hub_errors, model_card, repo_name, require_token
-from .losses import cmp_penalty, focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
+from .losses import training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
@@ -193,26 +192,11 @@ class CMPTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        args, labels = self.args, inputs["labels"]
+        labels = inputs["labels"]
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
-        terms = {"ce": F.cross_entropy(logits, labels)}  # logged whatever the loss, for comparison
-        if args.focal_gamma:
-            terms["focal"] = loss = focal_loss(logits, labels, args.focal_gamma)
-        elif args.label_smoothing_factor:
-            terms["smoothed_ce"] = loss = smoothed_cross_entropy(logits, labels, args.label_smoothing_factor)
-        else:
-            loss = terms["ce"]
-        terms["cmp"] = cmp_penalty(logits, labels, args.cmp_form, args.cmp_competitors)
-        loss = loss + args.cmp_lambda * terms["cmp"]
-        if args.mbls_weight:
-            terms["mbls"] = mbls_penalty(logits, args.mbls_margin)
-            loss = loss + args.mbls_weight * terms["mbls"]
-        if args.kgcoop_weight:
-            hand_crafted = self._hand_crafted_text_features.to(outputs.text_features.device)
-            terms["kgcoop"] = kgcoop_penalty(outputs.text_features, hand_crafted)
-            loss = loss + args.kgcoop_weight * terms["kgcoop"]
-        terms["misclassified"] = (logits.argmax(dim=1) != labels).float().mean()
+        hand_crafted = self._hand_crafted_text_features if self.args.kgcoop_weight else None
+        loss, terms = training_objective(logits, labels, self.args, outputs.text_features, hand_crafted)
         self._components["train" if model.training else "eval"].add(terms, len(labels))
         return (loss, {"logits": logits}) if return_outputs else loss
 

@@ -31,20 +31,31 @@ from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.data import to_rgb
 from cmp_hf.data.fewshot import few_shot_split
 from cmp_hf.data.testbed import TASKS, testbed_task
-from cmp_hf.losses import cmp_penalty
+from cmp_hf.losses import LossOptions, training_objective
 from cmp_hf.metrics import calibration_metrics
+from cmp_hf.posthoc import fit_temperature
 from cmp_hf.schedulers import coop_scheduler
 
 EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's
-METHODS = {  # name -> (lambda, form, competitors)
-    "CoOp-CE": (0.0, "log_ratio", "all"),
-    "CMP log_ratio/all l=0.5": (0.5, "log_ratio", "all"),
-    "CMP log_ratio/all l=1": (1.0, "log_ratio", "all"),
-    "CMP log_ratio/all l=2": (2.0, "log_ratio", "all"),
-    "CMP log_ratio/top1 l=1": (1.0, "log_ratio", "top1"),
-    "CMP ratio/all l=1": (1.0, "ratio", "all"),
-    "CMP ratio/top1 l=1": (1.0, "ratio", "top1"),
+CE = {"cmp_lambda": 0.0}
+METHODS: dict[str, tuple[LossOptions, bool]] = {  # name -> (loss, fit a temperature on the few-shot val set)
+    "CoOp-CE": (LossOptions(**CE), False),
+    "CMP log_ratio/all l=0.5": (LossOptions(cmp_lambda=0.5), False),
+    "CMP log_ratio/all l=1": (LossOptions(cmp_lambda=1.0), False),
+    "CMP log_ratio/all l=2": (LossOptions(cmp_lambda=2.0), False),
+    "CMP log_ratio/top1 l=1": (LossOptions(cmp_competitors="top1"), False),
+    "CMP ratio/all l=1": (LossOptions(cmp_form="ratio"), False),
+    "CMP ratio/top1 l=1": (LossOptions(cmp_form="ratio", cmp_competitors="top1"), False),
+    "CoOp + label smoothing 0.1": (LossOptions(**CE, label_smoothing_factor=0.1), False),
+    "CoOp + focal g=3": (LossOptions(**CE, focal_gamma=3.0), False),
+    "CoOp + MbLS a=0.1 m=10": (LossOptions(**CE, mbls_weight=0.1, mbls_margin=10.0), False),
+    "KgCoOp w=8": (LossOptions(**CE, kgcoop_weight=8.0), False),
+    "KgCoOp w=8 + CMP l=1": (LossOptions(kgcoop_weight=8.0), False),
+    "CoOp-CE + TS": (LossOptions(**CE), True),
+    "CMP l=1 + TS": (LossOptions(), True),
 }
+# The original grid (form x competitors x lambda); --methods all runs every row above.
+CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "TS" not in name]
 
 
 def encode(model: PromptTunedCLIP, processor: CLIPProcessor, images: list) -> torch.Tensor:
@@ -74,23 +85,21 @@ def zero_shot(clip: CLIPModel, processor: CLIPProcessor, names: list[str], featu
 
 def train_prompt(
     clip: CLIPModel, processor: CLIPProcessor, names: list[str], features: torch.Tensor, labels: torch.Tensor,
-    method: tuple[float, str, str], epochs: int, seed: int,
+    options: LossOptions, epochs: int, seed: int,
 ) -> PromptTunedCLIP:  # fmt: skip
-    """CoOp on cached features: SGD(lr 2e-3, momentum 0.9, wd 5e-4), batch 32, CoOp's warm-up + cosine schedule."""
-    cmp_lambda, form, competitors = method
+    """CoOp on cached features: SGD(lr 2e-3, momentum 0.9, wd 5e-4), batch 32, CoOp's warm-up + cosine schedule,
+    the library's training objective (the one CMPTrainer uses)."""
     torch.manual_seed(seed)
     config = CoOpPromptConfig(class_names=names, ctx_init="a photo of a")
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, config)
+    hand_crafted = model.hand_crafted_text_features() if options.kgcoop_weight else None
     optimizer = torch.optim.SGD([model.context], lr=2e-3, momentum=0.9, weight_decay=5e-4)
-    steps_per_epoch = math.ceil(len(labels) / 32)
-    scheduler = coop_scheduler(optimizer, steps_per_epoch, epochs)
+    scheduler = coop_scheduler(optimizer, math.ceil(len(labels) / 32), epochs)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for batch in torch.randperm(len(labels), generator=generator).split(32):
-            logits = model(image_features=features[batch]).logits
-            loss = F.cross_entropy(logits, labels[batch])
-            if cmp_lambda:
-                loss = loss + cmp_lambda * cmp_penalty(logits, labels[batch], form, competitors)
+            output = model(image_features=features[batch])
+            loss, _ = training_objective(output.logits, labels[batch], options, output.text_features, hand_crafted)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -103,6 +112,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     clip = CLIPModel.from_pretrained(args.model).eval()
     processor = CLIPProcessor.from_pretrained(args.model)
     encoder = PromptTunedCLIP.from_clip(clip, processor.tokenizer, CoOpPromptConfig(class_names=["x"], n_ctx=1))
+    methods = list(METHODS) if args.methods == ["all"] else args.methods
     rows = []
     for task in args.tasks:
         names = TASKS[task][1]
@@ -129,12 +139,16 @@ def main(args: argparse.Namespace) -> list[dict]:
                                  **zero_shot(clip, processor, set_names[eval_set], f, y)))  # fmt: skip
         pool_f, pool_y = _subset(feats["train"], labels["train"], base)
         for shots, seed in itertools.product(args.shots, args.seeds):
-            train_rows, _ = few_shot_split(pool_y, shots, seed, val_shots=0)
+            train_rows, val_rows = few_shot_split(pool_y, shots, seed)  # val: min(shots, 4) per class, as CoOp
             f_train, y_train = pool_f[train_rows], torch.as_tensor(pool_y[train_rows])
             epochs = max(1, round(EPOCHS[shots] * args.epoch_scale))
-            for method_name in args.methods:
-                model = train_prompt(clip, processor, set_names["base"], f_train, y_train, METHODS[method_name],
-                                     epochs, seed)  # fmt: skip
+            for method_name in methods:
+                options, temperature_scaling = METHODS[method_name]
+                model = train_prompt(clip, processor, set_names["base"], f_train, y_train, options, epochs, seed)
+                if temperature_scaling:
+                    with torch.no_grad():
+                        val_logits = model(image_features=pool_f[val_rows]).logits
+                    model.temperature = fit_temperature(val_logits, torch.as_tensor(pool_y[val_rows]))
                 for eval_set, (f, y) in evals.items():
                     scorer = model if eval_set != "novel" else model.for_classes(set_names["novel"])
                     rows.append(dict(task=task, method=method_name, shots=shots, seed=seed, eval_set=eval_set,
@@ -202,7 +216,7 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", nargs="+", default=["animals_noisy", "mnist_noisy"], choices=sorted(TASKS))
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=CMP_GRID, choices=[*METHODS, "all"])
     parser.add_argument("--epoch_scale", type=float, default=1.0)
     parser.add_argument("--out", default="runs/bench_calibration")
     main(parser.parse_args())
