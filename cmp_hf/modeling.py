@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .hub import fetch_prompt
+from .posthoc import apply_class_scales, distance_aware_scales
 from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, initial_context, resolve_n_ctx, tokenize_prompts
 from .prompts.hook import EmbeddingOverride
 
@@ -78,6 +79,8 @@ class PromptTunedCLIP(nn.Module):
         self._context_writer = EmbeddingOverride(clip.text_model.embeddings.token_embedding)
         self._fixed_text_features: torch.Tensor | None = None
         self.temperature = 1.0  # post-hoc temperature scaling divides the logits (cmp_hf.posthoc)
+        self.dac_k: int | None = None  # when set, for_classes applies distance-aware calibration (DAC)
+        self.class_scales: torch.Tensor | None = None  # DAC's per-class logit scales, set by for_classes
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -142,7 +145,9 @@ class PromptTunedCLIP(nn.Module):
         calibration = os.path.join(prompt_path, CALIBRATION_NAME)
         if os.path.isfile(calibration):
             with open(calibration, encoding="utf-8") as f:
-                model.temperature = float(json.load(f)["temperature"])
+                saved = json.load(f)
+            model.temperature = float(saved.get("temperature", 1.0))
+            model.dac_k = saved.get("dac_k")
         return model
 
     def for_classes(self, class_names: list[str]) -> PromptTunedCLIP:
@@ -155,6 +160,12 @@ class PromptTunedCLIP(nn.Module):
         with torch.no_grad():
             other.context.copy_(self.context)
         other.temperature = self.temperature
+        if self.dac_k is not None:
+            with torch.no_grad():
+                other.class_scales = distance_aware_scales(
+                    self.hand_crafted_text_features(), other.hand_crafted_text_features(),
+                    self.text_features(), other.text_features(), k=self.dac_k,
+                )  # fmt: skip
         return other
 
     def remove_hook(self) -> None:
@@ -166,9 +177,9 @@ class PromptTunedCLIP(nn.Module):
         self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
         self.prompt_config.save_pretrained(save_directory)
         calibration = os.path.join(save_directory, CALIBRATION_NAME)
-        if self.temperature != 1.0:
+        if self.temperature != 1.0 or self.dac_k is not None:
             with open(calibration, "w", encoding="utf-8") as f:
-                json.dump({"method": "temperature_scaling", "temperature": self.temperature}, f, indent=2)
+                json.dump({"temperature": self.temperature, "dac_k": self.dac_k}, f, indent=2)
         elif os.path.isfile(calibration):  # a directory reused for an uncalibrated prompt
             os.remove(calibration)
 
@@ -232,6 +243,8 @@ class PromptTunedCLIP(nn.Module):
             image_features = self.image_features(pixel_values)
         text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
         logits = self.clip.logit_scale.exp() / self.temperature * image_features.to(text.dtype) @ text.t()
+        if self.class_scales is not None:
+            logits = apply_class_scales(logits, self.class_scales)
         return PromptTunedCLIPOutput(logits=logits, image_features=image_features, text_features=text)
 
 

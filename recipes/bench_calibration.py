@@ -38,24 +38,26 @@ from cmp_hf.schedulers import coop_scheduler
 
 EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's
 CE = {"cmp_lambda": 0.0}
-METHODS: dict[str, tuple[LossOptions, bool]] = {  # name -> (loss, fit a temperature on the few-shot val set)
-    "CoOp-CE": (LossOptions(**CE), False),
-    "CMP log_ratio/all l=0.5": (LossOptions(cmp_lambda=0.5), False),
-    "CMP log_ratio/all l=1": (LossOptions(cmp_lambda=1.0), False),
-    "CMP log_ratio/all l=2": (LossOptions(cmp_lambda=2.0), False),
-    "CMP log_ratio/top1 l=1": (LossOptions(cmp_competitors="top1"), False),
-    "CMP ratio/all l=1": (LossOptions(cmp_form="ratio"), False),
-    "CMP ratio/top1 l=1": (LossOptions(cmp_form="ratio", cmp_competitors="top1"), False),
-    "CoOp + label smoothing 0.1": (LossOptions(**CE, label_smoothing_factor=0.1), False),
-    "CoOp + focal g=3": (LossOptions(**CE, focal_gamma=3.0), False),
-    "CoOp + MbLS a=0.1 m=10": (LossOptions(**CE, mbls_weight=0.1, mbls_margin=10.0), False),
-    "KgCoOp w=8": (LossOptions(**CE, kgcoop_weight=8.0), False),
-    "KgCoOp w=8 + CMP l=1": (LossOptions(kgcoop_weight=8.0), False),
-    "CoOp-CE + TS": (LossOptions(**CE), True),
-    "CMP l=1 + TS": (LossOptions(), True),
+METHODS: dict[str, tuple[LossOptions, str | None]] = {  # name -> (loss, post-hoc calibration: "ts", "dac")
+    "CoOp-CE": (LossOptions(**CE), None),
+    "CMP log_ratio/all l=0.5": (LossOptions(cmp_lambda=0.5), None),
+    "CMP log_ratio/all l=1": (LossOptions(cmp_lambda=1.0), None),
+    "CMP log_ratio/all l=2": (LossOptions(cmp_lambda=2.0), None),
+    "CMP log_ratio/top1 l=1": (LossOptions(cmp_competitors="top1"), None),
+    "CMP ratio/all l=1": (LossOptions(cmp_form="ratio"), None),
+    "CMP ratio/top1 l=1": (LossOptions(cmp_form="ratio", cmp_competitors="top1"), None),
+    "CoOp + label smoothing 0.1": (LossOptions(**CE, label_smoothing_factor=0.1), None),
+    "CoOp + focal g=3": (LossOptions(**CE, focal_gamma=3.0), None),
+    "CoOp + MbLS a=0.1 m=10": (LossOptions(**CE, mbls_weight=0.1, mbls_margin=10.0), None),
+    "KgCoOp w=8": (LossOptions(**CE, kgcoop_weight=8.0), None),
+    "KgCoOp w=8 + CMP l=1": (LossOptions(kgcoop_weight=8.0), None),
+    "CoOp-CE + TS": (LossOptions(**CE), "ts"),
+    "CMP l=1 + TS": (LossOptions(), "ts"),
+    "CoOp-CE + DAC": (LossOptions(**CE), "dac"),
+    "CMP l=1 + DAC": (LossOptions(), "dac"),
 }
 # The original grid (form x competitors x lambda); --methods all runs every row above.
-CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "TS" not in name]
+CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "+" not in name]
 
 
 def encode(model: PromptTunedCLIP, processor: CLIPProcessor, images: list) -> torch.Tensor:
@@ -143,9 +145,11 @@ def main(args: argparse.Namespace) -> list[dict]:
             f_train, y_train = pool_f[train_rows], torch.as_tensor(pool_y[train_rows])
             epochs = max(1, round(EPOCHS[shots] * args.epoch_scale))
             for method_name in methods:
-                options, temperature_scaling = METHODS[method_name]
+                options, posthoc = METHODS[method_name]
                 model = train_prompt(clip, processor, set_names["base"], f_train, y_train, options, epochs, seed)
-                if temperature_scaling:
+                if posthoc == "dac":  # applied when the context is transferred to the novel classes
+                    model.dac_k = 5
+                if posthoc == "ts":
                     with torch.no_grad():
                         val_logits = model(image_features=pool_f[val_rows]).logits
                     model.temperature = fit_temperature(val_logits, torch.as_tensor(pool_y[val_rows]))

@@ -56,6 +56,9 @@ class ScriptArguments:
     temperature_scaling: bool = field(
         default=False, metadata={"help": "Fit a temperature on the few-shot validation set after training."}
     )
+    dac: bool = field(
+        default=False, metadata={"help": "Distance-aware calibration (k=5) of the transfers to other classes."}
+    )
     zero_shot_baseline: bool = field(
         default=False, metadata={"help": "Also evaluate the untrained ctx_init prompt: CLIP's hand-crafted zero-shot."}
     )
@@ -175,6 +178,8 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         trainer.eval_reports.clear()  # the saved reports are the trained prompt's
     trainer.train()
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
+    if script_args.dac:
+        trainer.model.dac_k = 5
     if script_args.temperature_scaling:
         if "val" not in data.evals:
             raise ValueError("temperature_scaling fits on the few-shot validation set: set shots.")
@@ -195,6 +200,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             "cmp_form": config.cmp_form,
             "cmp_competitors": config.cmp_competitors,
             "temperature": trainer.model.temperature,
+            "dac_k": trainer.model.dac_k,
         }
         for name, content in (("metrics.json", metrics), ("run.json", run)):
             with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:

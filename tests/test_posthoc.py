@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.posthoc import fit_temperature
+from cmp_hf.posthoc import apply_class_scales, distance_aware_scales, fit_temperature
 
 
 def overconfident(seed: int = 0, n: int = 400, classes: int = 5, scale: float = 8.0):
@@ -50,3 +50,44 @@ def test_temperature_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
 def test_empty_set_is_refused():
     with pytest.raises(ValueError, match="at least one labelled example"):
         fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_distance_aware_scales_hand_computed():
+    base_zs = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    base_ft = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    classes_zs = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    classes_ft = torch.tensor([[0.0, 3.0], [2.0, 0.01]])  # the second class sits on a base class once tuned
+    scales = distance_aware_scales(base_zs, classes_zs, base_ft, classes_ft, k=1)
+    # class 0: nearest base distance 1 (zero-shot) and 3 (tuned) -> exp(-3) / exp(-1)
+    assert scales[0].item() == pytest.approx(np.exp(-3) / np.exp(-1), rel=1e-6)
+    assert scales[1].item() == 1.0  # within 0.05 of a base class: left alone
+    k2 = distance_aware_scales(base_zs, classes_zs, base_ft, classes_ft, k=2)
+    d_zs, d_ft = (1 + np.sqrt(2)) / 2, (3 + np.sqrt(13)) / 2
+    assert k2[0].item() == pytest.approx(np.exp(-d_ft) / np.exp(-d_zs), rel=1e-6)
+
+
+def test_class_scales_never_change_the_prediction():
+    logits, _ = overconfident(seed=4)
+    scales = torch.rand(logits.shape[1]) + 0.05
+    scaled = apply_class_scales(logits, scales)
+    assert torch.equal(scaled.argmax(1), logits.argmax(1))
+    predicted = logits.argmax(1)
+    torch.testing.assert_close(scaled, logits * scales[predicted][:, None])
+
+
+def test_dac_applies_on_transfer_and_is_saved(tiny_clip_dir, tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
+    with torch.no_grad():
+        model.context.normal_(0, 1)
+    model.dac_k = 2
+    other = model.for_classes(["red", "pink", "cyan"])  # one base class among new ones
+    assert other.class_scales[0].item() == 1.0 and (other.class_scales[1:] != 1.0).all()
+    x = torch.randn(6, 3, 32, 32)
+    plain = model.for_classes(["red", "pink", "cyan"])
+    plain.class_scales = None
+    torch.testing.assert_close(other(pixel_values=x).logits, apply_class_scales(plain(pixel_values=x).logits,
+                                                                                other.class_scales))  # fmt: skip
+    model.save_pretrained(tmp_path)
+    assert PromptTunedCLIP.from_pretrained(tmp_path).dac_k == 2
