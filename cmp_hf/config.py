@@ -49,6 +49,9 @@ class CMPConfig(TrainingArguments):
         `"end"`, `"middle"` or `"front"`.
     class_specific_context (`bool`, defaults to `False`):
         One context per class (CoOp's CSC).
+    prompt_learner (`str`, defaults to `"coop"`):
+        `"coop"`, or `"cocoop"`: an image-conditional context (a meta-network on the image features adds a bias to
+        the context). CoCoOp runs the text encoder on batch x classes prompts per step: keep batches small on CPU.
     prompt_template (`str`, defaults to `"{}."`):
         Text around the class name, `{}` standing for it.
     allow_duplicate_class_names (`bool`, defaults to `False`):
@@ -112,6 +115,7 @@ class CMPConfig(TrainingArguments):
     ctx_init: str | None = field(default=None, metadata={"help": "Text that initialises the context."})
     class_token_position: str = field(default="end", metadata={"help": f"One of {CLASS_TOKEN_POSITIONS}."})
     class_specific_context: bool = field(default=False, metadata={"help": "One context per class (CSC)."})
+    prompt_learner: str = field(default="coop", metadata={"help": "coop or cocoop (image-conditional context)."})
     prompt_template: str = field(default="{}.", metadata={"help": "Text around the class name ({})."})
     allow_duplicate_class_names: bool = field(default=False, metadata={"help": "Accept repeated class names."})
 
@@ -163,4 +167,5 @@ class CMPConfig(TrainingArguments):
             template=self.prompt_template,
             base_model_name_or_path=base_model_name_or_path,
             allow_duplicate_names=self.allow_duplicate_class_names,
+            learner=self.prompt_learner,
         )

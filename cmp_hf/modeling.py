@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, PromptTuningConfig
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
@@ -29,6 +30,7 @@ from .prompts.hook import EmbeddingOverride
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (temperature)
+META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
 
 
 @dataclass
@@ -76,6 +78,12 @@ class PromptTunedCLIP(nn.Module):
             )
         for name, param in peft_model.named_parameters():
             param.requires_grad_(name.startswith("prompt_encoder."))
+        self.meta_net: nn.Module | None = None
+        if prompt_config.learner == "cocoop":  # CoCoOp: image feature -> D/16 -> ReLU -> context-sized bias
+            width = clip.config.projection_dim
+            self.meta_net = nn.Sequential(
+                nn.Linear(width, max(width // 16, 1)), nn.ReLU(), nn.Linear(max(width // 16, 1), expected[1])
+            )
         self._context_writer = EmbeddingOverride(clip.text_model.embeddings.token_embedding)
         self._fixed_text_features: torch.Tensor | None = None
         self.temperature = 1.0  # post-hoc temperature scaling divides the logits (cmp_hf.posthoc)
@@ -142,6 +150,8 @@ class PromptTunedCLIP(nn.Module):
         _check_adapter_shape(prompt_path, prompt_config, clip)
         peft_model = PeftModel.from_pretrained(clip, prompt_path)
         model = cls(peft_model, prompt_config, tokenizer)
+        if model.meta_net is not None:
+            model.load_meta_net(prompt_path)
         calibration = os.path.join(prompt_path, CALIBRATION_NAME)
         if os.path.isfile(calibration):
             with open(calibration, encoding="utf-8") as f:
@@ -159,6 +169,8 @@ class PromptTunedCLIP(nn.Module):
         other = PromptTunedCLIP.from_clip(self.clip, self.tokenizer, config)
         with torch.no_grad():
             other.context.copy_(self.context)
+        if self.meta_net is not None:
+            other.meta_net.load_state_dict(self.meta_net.state_dict())
         other.temperature = self.temperature
         if self.dac_k is not None:
             with torch.no_grad():
@@ -168,6 +180,13 @@ class PromptTunedCLIP(nn.Module):
                 )  # fmt: skip
         return other
 
+    def load_meta_net(self, prompt_path: str | os.PathLike) -> None:
+        """CoCoOp's meta-network weights from ``meta_net.safetensors`` (no pickle)."""
+        path = os.path.join(prompt_path, META_NET_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{prompt_path} is a CoCoOp prompt but has no {META_NET_NAME}.")
+        self.meta_net.load_state_dict(load_file(path))
+
     def remove_hook(self) -> None:
         """Detach this prompt's embedding hook from the CLIP, for a prompt discarded while its CLIP lives on."""
         self._context_writer.remove()
@@ -176,6 +195,9 @@ class PromptTunedCLIP(nn.Module):
         """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
         self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
         self.prompt_config.save_pretrained(save_directory)
+        if self.meta_net is not None:
+            save_file({k: v.contiguous() for k, v in self.meta_net.state_dict().items()},
+                      os.path.join(save_directory, META_NET_NAME))  # fmt: skip
         calibration = os.path.join(save_directory, CALIBRATION_NAME)
         if self.temperature != 1.0 or self.dac_k is not None:
             with open(calibration, "w", encoding="utf-8") as f:
@@ -200,11 +222,25 @@ class PromptTunedCLIP(nn.Module):
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised text features of the C class prompts, differentiable w.r.t. the context."""
+        return self._encode_prompts(self.context, self.prompt_input_ids, self.prompt_context_index)
+
+    def conditional_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """CoCoOp: (B, C, D) text features, the context of image b shifted by ``meta_net(image_features[b])``."""
+        batch, n_ctx = len(image_features), self.context.shape[0]
+        vectors = self.context[None] + self.meta_net(image_features.to(self.context.dtype))[:, None, :]
+        index = (
+            self.prompt_context_index[None] + torch.arange(batch, device=image_features.device)[:, None, None] * n_ctx
+        )
+        index = torch.where(self.prompt_context_index[None] >= 0, index, -1)
+        ids = self.prompt_input_ids.repeat(batch, 1)
+        features = self._encode_prompts(vectors.reshape(-1, vectors.shape[-1]), ids, index.reshape(len(ids), -1))
+        return features.reshape(batch, len(self.class_names), -1)
+
+    def _encode_prompts(self, vectors: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         clip = self.clip
-        with self._context_writer.replacing(self.context, self.prompt_context_index):
-            pooled = clip.text_model(
-                input_ids=self.prompt_input_ids, attention_mask=self.prompt_attention_mask
-            ).pooler_output
+        mask = self.prompt_attention_mask.repeat(len(input_ids) // len(self.prompt_attention_mask), 1)
+        with self._context_writer.replacing(vectors, index):
+            pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
         return F.normalize(clip.text_projection(pooled), dim=-1)
 
     @torch.no_grad()
@@ -226,7 +262,11 @@ class PromptTunedCLIP(nn.Module):
 
     @contextmanager
     def fixed_text_features(self) -> Iterator[None]:
-        """Compute the class text features once and reuse them for every forward inside the block (evaluation)."""
+        """Compute the class text features once and reuse them for every forward inside the block (evaluation).
+        CoCoOp's features depend on the image: nothing is fixed for it."""
+        if self.meta_net is not None:
+            yield
+            return
         with torch.no_grad():
             self._fixed_text_features = self.text_features()
         try:
@@ -241,8 +281,13 @@ class PromptTunedCLIP(nn.Module):
             raise ValueError("Pass exactly one of pixel_values or image_features (L2-normalised, precomputed).")
         if image_features is None:
             image_features = self.image_features(pixel_values)
-        text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
-        logits = self.clip.logit_scale.exp() / self.temperature * image_features.to(text.dtype) @ text.t()
+        scale = self.clip.logit_scale.exp() / self.temperature
+        if self.meta_net is not None:  # CoCoOp: every image has its own class prompts
+            text = self.conditional_text_features(image_features)
+            logits = scale * torch.einsum("bd,bcd->bc", image_features.to(text.dtype), text)
+        else:
+            text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
+            logits = scale * image_features.to(text.dtype) @ text.t()
         if self.class_scales is not None:
             logits = apply_class_scales(logits, self.class_scales)
         return PromptTunedCLIPOutput(logits=logits, image_features=image_features, text_features=text)

@@ -379,6 +379,8 @@ def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
     if saved.class_names != model.prompt_config.class_names or saved.n_ctx != model.prompt_config.n_ctx:
         raise ValueError(f"Checkpoint {checkpoint} holds a prompt for other classes or another n_ctx.")
     set_peft_model_state_dict(model.peft_model, load_file(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)))
+    if model.meta_net is not None:
+        model.load_meta_net(checkpoint)
 
 
 def _prompt_model(

@@ -20,6 +20,7 @@ import argparse
 import itertools
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,24 +38,34 @@ from cmp_hf.posthoc import fit_temperature
 from cmp_hf.schedulers import coop_scheduler
 
 EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's
+
+
+class Method(NamedTuple):
+    loss: LossOptions
+    posthoc: str | None = None  # "ts" (temperature on the few-shot val set) or "dac" (on transfer to novel classes)
+    learner: str = "coop"
+
+
 CE = {"cmp_lambda": 0.0}
-METHODS: dict[str, tuple[LossOptions, str | None]] = {  # name -> (loss, post-hoc calibration: "ts", "dac")
-    "CoOp-CE": (LossOptions(**CE), None),
-    "CMP log_ratio/all l=0.5": (LossOptions(cmp_lambda=0.5), None),
-    "CMP log_ratio/all l=1": (LossOptions(cmp_lambda=1.0), None),
-    "CMP log_ratio/all l=2": (LossOptions(cmp_lambda=2.0), None),
-    "CMP log_ratio/top1 l=1": (LossOptions(cmp_competitors="top1"), None),
-    "CMP ratio/all l=1": (LossOptions(cmp_form="ratio"), None),
-    "CMP ratio/top1 l=1": (LossOptions(cmp_form="ratio", cmp_competitors="top1"), None),
-    "CoOp + label smoothing 0.1": (LossOptions(**CE, label_smoothing_factor=0.1), None),
-    "CoOp + focal g=3": (LossOptions(**CE, focal_gamma=3.0), None),
-    "CoOp + MbLS a=0.1 m=10": (LossOptions(**CE, mbls_weight=0.1, mbls_margin=10.0), None),
-    "KgCoOp w=8": (LossOptions(**CE, kgcoop_weight=8.0), None),
-    "KgCoOp w=8 + CMP l=1": (LossOptions(kgcoop_weight=8.0), None),
-    "CoOp-CE + TS": (LossOptions(**CE), "ts"),
-    "CMP l=1 + TS": (LossOptions(), "ts"),
-    "CoOp-CE + DAC": (LossOptions(**CE), "dac"),
-    "CMP l=1 + DAC": (LossOptions(), "dac"),
+METHODS: dict[str, Method] = {
+    "CoOp-CE": Method(LossOptions(**CE)),
+    "CMP log_ratio/all l=0.5": Method(LossOptions(cmp_lambda=0.5)),
+    "CMP log_ratio/all l=1": Method(LossOptions(cmp_lambda=1.0)),
+    "CMP log_ratio/all l=2": Method(LossOptions(cmp_lambda=2.0)),
+    "CMP log_ratio/top1 l=1": Method(LossOptions(cmp_competitors="top1")),
+    "CMP ratio/all l=1": Method(LossOptions(cmp_form="ratio")),
+    "CMP ratio/top1 l=1": Method(LossOptions(cmp_form="ratio", cmp_competitors="top1")),
+    "CoOp + label smoothing 0.1": Method(LossOptions(**CE, label_smoothing_factor=0.1)),
+    "CoOp + focal g=3": Method(LossOptions(**CE, focal_gamma=3.0)),
+    "CoOp + MbLS a=0.1 m=10": Method(LossOptions(**CE, mbls_weight=0.1, mbls_margin=10.0)),
+    "KgCoOp w=8": Method(LossOptions(**CE, kgcoop_weight=8.0)),
+    "KgCoOp w=8 + CMP l=1": Method(LossOptions(kgcoop_weight=8.0)),
+    "CoOp-CE + TS": Method(LossOptions(**CE), "ts"),
+    "CMP l=1 + TS": Method(LossOptions(), "ts"),
+    "CoOp-CE + DAC": Method(LossOptions(**CE), "dac"),
+    "CMP l=1 + DAC": Method(LossOptions(), "dac"),
+    "CoCoOp": Method(LossOptions(**CE), learner="cocoop"),
+    "CoCoOp + CMP l=1": Method(LossOptions(), learner="cocoop"),
 }
 # The original grid (form x competitors x lambda); --methods all runs every row above.
 CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "+" not in name]
@@ -87,15 +98,16 @@ def zero_shot(clip: CLIPModel, processor: CLIPProcessor, names: list[str], featu
 
 def train_prompt(
     clip: CLIPModel, processor: CLIPProcessor, names: list[str], features: torch.Tensor, labels: torch.Tensor,
-    options: LossOptions, epochs: int, seed: int,
+    options: LossOptions, epochs: int, seed: int, learner: str = "coop",
 ) -> PromptTunedCLIP:  # fmt: skip
     """CoOp on cached features: SGD(lr 2e-3, momentum 0.9, wd 5e-4), batch 32, CoOp's warm-up + cosine schedule,
     the library's training objective (the one CMPTrainer uses)."""
     torch.manual_seed(seed)
-    config = CoOpPromptConfig(class_names=names, ctx_init="a photo of a")
+    config = CoOpPromptConfig(class_names=names, ctx_init="a photo of a", learner=learner)
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, config)
     hand_crafted = model.hand_crafted_text_features() if options.kgcoop_weight else None
-    optimizer = torch.optim.SGD([model.context], lr=2e-3, momentum=0.9, weight_decay=5e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the context (+ CoCoOp's meta-net)
+    optimizer = torch.optim.SGD(trainable, lr=2e-3, momentum=0.9, weight_decay=5e-4)
     scheduler = coop_scheduler(optimizer, math.ceil(len(labels) / 32), epochs)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -145,8 +157,10 @@ def main(args: argparse.Namespace) -> list[dict]:
             f_train, y_train = pool_f[train_rows], torch.as_tensor(pool_y[train_rows])
             epochs = max(1, round(EPOCHS[shots] * args.epoch_scale))
             for method_name in methods:
-                options, posthoc = METHODS[method_name]
-                model = train_prompt(clip, processor, set_names["base"], f_train, y_train, options, epochs, seed)
+                options, posthoc, learner = METHODS[method_name]
+                model = train_prompt(
+                    clip, processor, set_names["base"], f_train, y_train, options, epochs, seed, learner
+                )
                 if posthoc == "dac":  # applied when the context is transferred to the novel classes
                     model.dac_k = 5
                 if posthoc == "ts":

@@ -149,3 +149,65 @@ def test_class_specific_context_does_not_transfer(tiny_clip_dir):
     csc = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
     with pytest.raises(ValueError, match="class-specific context"):
         csc.for_classes(["green"])
+
+
+@pytest.fixture
+def cocoop(tiny_clip_dir, class_names):
+    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, learner="cocoop")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
+    with torch.no_grad():
+        model.context.normal_(0, 0.5)
+        for param in model.meta_net.parameters():
+            param.normal_(0, 0.5)
+        model.meta_net[0].bias.fill_(2.0)  # the tiny model's meta-net has one hidden unit (16 // 16): keep it on
+    return model.eval()
+
+
+def test_cocoop_prompts_depend_on_the_image(cocoop):
+    features = cocoop.image_features(pixels(2))
+    text = cocoop.conditional_text_features(features)
+    assert text.shape == (2, 4, 16)
+    assert (text[0] - text[1]).abs().max() > 1e-3
+    # each image's prompts equal the plain prompts with the context moved by that image's meta-net bias
+    shifted = cocoop.context + cocoop.meta_net(features[1])
+    expected = cocoop._encode_prompts(shifted, cocoop.prompt_input_ids, cocoop.prompt_context_index)
+    torch.testing.assert_close(text[1], expected, atol=1e-6, rtol=0)
+
+
+def test_cocoop_meta_net_and_context_receive_gradients(cocoop):
+    logits = cocoop(pixel_values=pixels(3)).logits
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    assert cocoop.context.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cocoop.meta_net.parameters())
+    trainable = {n for n, p in cocoop.named_parameters() if p.requires_grad}
+    assert trainable == {"peft_model.prompt_encoder.default.embedding.weight", "meta_net.0.weight", "meta_net.0.bias",
+                         "meta_net.2.weight", "meta_net.2.bias"}  # fmt: skip
+
+
+def test_cocoop_with_a_silent_meta_net_is_coop(cocoop, tiny_clip_dir, class_names):
+    with torch.no_grad():
+        cocoop.meta_net[2].weight.zero_()
+        cocoop.meta_net[2].bias.zero_()
+    coop = PromptTunedCLIP.from_clip(
+        cocoop.clip, cocoop.tokenizer, CoOpPromptConfig(class_names=class_names, n_ctx=3)
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        coop.context.copy_(cocoop.context)
+    x = pixels()
+    torch.testing.assert_close(cocoop(pixel_values=x).logits, coop(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
+def test_cocoop_save_load_and_transfer(cocoop, tmp_path):
+    cocoop.save_pretrained(tmp_path)
+    assert (tmp_path / "meta_net.safetensors").exists()
+    loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
+    x = pixels()
+    torch.testing.assert_close(loaded(pixel_values=x).logits, cocoop(pixel_values=x).logits, rtol=0, atol=0)
+    other = cocoop.for_classes(["pink", "cyan"])
+    torch.testing.assert_close(other.meta_net[0].weight, cocoop.meta_net[0].weight, rtol=0, atol=0)
+    (tmp_path / "meta_net.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no meta_net.safetensors"):
+        PromptTunedCLIP.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="class_specific_context must be off"):
+        CoOpPromptConfig(class_names=["a"], learner="cocoop", class_specific_context=True)

@@ -263,3 +263,12 @@ def test_temperature_scaling_on_validation_data(tmp_path, tiny_clip_dir, train_s
 def test_bad_baseline_options_are_rejected(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **overrides)
+
+
+def test_cocoop_trains_in_the_trainer(tmp_path, tiny_clip_dir, train_set, test_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=3, prompt_learner="cocoop"),
+                         train_dataset=train_set, eval_dataset={"test": test_set})  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.meta_net.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.meta_net.named_parameters())
+    assert 0 <= trainer.evaluate()["eval_test_ece_pct"] <= 100

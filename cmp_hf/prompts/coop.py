@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 PROMPT_CONFIG_NAME = "prompt_config.json"
+LEARNERS = ("coop", "cocoop")
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 ClassTokenPosition = Literal["end", "middle", "front"]
 
@@ -39,6 +40,8 @@ class CoOpPromptConfig:
         template: text around the class name, ``"{}"`` standing for it. Text before ``"{}"`` stays attached to the
             name, text after it ends the prompt. CoOp's prompt is ``"{}."``.
         base_model_name_or_path: the CLIP the prompt was learned on (Hub id or directory), used to load it back.
+        learner: ``"coop"`` (a fixed context) or ``"cocoop"`` (Zhou et al., CVPR 2022: a small meta-network adds an
+            image-dependent bias to the shared context, so every image gets its own prompts).
         allow_duplicate_names: accept repeated class names. Off by default (a repeat is nearly always a mistake
             and makes two classes indistinguishable); CLIP's and CoOp's ImageNet names repeat "missile" and
             "sunglasses", so reproducing ImageNet needs it on.
@@ -65,6 +68,10 @@ class CoOpPromptConfig:
             )
         if self.template.count("{}") != 1:
             raise ValueError(f"template must contain '{{}}' exactly once (the class name), got {self.template!r}.")
+        if self.learner not in LEARNERS:
+            raise ValueError(f"Unknown prompt learner {self.learner!r}: use one of {LEARNERS}.")
+        if self.learner == "cocoop" and self.class_specific_context:
+            raise ValueError("CoCoOp conditions one shared context on the image: class_specific_context must be off.")
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ValueError("ctx_init is empty: give a text such as 'a photo of a', or None for random init.")
 
