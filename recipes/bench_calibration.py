@@ -38,6 +38,7 @@ from cmp_hf.posthoc import fit_temperature
 from cmp_hf.schedulers import coop_scheduler
 
 EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's
+COCOOP_EPOCHS = 10  # CoCoOp's (with batch size 1)
 
 
 class Method(NamedTuple):
@@ -101,17 +102,19 @@ def train_prompt(
     options: LossOptions, epochs: int, seed: int, learner: str = "coop",
 ) -> PromptTunedCLIP:  # fmt: skip
     """CoOp on cached features: SGD(lr 2e-3, momentum 0.9, wd 5e-4), batch 32, CoOp's warm-up + cosine schedule,
-    the library's training objective (the one CMPTrainer uses)."""
+    the library's training objective (the one CMPTrainer uses). CoCoOp uses its own recipe: batch 1, 10 epochs
+    (each step encodes batch x classes prompts, so CoOp's batch of 32 would cost 32 times more text encoding)."""
     torch.manual_seed(seed)
     config = CoOpPromptConfig(class_names=names, ctx_init="a photo of a", learner=learner)
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, config)
     hand_crafted = model.hand_crafted_text_features() if options.kgcoop_weight else None
     trainable = [p for p in model.parameters() if p.requires_grad]  # the context (+ CoCoOp's meta-net)
     optimizer = torch.optim.SGD(trainable, lr=2e-3, momentum=0.9, weight_decay=5e-4)
-    scheduler = coop_scheduler(optimizer, math.ceil(len(labels) / 32), epochs)
+    batch_size, epochs = (1, COCOOP_EPOCHS) if learner == "cocoop" else (32, epochs)
+    scheduler = coop_scheduler(optimizer, math.ceil(len(labels) / batch_size), epochs)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(32):
+        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
             output = model(image_features=features[batch])
             loss, _ = training_objective(output.logits, labels[batch], options, output.text_features, hand_crafted)
             optimizer.zero_grad()
