@@ -11,14 +11,20 @@ from cmp_hf.modeling import PromptTunedCLIP
 from cmp_hf.prompts import CoOpPromptConfig
 
 
+def trained_like(clip_dir: str, class_names: list[str], **options) -> PromptTunedCLIP:
+    """A prompt whose context is far from its init, as after training."""
+    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, **options)
+    model = PromptTunedCLIP.from_clip(
+        CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir), config
+    )  # fmt: skip
+    with torch.no_grad():
+        model.context.normal_(0, 0.5)
+    return model.eval()
+
+
 @pytest.fixture
 def model(tiny_clip_dir, class_names):
-    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, class_token_position="middle")
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
-    with torch.no_grad():
-        model.context.normal_(0, 0.5)  # a "trained" prompt, far from its init
-    return model.eval()
+    return trained_like(tiny_clip_dir, class_names, class_token_position="middle")
 
 
 def pixels(n=5, seed=0):
@@ -153,11 +159,8 @@ def test_class_specific_context_does_not_transfer(tiny_clip_dir):
 
 @pytest.fixture
 def cocoop(tiny_clip_dir, class_names):
-    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, learner="cocoop")
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
+    model = trained_like(tiny_clip_dir, class_names, learner="cocoop")
     with torch.no_grad():
-        model.context.normal_(0, 0.5)
         for param in model.meta_net.parameters():
             param.normal_(0, 0.5)
         model.meta_net[0].bias.fill_(2.0)  # the tiny model's meta-net has one hidden unit (16 // 16): keep it on
