@@ -138,3 +138,11 @@ def test_sweep_then_report(tmp_path, testbed):
         json.loads((runs / "few_shot" / "config" / "coop" / f"seed{s}" / "metrics.json").read_text()) for s in (1, 2)
     ]
     assert float(ece[0]["mean"]) == pytest.approx(np.mean([m["test"]["ece_pct"] for m in seeds]))
+
+
+def test_cocoop_cost_benchmark_runs():
+    import bench_cocoop_cost
+
+    seconds = bench_cocoop_cost.main(argparse.Namespace(size="tiny", classes=3, batches=[1, 2], repeats=1))
+    assert set(seconds) == {("coop", 1), ("coop", 2), ("cocoop", 1), ("cocoop", 2)}
+    assert all(value > 0 for value in seconds.values())
