@@ -79,6 +79,7 @@ def test_dac_applies_on_transfer_and_is_saved(tiny_clip_dir, tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
     config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
+    torch.manual_seed(0)
     with torch.no_grad():
         model.context.normal_(0, 1)
     model.dac_k = 2
