@@ -174,8 +174,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             raise ValueError(
                 "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
             )
-        flat.update(evaluate_all(trainer, data, config, prefix="zeroshot"))
-        trainer.eval_reports.clear()  # the saved reports are the trained prompt's
+        flat.update(evaluate_all(trainer, data, config, prefix="zeroshot"))  # (only "eval" runs make saved reports)
     trainer.train()
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
