@@ -15,20 +15,18 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.tiny import tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_speed import SIZES  # noqa: E402
+from bench_speed import SIZES, random_clip_config  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> dict[tuple[str, int], float]:
     tokenizer = tiny_tokenizer()
-    config = CLIPConfig(**SIZES[args.size])
-    config.text_config.vocab_size = len(tokenizer)
-    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = random_clip_config(args.size, tokenizer)
     torch.manual_seed(0)
     clip = CLIPModel(config)
     names = [f"class {i}" for i in range(args.classes)]

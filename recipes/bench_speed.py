@@ -142,14 +142,20 @@ def loss_after_epoch(model: PromptTunedCLIP, features: torch.Tensor, labels: tor
         return torch.nn.functional.cross_entropy(model(image_features=features).logits.float(), labels).item()
 
 
-def main(args: argparse.Namespace) -> dict[str, float]:
-    config = CLIPConfig(**SIZES[args.size], logit_scale_init_value=4.6052)
-    size = config.vision_config.image_size
-    data = synthetic_images(args.classes, args.shots, size, args.seed)
-    tokenizer = tiny_tokenizer()
-    clip_dir = tempfile.mkdtemp()
+def random_clip_config(size: str, tokenizer) -> CLIPConfig:
+    """A CLIPConfig of ``SIZES[size]`` whose text tower fits ``tokenizer`` (vocabulary, BOS/EOS ids)."""
+    config = CLIPConfig(**SIZES[size], logit_scale_init_value=4.6052)
     config.text_config.vocab_size = len(tokenizer)
     config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return config
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    tokenizer = tiny_tokenizer()
+    config = random_clip_config(args.size, tokenizer)
+    size = config.vision_config.image_size
+    data = synthetic_images(args.classes, args.shots, size, args.seed)
+    clip_dir = tempfile.mkdtemp()
     set_seed(args.seed)
     CLIPModel(config).save_pretrained(clip_dir)
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
