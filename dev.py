@@ -4,7 +4,7 @@
     python3 dev.py quickstart   # CoOp + CMP on the shipped micro-CLIP, offline data; prints base/novel/shifted
     python3 dev.py test [pytest args]   # ruff, then the test suite
 
-Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev,testbed]`` with torch pinned to
+Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev,testbed,bench]`` with torch pinned to
 2.13.0, then animal-mnist without its declared tensorflow dependency) and reinstall only when pyproject.toml or
 constraints.txt change.
 """
@@ -35,7 +35,7 @@ def ensure_environment() -> None:
         return
     if not PYTHON.exists():
         venv.create(VENV, with_pip=True)
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", ".[dev,testbed]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-c", "constraints.txt", "-e", ".[dev,testbed,bench]")
     # animal-mnist declares tensorflow but only ships data: install it without dependencies
     run(PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "-c", "constraints.txt", "animal-mnist")
     STAMP.write_text(digest.hexdigest())

@@ -3,9 +3,11 @@
 from .classifier import CalibratedCLIP
 from .config import CMPConfig
 from .hub import HubError, push_output_dir
+from .learners import LEARNERS, PromptLearner
 from .losses import cmp_penalty
 from .metrics import CalibrationMetrics, ReliabilityTable, calibration_metrics, reliability_table
 from .modeling import PromptTunedCLIP, PromptTunedCLIPOutput
+from .posthoc import PostHocCalibration
 from .prompts import CoOpPromptConfig
 from .trainer import CMPTrainer
 
@@ -18,6 +20,9 @@ __all__ = [
     "CalibrationMetrics",
     "CoOpPromptConfig",
     "HubError",
+    "LEARNERS",
+    "PostHocCalibration",
+    "PromptLearner",
     "PromptTunedCLIP",
     "PromptTunedCLIPOutput",
     "ReliabilityTable",

@@ -12,13 +12,14 @@ from transformers import CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
 from .data.collator import to_rgb
 from .hub import fetch_prompt
 from .modeling import PromptTunedCLIP
+from .posthoc import PostHocCalibration
 
 
 class CalibratedCLIP:
-    """Classify images over the prompt's classes.
+    """Classify images over the prompt's classes, with calibrated probabilities.
 
-    ``predict_proba`` returns the softmax of ``logit_scale * cos(image, class prompt)``: with a prompt tuned with
-    CMP these are the calibrated probabilities the model card reports.
+    ``predict_proba`` returns the softmax of ``logit_scale * cos(image, class prompt)`` after the prompt's post-hoc
+    :attr:`calibration` (temperature, DAC; saved with the prompt): the probabilities the model card reports.
     """
 
     def __init__(self, model: PromptTunedCLIP, image_processor: Any) -> None:
@@ -45,6 +46,11 @@ class CalibratedCLIP:
     @property
     def class_names(self) -> list[str]:
         return self.model.class_names
+
+    @property
+    def calibration(self) -> PostHocCalibration:
+        """The post-hoc calibration applied to the logits (the prompt's own: set it there, saved with it)."""
+        return self.model.calibration
 
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:

@@ -1,37 +1,39 @@
-"""Command-line parsing for the recipes: a YAML config file, then ``--key value`` overrides (trl-style)."""
+"""The ``cmp-hf`` command (installed with the package), as trl ships ``trl sft``:
+
+    cmp-hf train <config.yaml> [--option value ...]   # train, evaluate, save (and push) a prompt
+    cmp-hf push <output_dir> <user/repo>               # push a saved prompt directory to the Hub
+
+``cmp-hf train`` runs in the current process; for several GPUs use
+``accelerate launch recipes/train.py <config.yaml>`` (the same code).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import os
+import sys
 from collections.abc import Sequence
 
-import yaml
-from transformers import HfArgumentParser
+from .hub import HubError
+
+COMMANDS = ("train", "push")
 
 
-def parse_config_and_overrides(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
-    """Parse ``[config.yaml] [--key value ...]`` into the parser's dataclasses; the command line wins over the YAML,
-    which may ``include:`` a base YAML.
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(__doc__)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from .scripts.train import run
 
-    Unknown YAML keys are an error (a typo would otherwise silently fall back to a default).
-    """
-    argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        values = read_config(argv.pop(0))
-        known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown keys in the config file: {unknown}. Check their spelling against --help.")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+            run(rest)
+        else:
+            from .scripts.push import run
+
+            print(f"pushed to {run(rest)}")
+    except HubError as error:
+        sys.exit(f"error: {error}")
 
 
-def read_config(path: str) -> dict:
-    """A YAML config; ``include: other.yaml`` (relative to this file) is read first and overridden by this one."""
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    include = values.pop("include", None)
-    if include is None:
-        return values
-    return {**read_config(os.path.join(os.path.dirname(path), include)), **values}
+if __name__ == "__main__":
+    main()

@@ -19,10 +19,10 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+from .constants import MODEL_CARD_NAME, PROMPT_FILES
 from .reports import EvalReport
 
 CARD_TEMPLATE = "prompt_card.md"
-PROMPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "prompt_config.json")
 PUSH_PATTERNS = ["*.safetensors", "*.json", "*.md", "eval/*/*"]
 PULL_PATTERNS = ["*.safetensors", "*.json"]
 CARD_METRICS = {"accuracy": "accuracy_pct", "ece": "ece_pct", "ace": "ace_pct", "mce": "mce_pct", "nll": "nll",
@@ -69,7 +69,7 @@ def require_token(token: str | None) -> None:
     if not (token or get_token()):
         raise HubError(
             "push_to_hub is set but no Hugging Face token was found: log in with `hf auth login`, set HF_TOKEN or "
-            "pass hub_token, then start again (or turn push_to_hub off and push later with recipes/push.py)."
+            "pass hub_token, then start again (or turn push_to_hub off and push later with `cmp-hf push`)."
         )
 
 
@@ -87,11 +87,11 @@ def push_output_dir(
     to do; the directory is only read, so re-running the push later uploads the same files.
     """
     output_dir = os.fspath(output_dir)
-    missing = [name for name in (*PROMPT_FILES, "README.md") if not os.path.isfile(os.path.join(output_dir, name))]
+    missing = [name for name in (*PROMPT_FILES, MODEL_CARD_NAME) if not os.path.isfile(os.path.join(output_dir, name))]
     if missing:
         raise HubError(f"{output_dir} lacks {missing}: save the trained prompt there first (CMPTrainer.save_model).")
     api = HfApi()
-    with hub_errors(f"pushing {output_dir} to {repo_id}", retry=f"python recipes/push.py {output_dir} {repo_id}"):
+    with hub_errors(f"pushing {output_dir} to {repo_id}", retry=f"cmp-hf push {output_dir} {repo_id}"):
         api.create_repo(repo_id, token=token, private=private, exist_ok=True)
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=output_dir, token=token, revision=revision, commit_message=commit_message,

@@ -1,10 +1,10 @@
-"""A frozen CLIPModel plus a peft-owned CoOp prompt: images (or their cached features) in, class logits out.
+"""A frozen CLIPModel plus a peft-owned prompt and its learner: images (or cached features) in, class logits out.
 
 peft has no CoOp method, but ``PromptTuningConfig`` on a ``PeftModel`` gives exactly what CoOp learns: an
 ``nn.Embedding`` of M prompt vectors, saved as a standard adapter (``adapter_model.safetensors`` with
 ``prompt_embeddings``, ``adapter_config.json``) that plain ``PeftModel.from_pretrained`` restores. peft's own
 prompt-tuning forward (virtual tokens prepended through ``inputs_embeds``) does not apply to CLIP, so this module
-never calls it: it reads the vectors and writes them into the text encoder with :class:`EmbeddingOverride`.
+never calls it: the prompt learner (``cmp_hf.learners``) reads the vectors and writes them into the text encoder.
 """
 
 from __future__ import annotations
@@ -23,19 +23,17 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .constants import ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME
 from .hub import fetch_prompt
-from .posthoc import apply_class_scales, distance_aware_scales
-from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, initial_context, resolve_n_ctx, tokenize_prompts
-from .prompts.hook import EmbeddingOverride
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (temperature)
-META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
+from .learners import PromptLearner, learner_class
+from .posthoc import PostHocCalibration
+from .prompts.config import CoOpPromptConfig, initial_context, resolve_n_ctx
 
 
 @dataclass
 class PromptTunedCLIPOutput(ModelOutput):
-    """``logits``: (B, C) = logit_scale * cos(image, class text); features are L2-normalised."""
+    """``logits``: (B, C) = logit_scale * cos(image, class text), post-hoc calibrated; features are L2-normalised
+    (text features are (C, D), or (B, C, D) for a learner whose prompts depend on the image)."""
 
     logits: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
@@ -43,13 +41,15 @@ class PromptTunedCLIPOutput(ModelOutput):
 
 
 class PromptTunedCLIP(nn.Module):
-    """CLIP classifier over a fixed list of classes whose text prompts carry learned CoOp context.
+    """CLIP classifier over a fixed list of classes whose text prompts carry a learned context.
 
-    Only the prompt vectors (``peft_model.prompt_encoder``) are trainable; everything in CLIP, ``logit_scale``
-    included, is frozen. ``forward`` takes ``pixel_values`` or precomputed, L2-normalised ``image_features``.
+    Trainable: the prompt vectors (``peft_model.prompt_encoder``) and the learner's own parameters (CoCoOp's
+    meta-network); everything in CLIP, ``logit_scale`` included, is frozen. ``forward`` takes ``pixel_values`` or
+    precomputed, L2-normalised ``image_features`` and applies the post-hoc ``calibration`` to the logits.
 
     Build one with :meth:`from_clip` (fresh prompt) or :meth:`from_pretrained` (a saved prompt);
-    :meth:`save_pretrained` writes the peft adapter plus ``prompt_config.json``.
+    :meth:`save_pretrained` writes the peft adapter, ``prompt_config.json``, the learner's weights and the
+    calibration.
     """
 
     def __init__(
@@ -64,11 +64,7 @@ class PromptTunedCLIP(nn.Module):
         self.prompt_config = prompt_config
         self.tokenizer = tokenizer
         clip = self.clip
-        max_positions = clip.config.text_config.max_position_embeddings
-        tokens = tokenize_prompts(prompt_config, tokenizer, max_positions, pad_to=pad_prompts_to)
-        self.register_buffer("prompt_input_ids", tokens.input_ids, persistent=False)
-        self.register_buffer("prompt_attention_mask", tokens.attention_mask, persistent=False)
-        self.register_buffer("prompt_context_index", tokens.context_index, persistent=False)
+        self.learner: PromptLearner = learner_class(prompt_config)(clip, tokenizer, prompt_config, pad_prompts_to)
         expected = (prompt_config.num_context_vectors, clip.config.text_config.hidden_size)
         if tuple(self.context.shape) != expected:
             raise ValueError(
@@ -78,17 +74,8 @@ class PromptTunedCLIP(nn.Module):
             )
         for name, param in peft_model.named_parameters():
             param.requires_grad_(name.startswith("prompt_encoder."))
-        self.meta_net: nn.Module | None = None
-        if prompt_config.learner == "cocoop":  # CoCoOp: image feature -> D/16 -> ReLU -> context-sized bias
-            width = clip.config.projection_dim
-            self.meta_net = nn.Sequential(
-                nn.Linear(width, max(width // 16, 1)), nn.ReLU(), nn.Linear(max(width // 16, 1), expected[1])
-            )
-        self._context_writer = EmbeddingOverride(clip.text_model.embeddings.token_embedding)
+        self.calibration = PostHocCalibration()
         self._fixed_text_features: torch.Tensor | None = None
-        self.temperature = 1.0  # post-hoc temperature scaling divides the logits (cmp_hf.posthoc)
-        self.dac_k: int | None = None  # when set, for_classes applies distance-aware calibration (DAC)
-        self.class_scales: torch.Tensor | None = None  # DAC's per-class logit scales, set by for_classes
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -100,7 +87,7 @@ class PromptTunedCLIP(nn.Module):
         prompt_config: CoOpPromptConfig,
         pad_prompts_to: int | None = None,
     ) -> PromptTunedCLIP:
-        """Attach a new CoOp prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02)).
+        """Attach a new prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02)).
 
         Prompts are padded to the longest one; ``pad_prompts_to=77`` reproduces CoOp's fixed length (same features,
         more compute), which the speed benchmark uses as its reference.
@@ -148,62 +135,69 @@ class PromptTunedCLIP(nn.Module):
         clip = clip if clip is not None else CLIPModel.from_pretrained(base)
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
         _check_adapter_shape(prompt_path, prompt_config, clip)
-        peft_model = PeftModel.from_pretrained(clip, prompt_path)
-        model = cls(peft_model, prompt_config, tokenizer)
-        if model.meta_net is not None:
-            model.load_meta_net(prompt_path)
-        calibration = os.path.join(prompt_path, CALIBRATION_NAME)
-        if os.path.isfile(calibration):
-            with open(calibration, encoding="utf-8") as f:
-                saved = json.load(f)
-            model.temperature = float(saved.get("temperature", 1.0))
-            model.dac_k = saved.get("dac_k")
+        model = cls(PeftModel.from_pretrained(clip, prompt_path), prompt_config, tokenizer)
+        model.load_learner_weights(prompt_path)
+        model.calibration = PostHocCalibration.from_pretrained(prompt_path)
         return model
 
+    def load_learner_weights(self, prompt_path: str | os.PathLike) -> None:
+        """The learner's own weights (CoCoOp's meta-network) from the safetensors file beside the adapter."""
+        name = self.learner.weights_name
+        if name is None:
+            return
+        path = os.path.join(prompt_path, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{prompt_path} holds a {self.learner.name} prompt but has no {name}.")
+        self.learner.load_extra_state_dict(load_file(path))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the peft adapter (safetensors), ``prompt_config.json``, the learner's weights and the post-hoc
+        calibration; :meth:`from_pretrained` reads them all."""
+        self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        self.prompt_config.save_pretrained(save_directory)
+        if self.learner.weights_name is not None:
+            save_file(self.learner.extra_state_dict(), os.path.join(save_directory, self.learner.weights_name))
+        self.calibration.save_pretrained(save_directory)
+
+    # ---- other classes ------------------------------------------------------------------------------------------
+
     def for_classes(self, class_names: list[str]) -> PromptTunedCLIP:
-        """The same learned context over other classes (CoOp's transfer to novel classes or shifted datasets):
-        a new prompt on the same frozen CLIP whose context is a copy of this one. Needs a shared context."""
+        """The same learned context (and learner weights, and calibration) over other classes: CoOp's transfer to
+        novel classes or shifted datasets. A new prompt on the same frozen CLIP; needs a shared context."""
+        learner, config, calibration = self._transfer(class_names)
+        peft_config = self.peft_model.peft_config[self.peft_model.active_adapter]
+        other = PromptTunedCLIP(PeftModel(self.clip, peft_config), config, self.tokenizer).to(self.context.device)
+        other.learner, other.calibration = learner, calibration
+        with torch.no_grad():
+            other.context.copy_(self.context)
+        return other
+
+    @contextmanager
+    def over_classes(self, class_names: list[str]) -> Iterator[None]:
+        """Classify over ``class_names`` inside the block, with this very context (no copy): what the trainer's
+        transfer evaluation uses, so a model the trainer has prepared stays the model it evaluates."""
+        saved = self.learner, self.prompt_config, self.calibration
+        self.learner, self.prompt_config, self.calibration = self._transfer(class_names)
+        try:
+            yield
+        finally:
+            self.learner, self.prompt_config, self.calibration = saved
+
+    def _transfer(self, class_names: list[str]) -> tuple[PromptLearner, CoOpPromptConfig, PostHocCalibration]:
         if self.prompt_config.class_specific_context:
             raise ValueError("A class-specific context (CSC) has no vectors for new classes: it cannot transfer.")
         config = replace(self.prompt_config, class_names=list(class_names), ctx_init=None)
-        other = PromptTunedCLIP.from_clip(self.clip, self.tokenizer, config)
-        with torch.no_grad():
-            other.context.copy_(self.context)
-        if self.meta_net is not None:
-            other.meta_net.load_state_dict(self.meta_net.state_dict())
-        other.temperature = self.temperature
-        if self.dac_k is not None:
+        learner = self.learner.for_classes(self.clip, self.tokenizer, config)
+        calibration = self.calibration
+        if calibration.dac_k is not None:  # DAC compares the classes' text features with the base classes'
             with torch.no_grad():
-                other.class_scales = distance_aware_scales(
-                    self.hand_crafted_text_features(), other.hand_crafted_text_features(),
-                    self.text_features(), other.text_features(), k=self.dac_k,
-                )  # fmt: skip
-        return other
-
-    def load_meta_net(self, prompt_path: str | os.PathLike) -> None:
-        """CoCoOp's meta-network weights from ``meta_net.safetensors`` (no pickle)."""
-        path = os.path.join(prompt_path, META_NET_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{prompt_path} is a CoCoOp prompt but has no {META_NET_NAME}.")
-        self.meta_net.load_state_dict(load_file(path))
-
-    def remove_hook(self) -> None:
-        """Detach this prompt's embedding hook from the CLIP, for a prompt discarded while its CLIP lives on."""
-        self._context_writer.remove()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the peft adapter (safetensors) and ``prompt_config.json``; :meth:`from_pretrained` reads both."""
-        self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
-        self.prompt_config.save_pretrained(save_directory)
-        if self.meta_net is not None:
-            save_file({k: v.contiguous() for k, v in self.meta_net.state_dict().items()},
-                      os.path.join(save_directory, META_NET_NAME))  # fmt: skip
-        calibration = os.path.join(save_directory, CALIBRATION_NAME)
-        if self.temperature != 1.0 or self.dac_k is not None:
-            with open(calibration, "w", encoding="utf-8") as f:
-                json.dump({"temperature": self.temperature, "dac_k": self.dac_k}, f, indent=2)
-        elif os.path.isfile(calibration):  # a directory reused for an uncalibrated prompt
-            os.remove(calibration)
+                calibration = calibration.transferred(
+                    self.hand_crafted_text_features(),
+                    hand_crafted_text_features(self.clip, self.tokenizer, config.class_names),
+                    self.text_features(),
+                    learner.text_features(self.clip, self.context),
+                )
+        return learner, config, calibration
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
@@ -220,51 +214,26 @@ class PromptTunedCLIP(nn.Module):
     def class_names(self) -> list[str]:
         return self.prompt_config.class_names
 
-    def text_features(self) -> torch.Tensor:
-        """L2-normalised text features of the C class prompts, differentiable w.r.t. the context."""
-        return self._encode_prompts(self.context, self.prompt_input_ids, self.prompt_context_index)
-
-    def conditional_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        """CoCoOp: (B, C, D) text features, the context of image b shifted by ``meta_net(image_features[b])``."""
-        batch, n_ctx = len(image_features), self.context.shape[0]
-        vectors = self.context[None] + self.meta_net(image_features.to(self.context.dtype))[:, None, :]
-        index = (
-            self.prompt_context_index[None] + torch.arange(batch, device=image_features.device)[:, None, None] * n_ctx
-        )
-        index = torch.where(self.prompt_context_index[None] >= 0, index, -1)
-        ids = self.prompt_input_ids.repeat(batch, 1)
-        features = self._encode_prompts(vectors.reshape(-1, vectors.shape[-1]), ids, index.reshape(len(ids), -1))
-        return features.reshape(batch, len(self.class_names), -1)
-
-    def _encode_prompts(self, vectors: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        clip = self.clip
-        mask = self.prompt_attention_mask.repeat(len(input_ids) // len(self.prompt_attention_mask), 1)
-        with self._context_writer.replacing(vectors, index):
-            pooled = clip.text_model(input_ids=input_ids, attention_mask=mask).pooler_output
-        return F.normalize(clip.text_projection(pooled), dim=-1)
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised class text features, differentiable w.r.t. the context and the learner's weights: (C, D),
+        or (B, C, D) for a learner whose prompts depend on the image (which then needs ``image_features``)."""
+        return self.learner.text_features(self.clip, self.context, image_features)
 
     @torch.no_grad()
     def hand_crafted_text_features(self, template: str = "a photo of a {}.") -> torch.Tensor:
         """L2-normalised features of the plain text prompts ``template.format(class name)`` (CLIP's zero-shot
-        classifier; KgCoOp's anchor). No learned context is involved."""
-        clip = self.clip
-        texts = [template.format(name.replace("_", " ")) for name in self.class_names]
-        tokens = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.prompt_input_ids.device)
-        pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-        return F.normalize(clip.text_projection(pooled), dim=-1)
+        classifier; KgCoOp's anchor; DAC's reference). No learned context is involved."""
+        return hand_crafted_text_features(self.clip, self.tokenizer, self.class_names, template)
 
-    @torch.no_grad()
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features of the frozen image encoder (no graph is kept: nothing there trains)."""
-        clip = self.clip
-        pooled = clip.vision_model(pixel_values=pixel_values.to(clip.dtype)).pooler_output
-        return F.normalize(clip.visual_projection(pooled), dim=-1)
+        """L2-normalised image features, as the learner computes them (the frozen image tower for CoOp)."""
+        return self.learner.image_features(self.clip, pixel_values)
 
     @contextmanager
     def fixed_text_features(self) -> Iterator[None]:
         """Compute the class text features once and reuse them for every forward inside the block (evaluation).
-        CoCoOp's features depend on the image: nothing is fixed for it."""
-        if self.meta_net is not None:
+        A learner whose features depend on the image has nothing fixed."""
+        if self.learner.conditional:
             yield
             return
         with torch.no_grad():
@@ -281,16 +250,27 @@ class PromptTunedCLIP(nn.Module):
             raise ValueError("Pass exactly one of pixel_values or image_features (L2-normalised, precomputed).")
         if image_features is None:
             image_features = self.image_features(pixel_values)
-        scale = self.clip.logit_scale.exp() / self.temperature
-        if self.meta_net is not None:  # CoCoOp: every image has its own class prompts
-            text = self.conditional_text_features(image_features)
+        text = self._fixed_text_features
+        if text is None:
+            text = self.text_features(image_features)
+        scale = self.clip.logit_scale.exp()
+        if text.dim() == 3:  # one set of class prompts per image
             logits = scale * torch.einsum("bd,bcd->bc", image_features.to(text.dtype), text)
         else:
-            text = self._fixed_text_features if self._fixed_text_features is not None else self.text_features()
             logits = scale * image_features.to(text.dtype) @ text.t()
-        if self.class_scales is not None:
-            logits = apply_class_scales(logits, self.class_scales)
-        return PromptTunedCLIPOutput(logits=logits, image_features=image_features, text_features=text)
+        return PromptTunedCLIPOutput(
+            logits=self.calibration.apply(logits), image_features=image_features, text_features=text
+        )
+
+
+def hand_crafted_text_features(
+    clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, class_names: list[str], template: str = "a photo of a {}."
+) -> torch.Tensor:
+    """L2-normalised CLIP text features of ``template.format(name)`` for each class (underscores read as spaces)."""
+    texts = [template.format(name.replace("_", " ")) for name in class_names]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt").to(clip.device)
+    pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+    return F.normalize(clip.text_projection(pooled), dim=-1)
 
 
 def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip: CLIPModel) -> None:

@@ -6,13 +6,81 @@
   transferred to new classes, a per-class scale from how far each class's text feature moved away from the base
   classes with tuning; it needs no labels and only changes predictions of non-base classes.
 
-Both are saved with the prompt (``calibration.json``) and applied when it is loaded.
+:class:`PostHocCalibration` holds both: it is saved with the prompt (``calibration.json``) and applied in
+``PromptTunedCLIP.forward``, so the trainer's evaluation, a transfer to other classes (``for_classes``) and
+``CalibratedCLIP`` all calibrate the same way.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
+
+from .constants import CALIBRATION_NAME
+
+
+@dataclass
+class PostHocCalibration:
+    """Post-hoc calibration of a prompt's logits: ``logits / temperature``, then DAC's class scales if any.
+
+    Args:
+        temperature: temperature-scaling T (1 = none), fitted by ``CMPTrainer.fit_temperature``.
+        dac_k: when set, a transfer of the prompt to other classes computes DAC's class scales with k neighbours.
+        class_scales: DAC's per-class scales of a transferred prompt (computed, never saved: they follow from the
+            prompt and the classes).
+    """
+
+    temperature: float = 1.0
+    dac_k: int | None = None
+    class_scales: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.dac_k is not None and self.dac_k < 1:
+            raise ValueError(f"dac_k must be >= 1 (neighbours among the base classes), got {self.dac_k}.")
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / self.temperature if self.temperature != 1.0 else logits
+        return apply_class_scales(logits, self.class_scales) if self.class_scales is not None else logits
+
+    def transferred(
+        self,
+        base_zero_shot: torch.Tensor,
+        classes_zero_shot: torch.Tensor,
+        base_tuned: torch.Tensor,
+        classes_tuned: torch.Tensor,
+    ) -> PostHocCalibration:
+        """The calibration of this prompt moved to other classes: the same temperature, and DAC's class scales
+        from the four sets of text features when ``dac_k`` is set (see :func:`distance_aware_scales`)."""
+        scales = None
+        if self.dac_k is not None:
+            scales = distance_aware_scales(base_zero_shot, classes_zero_shot, base_tuned, classes_tuned, k=self.dac_k)
+        return PostHocCalibration(self.temperature, self.dac_k, scales)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``calibration.json``, or remove a stale one when there is nothing to apply."""
+        path = os.path.join(save_directory, CALIBRATION_NAME)
+        if self.temperature == 1.0 and self.dac_k is None:
+            if os.path.isfile(path):  # a directory reused for an uncalibrated prompt
+                os.remove(path)
+            return
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"temperature": self.temperature, "dac_k": self.dac_k}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> PostHocCalibration:
+        """What ``calibration.json`` says; none (T = 1, no DAC) without one."""
+        path = os.path.join(directory, CALIBRATION_NAME)
+        if not os.path.isfile(path):
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return cls(float(saved.get("temperature", 1.0)), saved.get("dac_k"))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:

@@ -11,12 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .constants import EVAL_DIR, EVAL_METRICS_NAME, RELIABILITY_DIAGRAM_NAME
 from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table
 from .plotting import reliability_diagram
-
-EVAL_DIR = "eval"
-METRICS_NAME = "metrics.json"
-DIAGRAM_NAME = "reliability.png"
 
 
 @dataclass
@@ -40,8 +37,9 @@ class EvalReport:
 
     @property
     def folder(self) -> str:
-        """Path of this report's files relative to the output directory (also their path in a Hub repo)."""
-        return f"{EVAL_DIR}/{self.name}"
+        """Path of this report's files relative to the output directory (also their path in a Hub repo): ``eval/``
+        itself for a single, unnamed eval set (named ``"eval"``), ``eval/<name>/`` otherwise."""
+        return EVAL_DIR if self.name == EVAL_DIR else f"{EVAL_DIR}/{self.name}"
 
     def save(self, output_dir: str | os.PathLike) -> None:
         directory = os.path.join(output_dir, self.folder)
@@ -53,9 +51,8 @@ class EvalReport:
             "num_classes": self.num_classes,
             "reliability": self.reliability.to_dict(),
         }
-        with open(os.path.join(directory, METRICS_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, EVAL_METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, allow_nan=False)
             f.write("\n")
-        reliability_diagram(
-            self.reliability, self.metrics["ece_pct"] / 100, os.path.join(directory, DIAGRAM_NAME), self.name
-        )
+        diagram = os.path.join(directory, RELIABILITY_DIAGRAM_NAME)
+        reliability_diagram(self.reliability, self.metrics["ece_pct"] / 100, diagram, self.name)

@@ -12,6 +12,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+COOP_EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's training length per shot count
+
 
 def coop_lr_factor(
     step: int, steps_per_epoch: int, num_epochs: int, warmup_epochs: int, warmup_factor: float

@@ -1,4 +1,4 @@
-"""``CMPTrainer``: CoOp prompt tuning of a frozen CLIP with cross-entropy + lambda * CMP, evaluated for calibration."""
+"""``CMPTrainer``: prompt tuning of a frozen CLIP with cross-entropy + lambda * CMP, evaluated for calibration."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set
 
 from . import posthoc
 from .config import CMPConfig
+from .constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_NAME, MODEL_CARD_NAME, PROMPT_CONFIG_NAME, TRAINING_ARGS_NAME
 from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
@@ -27,14 +29,11 @@ from .hub import hub_errors, model_card, repo_name, require_token
 from .losses import training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
-from .prompts.coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, validate_class_names
+from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
 from .schedulers import coop_scheduler
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-TRAINING_ARGS_JSON = "training_args.json"
 
 
 class LossComponents:
@@ -66,10 +65,11 @@ class LossComponents:
 
 
 class CMPTrainer(Trainer):
-    """Trainer for CoOp prompts on a frozen CLIP with the Confidence Misalignment Penalty.
+    """Trainer for prompts on a frozen CLIP with the Confidence Misalignment Penalty.
 
     ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP`` (whose
-    own prompt options then apply). A plain CLIP gets a new CoOp prompt built from ``args`` and ``class_names``
+    own prompt options then apply). A plain CLIP gets a new prompt (learner ``args.prompt_learner``) built from
+    ``args`` and ``class_names``
     (default: the ``ClassLabel`` names of the train set's label column). The processor comes from
     ``processing_class`` or is loaded from where the CLIP was.
 
@@ -80,7 +80,6 @@ class CMPTrainer(Trainer):
     eval set and computes the class text features once per evaluation.
     """
 
-    _tag_names = ["cmp_hf", "cmp", "coop", "clip", "calibration"]
     # compute_loss returns a per-batch mean: Trainer must divide it by the gradient-accumulation steps.
     loss_is_scaled_for_ga = False
 
@@ -136,9 +135,10 @@ class CMPTrainer(Trainer):
             optimizers=optimizers,
         )
         self._components = {"train": LossComponents(), "eval": LossComponents()}
-        if args.kgcoop_weight:  # KgCoOp keeps the learned class features near the hand-crafted prompt's
-            self._hand_crafted_text_features = self.model.hand_crafted_text_features(args.kgcoop_template)
+        self._loss_options = args.loss_options()
+        self._hand_crafted: dict[tuple[str, ...], torch.Tensor] = {}  # KgCoOp's anchors, per list of class names
         self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
+        self._report_name: str | None = None  # the eval set being evaluated, while evaluate() runs
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
     # ---- input pipeline: cached image features (default) or images ---------------------------------------------
@@ -151,6 +151,12 @@ class CMPTrainer(Trainer):
         cacheable = all(isinstance(dataset, Dataset) for _, dataset in datasets)
         if args.cache_image_features and not cacheable:
             logger.warning("Image features are not cached: only `datasets.Dataset` inputs can be (got a stream).")
+        if args.cache_image_features and not model.learner.caches_image_features:
+            logger.warning(
+                "Image features are not cached: the %s learner prompts the image tower, so they change with training.",
+                model.learner.name,
+            )
+            cacheable = False
         if not (args.cache_image_features and cacheable):
             return CLIPImageCollator(image_processor, args.image_column, args.label_column)
         self._feature_cache = ImageFeatureCache(
@@ -161,6 +167,7 @@ class CMPTrainer(Trainer):
             label_column=args.label_column,
             batch_size=args.image_feature_batch_size,
             seed=args.seed,
+            progress=not args.disable_tqdm,
         )
         return ImageFeatureCollator(args.label_column)
 
@@ -176,9 +183,50 @@ class CMPTrainer(Trainer):
         with args.main_process_first(desc="image-feature cache"):
             return select_views(self._feature_cache.features(dataset, views), seed=args.seed)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """As Trainer's; a dataset of images passed here goes through the same feature cache as the eval sets."""
-        return super().evaluate(self._model_inputs(eval_dataset), ignore_keys, metric_key_prefix)
+    def evaluate(
+        self,
+        eval_dataset: Dataset | dict[str, Dataset] | str | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+        class_names: list[str] | None = None,
+    ) -> dict[str, float]:
+        """As Trainer's, and:
+
+        * datasets of images passed here go through the same feature cache as the eval sets;
+        * ``class_names`` evaluates under other classes with the same learned context (CoOp's transfer to novel
+          classes or to another dataset): the dataset's labels index ``class_names``;
+        * each eval set's report (metrics + reliability table) is kept in ``eval_reports`` under its name (the key
+          of a dict of eval sets; ``metric_key_prefix`` without its ``eval_`` for a single set, ``"eval"`` when
+          that is all it is) and saved with the model as ``eval/<name>/``.
+        """
+        override = eval_dataset is not None
+        datasets = eval_dataset if override else self.eval_dataset
+        if isinstance(datasets, dict):
+            metrics = {}
+            for name, dataset in datasets.items():  # Trainer looks a name up in self.eval_dataset (cached loaders)
+                dataset = dataset if override else name
+                metrics.update(self._evaluate_set(dataset, name, ignore_keys, metric_key_prefix, class_names))
+            return metrics
+        name = metric_key_prefix.removeprefix("eval_")
+        return self._evaluate_set(eval_dataset, name, ignore_keys, metric_key_prefix, class_names, single=True)
+
+    def _evaluate_set(
+        self,
+        dataset: Dataset | str | None,
+        name: str,
+        ignore_keys: list[str] | None,
+        metric_key_prefix: str,
+        class_names: list[str] | None,
+        single: bool = False,
+    ) -> dict[str, float]:
+        prefix = metric_key_prefix if single else f"{metric_key_prefix}_{name}"
+        classes = self.model.over_classes(class_names) if class_names is not None else nullcontext()
+        self._report_name = name
+        try:
+            with classes:
+                return super().evaluate(self._model_inputs(dataset), ignore_keys, prefix)
+        finally:
+            self._report_name = None
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
@@ -195,10 +243,18 @@ class CMPTrainer(Trainer):
         labels = inputs["labels"]
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
-        hand_crafted = self._hand_crafted_text_features if self.args.kgcoop_weight else None
-        loss, terms = training_objective(logits, labels, self.args, outputs.text_features, hand_crafted)
+        hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
+        loss, terms = training_objective(logits, labels, self._loss_options, outputs.text_features, hand_crafted)
         self._components["train" if model.training else "eval"].add(terms, len(labels))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _hand_crafted_text_features(self, model: torch.nn.Module) -> torch.Tensor:
+        """KgCoOp's anchor for the classes the model classifies now (they change under ``evaluate(class_names=)``)."""
+        model = self.accelerator.unwrap_model(model)
+        key = tuple(model.class_names)
+        if key not in self._hand_crafted:
+            self._hand_crafted[key] = model.hand_crafted_text_features(self.args.kgcoop_template)
+        return self._hand_crafted[key]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the loss terms accumulated since the last one
@@ -221,9 +277,8 @@ class CMPTrainer(Trainer):
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
-        is_evaluation = metric_key_prefix == "eval" or metric_key_prefix.startswith("eval_")
-        if is_evaluation and output.predictions is not None and output.label_ids is not None:
-            name = metric_key_prefix.removeprefix("eval_")
+        name = self._report_name
+        if name is not None and output.predictions is not None and output.label_ids is not None:
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             self.eval_reports[name] = EvalReport.from_logits(
                 name, logits, output.label_ids, self.args.calibration_bins
@@ -233,11 +288,12 @@ class CMPTrainer(Trainer):
     def fit_temperature(self, dataset: Dataset) -> float:
         """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,
         set it on the model (saved with it from now on) and return it."""
-        self.model.temperature = 1.0
+        calibration = self.model.calibration
+        calibration.temperature = 1.0
         output = self.predict(dataset, metric_key_prefix="temperature_fit")
         logits, labels = torch.from_numpy(output.predictions), torch.from_numpy(output.label_ids)
-        self.model.temperature = posthoc.fit_temperature(logits, labels)
-        return self.model.temperature
+        calibration.temperature = posthoc.fit_temperature(logits, labels)
+        return calibration.temperature
 
     # ---- schedule -----------------------------------------------------------------------------------------------
 
@@ -272,11 +328,11 @@ class CMPTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
         for report in self.eval_reports.values():
             report.save(output_dir)
-        self._model_card().save(os.path.join(output_dir, "README.md"))
+        self._model_card().save(os.path.join(output_dir, MODEL_CARD_NAME))
 
     # ---- Hub ----------------------------------------------------------------------------------------------------
 
@@ -289,7 +345,7 @@ class CMPTrainer(Trainer):
             self.dataset_name = dataset_name
         if self.is_world_process_zero():
             os.makedirs(self.args.output_dir, exist_ok=True)
-            self._model_card(model_name).save(os.path.join(self.args.output_dir, "README.md"))
+            self._model_card(model_name).save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
 
     def _model_card(self, model_name: str | None = None):
         args, prompt = self.args, self.model.prompt_config
@@ -334,17 +390,16 @@ class CMPTrainer(Trainer):
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
         """Trainer's push (save, card, upload of ``output_dir``), with errors that say what to do."""
-        retry = (
-            f"python recipes/push.py {self.args.output_dir} {repo_name(self.args.output_dir, self.args.hub_model_id)}"
-        )
+        retry = f"cmp-hf push {self.args.output_dir} {repo_name(self.args.output_dir, self.args.hub_model_id)}"
         with hub_errors("pushing to the Hub", retry=retry):
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Trainer copies the adapter files of a checkpoint before pushing; the prompt JSON must travel with them.
+        # Trainer copies the adapter files of a checkpoint before pushing; the rest of the prompt travels with them.
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            source = os.path.join(checkpoint_folder, PROMPT_CONFIG_NAME)
-            shutil.copy(source, os.path.join(self.args.output_dir, PROMPT_CONFIG_NAME))
+            for name in (PROMPT_CONFIG_NAME, self.model.learner.weights_name, CALIBRATION_NAME):
+                if name is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -379,8 +434,7 @@ def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
     if saved.class_names != model.prompt_config.class_names or saved.n_ctx != model.prompt_config.n_ctx:
         raise ValueError(f"Checkpoint {checkpoint} holds a prompt for other classes or another n_ctx.")
     set_peft_model_state_dict(model.peft_model, load_file(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)))
-    if model.meta_net is not None:
-        model.load_meta_net(checkpoint)
+    model.load_learner_weights(checkpoint)
 
 
 def _prompt_model(

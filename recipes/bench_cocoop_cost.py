@@ -10,27 +10,34 @@ seconds of a forward + backward step from cached image features for each learner
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import CLIPModel
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.tiny import tiny_tokenizer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_speed import SIZES, random_clip_config  # noqa: E402
+from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
 
 
-def main(args: argparse.Namespace) -> dict[tuple[str, int], float]:
+class StepCost(NamedTuple):
+    seconds: float  # median wall time of a forward + backward step
+    prompts: int  # class prompts the text encoder ran in that step
+
+
+def main(args: argparse.Namespace) -> dict[tuple[str, int], StepCost]:
     tokenizer = tiny_tokenizer()
     config = random_clip_config(args.size, tokenizer)
     torch.manual_seed(0)
     clip = CLIPModel(config)
+    encoded: list[int] = []  # prompts per text-encoder call
+
+    def count(module, args, kwargs, output) -> None:
+        encoded.append(len(kwargs["input_ids"]))
+
+    clip.text_model.register_forward_hook(count, with_kwargs=True)
     names = [f"class {i}" for i in range(args.classes)]
-    seconds = {}
+    costs = {}
     for learner in ("coop", "cocoop"):
         model = PromptTunedCLIP.from_clip(
             clip, tokenizer, CoOpPromptConfig(class_names=names, n_ctx=4, learner=learner)
@@ -39,13 +46,14 @@ def main(args: argparse.Namespace) -> dict[tuple[str, int], float]:
             features = torch.nn.functional.normalize(torch.randn(batch, config.projection_dim), dim=-1)
             timings = []
             for _ in range(args.repeats):
+                encoded.clear()
                 start = time.perf_counter()
                 model(image_features=features).logits.sum().backward()
                 timings.append(time.perf_counter() - start)
-            seconds[learner, batch] = sorted(timings)[len(timings) // 2]
-            print(f"{learner:6s} batch {batch:3d} x {args.classes} classes: {seconds[learner, batch]:.3f} s per step")
-        model.remove_hook()
-    return seconds
+            costs[learner, batch] = StepCost(sorted(timings)[len(timings) // 2], sum(encoded))
+            print(f"{learner:6s} batch {batch:3d} x {args.classes} classes: {costs[learner, batch].seconds:.3f} s per "
+                  f"step ({costs[learner, batch].prompts} prompts encoded)")  # fmt: skip
+    return costs
 
 
 if __name__ == "__main__":

@@ -26,30 +26,10 @@ import numpy as np
 import psutil
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, set_seed
+from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, set_seed
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
-from cmp_hf.tiny import tiny_tokenizer
-
-SIZES = {
-    "vit-b16": dict(
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
-            patch_size=16,
-        ),
-        projection_dim=512,
-    ),
-    # for a smoke test of this script only
-    "tiny": dict(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    ),
-}  # fmt: skip
+from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
 
 
 def synthetic_images(classes: int, shots: int, size: int, seed: int) -> Dataset:
@@ -132,7 +112,7 @@ def run(args: argparse.Namespace, clip_dir: str, data: Dataset, reference: bool)
         "context": trainer.model.context.detach().float().cpu().clone(),
         "text_share": text_step_seconds(trainer.model) / (epoch_seconds / steps),
         "peak_mib": memory["mib"],
-        "prompt_tokens": trainer.model.prompt_input_ids.shape[1],
+        "prompt_tokens": trainer.model.learner.prompt_input_ids.shape[1],
         "model": trainer.model,
     }
 
@@ -140,14 +120,6 @@ def run(args: argparse.Namespace, clip_dir: str, data: Dataset, reference: bool)
 def loss_after_epoch(model: PromptTunedCLIP, features: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(model(image_features=features).logits.float(), labels).item()
-
-
-def random_clip_config(size: str, tokenizer) -> CLIPConfig:
-    """A CLIPConfig of ``SIZES[size]`` whose text tower fits ``tokenizer`` (vocabulary, BOS/EOS ids)."""
-    config = CLIPConfig(**SIZES[size], logit_scale_init_value=4.6052)
-    config.text_config.vocab_size = len(tokenizer)
-    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return config
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cmp_hf.data.testbed import TASKS, testbed_task
+from cmp_hf.testing.testbed import TASKS, testbed_task
 
 
 def main(directory: str, tasks: list[str]) -> None:

@@ -12,8 +12,8 @@ import argparse
 import os
 import shutil
 
-from cmp_hf.data import colour_patches, write_image_folder
-from cmp_hf.tiny import save_tiny_clip
+from cmp_hf.testing.synthetic import colour_patches, write_image_folder
+from cmp_hf.testing.tiny import save_tiny_clip
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, set_seed
 
-from cmp_hf.data.testbed import (
+from cmp_hf.metrics import calibration_metrics
+from cmp_hf.testing.testbed import (
     ANIMAL_NAMES,
     DIGIT_NAMES,
     SHAPE_COLOURS,
@@ -41,7 +42,6 @@ from cmp_hf.data.testbed import (
     pool_indices,
     shape_arrays,
 )
-from cmp_hf.metrics import calibration_metrics
 
 TEMPLATES = {
     "digit": ["a photo of a {}.", "a handwritten {}.", "the number {}.", "a photo of the digit {}."],
@@ -64,6 +64,14 @@ def bpe_merges(cache_dir: str) -> list[tuple[str, str]]:
         lines = gzip.decompress(wheel.read(BPE_FILE)).decode("utf-8").split("\n")
     # as open_clip's SimpleTokenizer: skip the header, keep the first 49152 - 256 - 2 merges
     return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+
+
+def merges_from_tokenizer(directory: str) -> list[tuple[str, str]]:
+    """The ranked merges of a saved CLIP tokenizer (e.g. the shipped micro-CLIP's), for runs without a download:
+    trimming them to the corpus gives the same tokenizer as trimming the full list, since they are its subset."""
+    with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        merges = json.load(f)["model"]["merges"]
+    return [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in merges]
 
 
 def trimmed_tokenizer(texts: list[str], merges: list[tuple[str, str]], directory: str) -> CLIPTokenizer:
@@ -160,7 +168,8 @@ def main(args: argparse.Namespace) -> dict:
     captions = sorted(concept_of)
     os.makedirs(args.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = trimmed_tokenizer(captions, bpe_merges(args.cache_dir), tmp)
+        merges = merges_from_tokenizer(args.bpe_from) if args.bpe_from else bpe_merges(args.cache_dir)
+        tokenizer = trimmed_tokenizer(captions, merges, tmp)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model = CLIPModel(micro_clip_config(tokenizer, args.logit_scale))
@@ -231,5 +240,6 @@ if __name__ == "__main__":
     parser.add_argument("--logit_scale", type=float, default=100.0, help="initial scale, clamped at 100 as CLIP")
     parser.add_argument("--shapes", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache_dir", default="build/wheels")
+    parser.add_argument("--cache_dir", default="build/wheels", help="where the open-clip-torch wheel is kept")
+    parser.add_argument("--bpe_from", default=None, help="take the BPE merges from this CLIP directory instead")
     main(parser.parse_args())

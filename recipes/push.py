@@ -1,33 +1,11 @@
-"""Push a saved prompt directory (what recipes/train.py or CMPTrainer.save_model wrote) to the Hub, no retraining.
+"""Push a saved prompt directory to the Hub without retraining: ``cmp-hf push`` as a script.
 
     python recipes/push.py <output_dir> <user/repo> [--private] [--revision BRANCH]
-
-Uploads the adapter (safetensors), prompt_config.json, eval/<set>/{metrics.json,reliability.png} and README.md.
-The token comes from `hf auth login` or HF_TOKEN. The directory is only read: after a failure, run it again.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from cmp_hf.hub import HubError, push_output_dir
-
-
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir")
-    parser.add_argument("repo_id")
-    parser.add_argument("--private", action="store_true", default=None)
-    parser.add_argument("--revision", default=None)
-    args = parser.parse_args(argv)
-    url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision)
-    print(f"pushed {args.output_dir} to {url}")
-    return url
-
+from cmp_hf.cli import main
 
 if __name__ == "__main__":
-    try:
-        main()
-    except HubError as error:
-        sys.exit(f"error: {error}")
+    main(["push", *sys.argv[1:]])

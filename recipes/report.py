@@ -10,12 +10,13 @@ long-format CSV of the same numbers.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from cmp_hf.tables import publish
 
 METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}
 
@@ -80,18 +81,6 @@ def main(argv: list[str] | None = None) -> str:
     markdown, rows = tables(values)
     publish(markdown, rows, args.out)
     return markdown
-
-
-def publish(markdown: str, rows: list[dict], out: str | None) -> None:
-    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv``."""
-    print(markdown)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.md").write_text(markdown)
-        with open(f"{out}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
+
 METHODS: dict[str, list[str]] = {
     "coop": ["--cmp_lambda", "0"],
     "coop_cmp": ["--cmp_lambda", "1.0", "--cmp_form", "log_ratio"],
     "coop_cmp_ratio": ["--cmp_lambda", "1.0", "--cmp_form", "ratio"],
 }
 SETTINGS: dict[str, list[str]] = {"few_shot": [], "base_to_novel": ["--base_to_novel", "true", "--shots", "16"]}
-EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}  # CoOp's schedule lengths
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
@@ -34,7 +35,7 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[Path, list[str]]]:
         if args.shots is not None:
             overrides += ["--shots", str(args.shots)]
             if args.coop_epochs:
-                overrides += ["--num_train_epochs", str(EPOCHS_BY_SHOTS[args.shots])]
+                overrides += ["--num_train_epochs", str(COOP_EPOCHS_BY_SHOTS[args.shots])]
         runs.append((output_dir, [config, *overrides, *args.extra]))
     return runs
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--methods", nargs="+", default=["coop", "coop_cmp"], choices=sorted(METHODS))
     parser.add_argument("--settings", nargs="+", default=["few_shot"], choices=sorted(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--shots", type=int, default=None, choices=sorted(EPOCHS_BY_SHOTS))
+    parser.add_argument("--shots", type=int, default=None, choices=sorted(COOP_EPOCHS_BY_SHOTS))
     parser.add_argument("--coop_epochs", action="store_true", help="set num_train_epochs from shots as CoOp")
     parser.add_argument("--runs_dir", default="runs")
     parser.add_argument("--launcher", choices=["python", "accelerate"], default="python")

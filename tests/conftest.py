@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,13 +12,11 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_datasets
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from cmp_hf.data import colour_patches  # noqa: E402
-from cmp_hf.tiny import save_tiny_clip  # noqa: E402
+from cmp_hf.testing.synthetic import colour_patches  # noqa: E402
+from cmp_hf.testing.tiny import save_tiny_clip  # noqa: E402
+from recipes import make_tiny_testbed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))  # the recipe scripts are imported by their tests
-
-import make_tiny_testbed  # noqa: E402
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]

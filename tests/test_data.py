@@ -10,15 +10,14 @@ from cmp_hf.data import (
     FewShotSplit,
     base_novel_classes,
     class_names_from_features,
-    colour_patches,
     few_shot_sets,
     few_shot_split,
     load_image_dataset,
     sample_few_shot,
     subset_classes,
     to_rgb,
-    write_image_folder,
 )
+from cmp_hf.testing.synthetic import colour_patches, write_image_folder
 
 
 def test_colour_patches_are_deterministic_and_balanced():

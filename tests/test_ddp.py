@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     from cmp_hf import CMPConfig, CMPTrainer
-    from cmp_hf.data import colour_patches
+    from cmp_hf.testing.synthetic import colour_patches
 
     clip_dir, output_dir, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
     data = colour_patches(["red", "green", "blue", "yellow"], per_class=8, seed=5)  # 32 rows: 4 steps of 8

@@ -14,7 +14,7 @@ from cmp_hf.data import (
     select_views,
 )
 from cmp_hf.data.feature_cache import FEATURES_COLUMN, MANIFEST_NAME
-from cmp_hf.tiny import save_tiny_clip
+from cmp_hf.testing.tiny import save_tiny_clip
 
 
 def prompt_model(clip_dir):
@@ -155,3 +155,11 @@ def test_augmented_training_runs_on_both_paths(tiny_clip_dir, tmp_path, train_se
     if not cache:  # fresh crops: the same row differs between accesses
         first, second = trainer.train_dataset[0]["image"], trainer.train_dataset[0]["image"]
         assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_encoding_progress_follows_disable_tqdm(tiny_clip_dir, tmp_path, train_set, capfd, disable_tqdm):
+    config = CMPConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", disable_tqdm=disable_tqdm,
+                       image_feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    assert ("Encoding images" in capfd.readouterr().err) is not disable_tqdm

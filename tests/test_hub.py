@@ -135,7 +135,9 @@ def saved_run(tmp_path, tiny_clip_dir, train_set, test_set):
 
 
 def push(saved: Path, tmp_path: Path, endpoint: str, token: str | None = "hf_test_token"):
-    return run([sys.executable, "recipes/push.py", str(saved), REPO], hub_env(tmp_path, endpoint, token))
+    """Through the installed ``cmp-hf`` command, as the error messages tell users to."""
+    cmp_hf_command = Path(sys.executable).with_name("cmp-hf")
+    return run([str(cmp_hf_command), "push", str(saved), REPO], hub_env(tmp_path, endpoint, token))
 
 
 def test_refused_push_leaves_files_intact_and_can_be_rerun(tmp_path, hub, saved_run):
@@ -144,7 +146,7 @@ def test_refused_push_leaves_files_intact_and_can_be_rerun(tmp_path, hub, saved_
     refused = push(saved_run, tmp_path, hub.endpoint)
     assert refused.returncode != 0
     assert "the Hub refused the request (HTTP 403" in refused.stderr
-    assert f"run `python recipes/push.py {saved_run} {REPO}` to push again" in refused.stderr
+    assert f"run `cmp-hf push {saved_run} {REPO}` to push again" in refused.stderr
     assert tree_digest(saved_run) == before and not hub.repos[REPO].files
     hub.refuse_commits = False
     again = push(saved_run, tmp_path, hub.endpoint)

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
+from cmp_hf.learners import learner_class
 from cmp_hf.modeling import PromptTunedCLIP
 from cmp_hf.prompts import CoOpPromptConfig
 
@@ -162,20 +164,23 @@ def cocoop(tiny_clip_dir, class_names):
     torch.manual_seed(0)  # the random draws below make the test deterministic
     model = trained_like(tiny_clip_dir, class_names, learner="cocoop")
     with torch.no_grad():
-        for param in model.meta_net.parameters():
+        for param in model.learner.meta_net.parameters():
             param.normal_(0, 2.0)
-        model.meta_net[0].bias.fill_(2.0)  # the tiny model's meta-net has one hidden unit (16 // 16): keep it on
+        model.learner.meta_net[0].bias.fill_(
+            2.0
+        )  # the tiny model's meta-net has one hidden unit (16 // 16): keep it on
     return model.eval()
 
 
 def test_cocoop_prompts_depend_on_the_image(cocoop):
     features = cocoop.image_features(pixels(2))
-    text = cocoop.conditional_text_features(features)
+    text = cocoop.text_features(features)
     assert text.shape == (2, 4, 16)
     assert (text[0] - text[1]).abs().max() > 1e-3
     # each image's prompts equal the plain prompts with the context moved by that image's meta-net bias
-    shifted = cocoop.context + cocoop.meta_net(features[1])
-    expected = cocoop._encode_prompts(shifted, cocoop.prompt_input_ids, cocoop.prompt_context_index)
+    shifted = cocoop.context + cocoop.learner.meta_net(features[1])
+    learner = cocoop.learner
+    expected = learner.encode_prompts(cocoop.clip, shifted, learner.prompt_input_ids, learner.prompt_context_index)
     torch.testing.assert_close(text[1], expected, atol=1e-6, rtol=0)
 
 
@@ -183,16 +188,16 @@ def test_cocoop_meta_net_and_context_receive_gradients(cocoop):
     logits = cocoop(pixel_values=pixels(3)).logits
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     assert cocoop.context.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cocoop.meta_net.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cocoop.learner.meta_net.parameters())
     trainable = {n for n, p in cocoop.named_parameters() if p.requires_grad}
-    assert trainable == {"peft_model.prompt_encoder.default.embedding.weight", "meta_net.0.weight", "meta_net.0.bias",
-                         "meta_net.2.weight", "meta_net.2.bias"}  # fmt: skip
+    meta_net = {f"learner.meta_net.{layer}.{kind}" for layer in (0, 2) for kind in ("weight", "bias")}
+    assert trainable == {"peft_model.prompt_encoder.default.embedding.weight", *meta_net}
 
 
 def test_cocoop_with_a_silent_meta_net_is_coop(cocoop, tiny_clip_dir, class_names):
     with torch.no_grad():
-        cocoop.meta_net[2].weight.zero_()
-        cocoop.meta_net[2].bias.zero_()
+        cocoop.learner.meta_net[2].weight.zero_()
+        cocoop.learner.meta_net[2].bias.zero_()
     coop = PromptTunedCLIP.from_clip(
         cocoop.clip, cocoop.tokenizer, CoOpPromptConfig(class_names=class_names, n_ctx=3)
     ).eval()  # fmt: skip
@@ -209,9 +214,32 @@ def test_cocoop_save_load_and_transfer(cocoop, tmp_path):
     x = pixels()
     torch.testing.assert_close(loaded(pixel_values=x).logits, cocoop(pixel_values=x).logits, rtol=0, atol=0)
     other = cocoop.for_classes(["pink", "cyan"])
-    torch.testing.assert_close(other.meta_net[0].weight, cocoop.meta_net[0].weight, rtol=0, atol=0)
+    torch.testing.assert_close(other.learner.meta_net[0].weight, cocoop.learner.meta_net[0].weight, rtol=0, atol=0)
     (tmp_path / "meta_net.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="has no meta_net.safetensors"):
+    with pytest.raises(FileNotFoundError, match="holds a cocoop prompt but has no meta_net.safetensors"):
         PromptTunedCLIP.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="class_specific_context must be off"):
-        CoOpPromptConfig(class_names=["a"], learner="cocoop", class_specific_context=True)
+        learner_class(CoOpPromptConfig(class_names=["a"], learner="cocoop", class_specific_context=True))
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saved_by_v0_1"
+
+
+@pytest.mark.parametrize("learner", ["coop", "cocoop"])
+def test_prompts_saved_by_v0_1_load_with_identical_logits(learner):
+    """Prompts written by cmp_hf 0.1.0 (before the learner interface) on a tiny CLIP, with temperature 1.5 and
+    DAC k=2, and the logits that version computed for them and for a transfer to three other classes. Equal up to
+    float32 rounding: 0.1.0 divided the logit scale by T, the calibration now divides the logits."""
+    clip_dir = str(FIXTURES / "clip")
+    expected = load_file(str(FIXTURES / "expected_logits.safetensors"))
+    clip, tokenizer = CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir)
+    model = PromptTunedCLIP.from_pretrained(FIXTURES / learner, clip=clip, tokenizer=tokenizer).eval()
+    assert (model.learner.name, model.calibration.temperature, model.calibration.dac_k) == (learner, 1.5, 2)
+    features = expected["image_features"]
+    with torch.no_grad():
+        logits = model(image_features=features).logits
+        transferred = model.for_classes(["purple", "white", "red"])(image_features=features).logits
+    pairs = ((logits, expected[f"{learner}_logits"]), (transferred, expected[f"{learner}_transfer_logits"]))
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))

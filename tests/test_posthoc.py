@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.posthoc import apply_class_scales, distance_aware_scales, fit_temperature
+from cmp_hf.posthoc import PostHocCalibration, apply_class_scales, distance_aware_scales, fit_temperature
 
 
 def overconfident(seed: int = 0, n: int = 400, classes: int = 5, scale: float = 8.0):
@@ -35,16 +35,19 @@ def test_temperature_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
     x = torch.randn(4, 3, 32, 32)
     raw = model(pixel_values=x).logits
-    model.temperature = 2.5
+    model.calibration.temperature = 2.5
     torch.testing.assert_close(model(pixel_values=x).logits, raw / 2.5)
     model.save_pretrained(tmp_path)
     loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
-    assert loaded.temperature == 2.5
+    assert loaded.calibration.temperature == 2.5
     torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
-    assert loaded.for_classes(["pink"]).temperature == 2.5  # a transferred context keeps its calibration
-    model.temperature = 1.0
+    assert loaded.for_classes(["pink"]).calibration.temperature == 2.5  # a transferred context keeps its calibration
+    model.calibration.temperature = 1.0
     model.save_pretrained(tmp_path)  # re-saving an uncalibrated prompt removes the stale calibration file
-    assert not (tmp_path / "calibration.json").exists() and PromptTunedCLIP.from_pretrained(tmp_path).temperature == 1
+    assert (
+        not (tmp_path / "calibration.json").exists()
+        and PromptTunedCLIP.from_pretrained(tmp_path).calibration.temperature == 1
+    )
 
 
 def test_empty_set_is_refused():
@@ -82,13 +85,13 @@ def test_dac_applies_on_transfer_and_is_saved(tiny_clip_dir, tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         model.context.normal_(0, 1)
-    model.dac_k = 2
+    model.calibration.dac_k = 2
     other = model.for_classes(["red", "pink", "cyan"])  # one base class among new ones
-    assert other.class_scales[0].item() == 1.0 and (other.class_scales[1:] != 1.0).all()
+    scales = other.calibration.class_scales
+    assert scales[0].item() == 1.0 and (scales[1:] != 1.0).all()
     x = torch.randn(6, 3, 32, 32)
     plain = model.for_classes(["red", "pink", "cyan"])
-    plain.class_scales = None
-    torch.testing.assert_close(other(pixel_values=x).logits, apply_class_scales(plain(pixel_values=x).logits,
-                                                                                other.class_scales))  # fmt: skip
+    plain.calibration = PostHocCalibration()
+    torch.testing.assert_close(other(pixel_values=x).logits, apply_class_scales(plain(pixel_values=x).logits, scales))
     model.save_pretrained(tmp_path)
-    assert PromptTunedCLIP.from_pretrained(tmp_path).dac_k == 2
+    assert PromptTunedCLIP.from_pretrained(tmp_path).calibration.dac_k == 2

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf.modeling import PromptTunedCLIP
-from cmp_hf.prompts import CoOpPromptConfig, tokenize_prompts
+from cmp_hf.prompts import CoOpPromptConfig, replaced_embeddings, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +103,17 @@ def test_random_init_has_coop_scale(tiny_clip_dir, tokenizer):
 
 def reference_text_features(model: PromptTunedCLIP, length: int = 77, legacy_pooling: bool = False) -> torch.Tensor:
     """CoOp's way: every prompt padded with zeros to 77 tokens, no attention mask, pooled at EOS."""
-    ids77 = torch.zeros(model.prompt_input_ids.shape[0], length, dtype=torch.long)
+    learner = model.learner
+    ids77 = torch.zeros(learner.prompt_input_ids.shape[0], length, dtype=torch.long)
     index77 = torch.full_like(ids77, -1)
-    short = model.prompt_input_ids.shape[1]
-    real = model.prompt_attention_mask.bool()
-    ids77[:, :short] = torch.where(real, model.prompt_input_ids, 0)
-    index77[:, :short] = model.prompt_context_index
+    short = learner.prompt_input_ids.shape[1]
+    real = learner.prompt_attention_mask.bool()
+    ids77[:, :short] = torch.where(real, learner.prompt_input_ids, 0)
+    index77[:, :short] = learner.prompt_context_index
     clip = model.clip
     clip.text_model.eos_token_id = 2 if legacy_pooling else model.tokenizer.eos_token_id
     try:
-        with model._context_writer.replacing(model.context, index77):
+        with replaced_embeddings(clip.text_model.embeddings.token_embedding, model.context, index77):
             pooled = clip.text_model(input_ids=ids77).pooler_output
     finally:
         clip.text_model.eos_token_id = model.tokenizer.eos_token_id
@@ -132,7 +133,7 @@ def test_truncated_prompts_match_77_token_prompts(tiny_clip_dir, tokenizer, posi
         model.clip.text_model.eos_token_id = 2
     short = model.text_features()
     model.clip.text_model.eos_token_id = tokenizer.eos_token_id
-    assert model.prompt_input_ids.shape[1] < 20
+    assert model.learner.prompt_input_ids.shape[1] < 20
     torch.testing.assert_close(short, reference_text_features(model, legacy_pooling=legacy_pooling), atol=1e-5, rtol=0)
 
 
@@ -143,12 +144,15 @@ def test_hook_is_inert_outside_the_prompt_forward(tiny_clip_dir, tokenizer):
     model = PromptTunedCLIP.from_clip(clip, tokenizer, CoOpPromptConfig(class_names=["red"], n_ctx=2))
     model.text_features()
     torch.testing.assert_close(clip.get_text_features(**text).pooler_output, before, rtol=0, atol=0)
+    assert not clip.text_model.embeddings.token_embedding._forward_hooks  # no prompt leaves a hook behind
+    model.for_classes(["blue"]).text_features()
+    assert not clip.text_model.embeddings.token_embedding._forward_hooks
 
 
 def test_fixed_length_padding(tiny_clip_dir, tokenizer):
     config = CoOpPromptConfig(class_names=["red", "green"], n_ctx=4)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config, pad_prompts_to=77)
-    assert model.prompt_input_ids.shape == (2, 77)
+    assert model.learner.prompt_input_ids.shape == (2, 77)
     short = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
     with torch.no_grad():
         short.context.copy_(model.context)

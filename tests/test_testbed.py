@@ -15,7 +15,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from cmp_hf import CMPConfig, CMPTrainer, calibration_metrics
 from cmp_hf.data import base_novel_classes, few_shot_sets, subset_classes
-from cmp_hf.data.testbed import (
+from cmp_hf.testing.testbed import (
     DIGIT_NAMES,
     _load_npy_pickle,
     mnist_arrays,
@@ -23,7 +23,7 @@ from cmp_hf.data.testbed import (
     shape_arrays,
     shift,
 )
-from cmp_hf.data.testbed import testbed_task as load_task  # (a "test*" name would be collected by pytest)
+from cmp_hf.testing.testbed import testbed_task as load_task  # (a "test*" name would be collected by pytest)
 
 MICRO_CLIP = str(ROOT / "model_cards" / "micro-clip")
 
@@ -135,12 +135,12 @@ def test_quickstart_config_runs_on_a_small_budget(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_recipe_is_deterministic(tmp_path):
-    import pretrain_micro_clip
+    from recipes import pretrain_micro_clip
 
     def run(name):
         args = argparse.Namespace(
             output_dir=str(tmp_path / name), steps=2, batch_size=32, lr=1e-3, logit_scale=100.0, shapes=100, seed=0,
-            cache_dir=str(ROOT / "build" / "wheels"),
+            cache_dir=None, bpe_from=str(MICRO_CLIP),  # the shipped tokenizer's merges: no package index needed
         )  # fmt: skip
         report = pretrain_micro_clip.main(args)
         return report, (tmp_path / name / "model.safetensors").read_bytes()
@@ -153,14 +153,21 @@ def test_pretraining_recipe_is_deterministic(tmp_path):
 
 
 def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
-    import bench_calibration
+    from recipes import bench_calibration
 
-    options = dict(model=MICRO_CLIP, tasks=["mnist"], shots=[1], seeds=[1, 2], epoch_scale=0.1,
-                   methods=["CoOp-CE", "CMP log_ratio/all l=1"], out=str(tmp_path / "bench"))  # fmt: skip
+    options = dict(model=MICRO_CLIP, tasks=["mnist"], noise=[30.0], partitions=["first_half", "interleaved"],
+                   shots=[1], seeds=[1, 2], epoch_scale=0.1, methods=["CoOp-CE", "CMP log_ratio/all l=1"],
+                   out=str(tmp_path / "bench"))  # fmt: skip
     rows = bench_calibration.main(argparse.Namespace(**options))
     assert {r["eval_set"] for r in rows} == {"base", "novel", "shifted"}
-    assert len(rows) == 3 * 2 * 3  # (zero-shot + 2 methods) x 2 seeds x 3 eval sets
+    assert len(rows) == 3 * 2 * 3 * 2  # (zero-shot + 2 methods) x 2 seeds x 3 eval sets x 2 partitions
     markdown = (tmp_path / "bench.md").read_text()
     assert "paired difference against CoOp-CE" in markdown and "| CMP log_ratio/all l=1 |" in markdown
-    zero_shot_base = [r["accuracy"] for r in rows if r["method"] == "zero-shot" and r["eval_set"] == "base"]
-    assert zero_shot_base[0] == zero_shot_base[1] > 80  # no training: the same for every seed, and well above chance
+    assert "noise 30, first_half | noise 30, interleaved | average [min, max]" in markdown
+    for partition in ("first_half", "interleaved"):
+        zero_shot_base = [r["accuracy"] for r in rows if (r["method"], r["eval_set"], r["partition"]) ==
+                          ("zero-shot", "base", partition)]  # fmt: skip
+        assert zero_shot_base[0] == zero_shot_base[1] > 60  # no training: the same for every seed, above chance (20)
+    trained = {(r["seed"], r["partition"]): r["accuracy"] for r in rows if (r["method"], r["eval_set"]) ==
+               ("CoOp-CE", "base")}  # fmt: skip
+    assert len(set(trained.values())) > 1  # each seed and partition trained its own prompt

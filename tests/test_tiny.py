@@ -1,6 +1,6 @@
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf.tiny import save_tiny_clip, tiny_tokenizer
+from cmp_hf.testing.tiny import save_tiny_clip, tiny_tokenizer
 
 
 def test_tokenizer_merges_words_and_keeps_specials_last():

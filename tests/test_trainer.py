@@ -1,12 +1,17 @@
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainingArguments
 
 from cmp_hf import CMPConfig, CMPTrainer, HubError, PromptTunedCLIP, calibration_metrics
-from cmp_hf.data import CLIPImageCollator, colour_patches
+from cmp_hf.data import CLIPImageCollator
+from cmp_hf.learners import LEARNERS, CoOpLearner
+from cmp_hf.losses import LossOptions
+from cmp_hf.testing.synthetic import colour_patches
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:
@@ -249,10 +254,10 @@ def test_temperature_scaling_on_validation_data(tmp_path, tiny_clip_dir, train_s
     trainer.train()
     before = trainer.evaluate()["eval_test_nll"]
     t = trainer.fit_temperature(test_set)
-    assert trainer.model.temperature == t != 1.0 and "temperature_fit" not in trainer.eval_reports
+    assert trainer.model.calibration.temperature == t != 1.0 and "temperature_fit" not in trainer.eval_reports
     assert trainer.evaluate()["eval_test_nll"] < before  # fitted on this very set: NLL can only go down
     trainer.save_model(str(tmp_path / "saved"))
-    assert PromptTunedCLIP.from_pretrained(tmp_path / "saved").temperature == t
+    assert PromptTunedCLIP.from_pretrained(tmp_path / "saved").calibration.temperature == t
 
 
 @pytest.mark.parametrize(
@@ -268,7 +273,101 @@ def test_bad_baseline_options_are_rejected(tmp_path, overrides, message):
 def test_cocoop_trains_in_the_trainer(tmp_path, tiny_clip_dir, train_set, test_set):
     trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=3, prompt_learner="cocoop"),
                          train_dataset=train_set, eval_dataset={"test": test_set})  # fmt: skip
-    before = {n: p.detach().clone() for n, p in trainer.model.meta_net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in trainer.model.learner.meta_net.named_parameters()}
     trainer.train()
-    assert any(not torch.equal(before[n], p) for n, p in trainer.model.meta_net.named_parameters())
-    assert 0 <= trainer.evaluate()["eval_test_ece_pct"] <= 100
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.learner.meta_net.named_parameters())
+    logits, labels = logits_of(trainer.model, trainer.processing_class, test_set)
+    ece = trainer.evaluate()["eval_test_ece_pct"]
+    assert ece == pytest.approx(100 * calibration_metrics(labels, logits=logits)["ece"], abs=1e-4)
+
+
+def logits_of(model: PromptTunedCLIP, processor, dataset) -> np.ndarray:
+    batch = CLIPImageCollator(processor.image_processor)(list(dataset))
+    with torch.no_grad():
+        return model.eval()(pixel_values=batch["pixel_values"]).logits.numpy(), batch["labels"].numpy()
+
+
+def test_evaluate_takes_a_dict_of_sets_and_records_each(tmp_path, tiny_clip_dir, train_set, test_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
+    metrics = trainer.evaluate({"a": test_set, "b": train_set})
+    assert set(trainer.eval_reports) == {"a", "b"}
+    assert metrics["eval_a_accuracy_pct"] == trainer.eval_reports["a"].metrics["accuracy_pct"]
+    logits, labels = logits_of(trainer.model, trainer.processing_class, train_set)
+    assert metrics["eval_b_ece_pct"] == pytest.approx(
+        100 * calibration_metrics(labels, logits=logits)["ece"], abs=1e-4
+    )
+
+
+def test_a_single_eval_set_is_saved_in_eval_itself(tmp_path, tiny_clip_dir, train_set, test_set):
+    trainer = CMPTrainer(
+        model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set, eval_dataset=test_set
+    )
+    trainer.evaluate()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert (out / "eval" / "metrics.json").exists() and (out / "eval" / "reliability.png").exists()
+    assert not (out / "eval" / "eval").exists()
+
+
+@pytest.mark.parametrize("learner", ["coop", "cocoop"])
+def test_evaluate_under_other_class_names_is_the_transferred_prompt(tmp_path, tiny_clip_dir, train_set, learner):
+    """``evaluate(class_names=...)`` scores exactly what ``for_classes`` gives, and leaves the model as it was."""
+    config = make_config(tmp_path, max_steps=2, prompt_learner=learner, kgcoop_weight=1.0)
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    trainer.train()
+    trainer.model.calibration.dac_k = 2
+    novel = colour_patches(["purple", "red", "pink"], per_class=3, seed=5)
+    names = ["purple", "red", "pink"]
+    embedding = trainer.model.clip.text_model.embeddings.token_embedding
+    metrics = trainer.evaluate({"novel": novel}, class_names=names)
+    assert trainer.model.class_names == ["red", "green", "blue", "yellow"] and not embedding._forward_hooks
+    logits, labels = logits_of(trainer.model.for_classes(names), trainer.processing_class, novel)
+    expected = calibration_metrics(labels, logits=logits)
+    assert metrics["eval_novel_ece_pct"] == pytest.approx(100 * expected["ece"], abs=1e-4)
+    assert metrics["eval_novel_nll"] == pytest.approx(expected["nll"], rel=1e-5)
+    assert "eval_novel_kgcoop" in metrics  # KgCoOp's term is measured against the novel classes' own prompts
+    assert trainer.eval_reports["novel"].num_classes == 3
+
+
+class ImageTowerLearner(CoOpLearner):
+    """A learner that says its image features change with training (as MaPLe's do)."""
+
+    name = "image_tower_test"
+    caches_image_features = False
+
+
+def test_the_trainer_asks_the_learner_whether_features_may_be_cached(tmp_path, tiny_clip_dir, train_set, monkeypatch):
+    monkeypatch.setitem(LEARNERS, ImageTowerLearner.name, ImageTowerLearner)
+    config = make_config(tmp_path, max_steps=1, prompt_learner=ImageTowerLearner.name)
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer._feature_cache is None
+    assert isinstance(trainer.model.learner, ImageTowerLearner)
+    trainer.train()
+
+
+def test_unknown_learner_is_rejected_before_loading_anything(tmp_path):
+    with pytest.raises(ValueError, match="Unknown prompt learner 'maple2'"):
+        make_config(tmp_path, prompt_learner="maple2")
+    with pytest.raises(ValueError, match="class_specific_context must be off"):
+        make_config(tmp_path, prompt_learner="cocoop", class_specific_context=True)
+
+
+def test_loss_options_come_from_the_config(tmp_path):
+    config = make_config(tmp_path, cmp_lambda=0.5, focal_gamma=2.0, kgcoop_weight=3.0)
+    options = config.loss_options()
+    assert (options.cmp_lambda, options.focal_gamma, options.kgcoop_weight, options.cmp_form) == (
+        0.5,
+        2.0,
+        3.0,
+        "log_ratio",
+    )
+    assert set(LossOptions.__dataclass_fields__) <= {f.name for f in dataclasses.fields(CMPConfig)}
+
+
+def test_every_config_field_is_documented_by_its_help():
+    """The docstring is built from the fields' help: one text for the docs and for a recipe's --help."""
+    documented = [f for f in dataclasses.fields(CMPConfig) if f"\n{f.name} (`" in CMPConfig.__doc__]
+    ours = {f.name for f in dataclasses.fields(CMPConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert ours <= {f.name for f in documented}
+    for f in documented:
+        assert f.metadata["help"] in CMPConfig.__doc__

@@ -13,7 +13,6 @@ from .fewshot import (
 )
 from .loading import class_names_from_features, load_image_dataset
 from .suite import DOMAIN_SHIFTS, SUITE, SuiteDataset, load_suite_dataset
-from .synthetic import PALETTE, colour_patches, write_image_folder
 
 __all__ = [
     "DOMAIN_SHIFTS",
@@ -25,17 +24,14 @@ __all__ = [
     "few_shot_split",
     "load_suite_dataset",
     "subset_classes",
-    "PALETTE",
     "CLIPImageCollator",
     "ImageFeatureCache",
     "ImageFeatureCollator",
     "RandomResizedCropFlip",
     "augmented",
     "class_names_from_features",
-    "colour_patches",
     "load_image_dataset",
     "sample_few_shot",
     "select_views",
     "to_rgb",
-    "write_image_folder",
 ]

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from datasets import Array2D, Dataset, Features, Value, load_from_disk
+from datasets import Array2D, ClassLabel, Dataset, Features, Value, load_from_disk
 from tqdm.auto import tqdm
 
 from .augment import RandomResizedCropFlip
@@ -36,7 +36,7 @@ from .collator import to_rgb
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the label column keeps its ClassLabel
 MANIFEST_NAME = "cmp_hf_cache.json"
 FEATURES_COLUMN = "image_features"
 
@@ -87,6 +87,7 @@ class ImageFeatureCache:
     label_column: str = "label"
     batch_size: int = 64
     seed: int = 0
+    progress: bool = True  # show a progress bar while encoding (the trainer passes ``not disable_tqdm``)
 
     def __post_init__(self) -> None:
         self._tower_digest = image_tower_digest(self.model)
@@ -145,7 +146,8 @@ class ImageFeatureCache:
             batch.clear()
 
         total = len(dataset) * per_row
-        for image in tqdm(self._images(dataset, views), total=total, desc="Encoding images", unit="img"):
+        images = tqdm(self._images(dataset, views), total=total, desc="Encoding images", disable=not self.progress)
+        for image in images:
             batch.append(image)
             if len(batch) == self.batch_size:
                 flush()
@@ -153,8 +155,11 @@ class ImageFeatureCache:
             flush()
         features = torch.cat(outputs).numpy().reshape(len(dataset), per_row, -1)
         labels = dataset.select_columns([self.label_column])
+        label_feature = dataset.features[self.label_column]  # a ClassLabel keeps its names, for subsets by class
+        if not isinstance(label_feature, ClassLabel):
+            label_feature = Value("int64")
         schema = Features(
-            {FEATURES_COLUMN: Array2D(shape=features.shape[1:], dtype="float32"), self.label_column: Value("int64")}
+            {FEATURES_COLUMN: Array2D(shape=features.shape[1:], dtype="float32"), self.label_column: label_feature}
         )
         return Dataset.from_dict(
             {FEATURES_COLUMN: features, self.label_column: np.asarray(labels[self.label_column])}, features=schema

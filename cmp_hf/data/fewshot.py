@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from datasets import ClassLabel, Dataset
 
-FEWSHOT_FILE = "fewshot_split.json"
+from ..constants import FEWSHOT_SPLIT_NAME
 
 
 @dataclass
@@ -26,12 +26,12 @@ class FewShotSplit:
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, FEWSHOT_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(directory, FEWSHOT_SPLIT_NAME), "w", encoding="utf-8") as f:
             json.dump(asdict(self), f)
 
     @classmethod
     def load(cls, directory: str) -> FewShotSplit | None:
-        path = os.path.join(directory, FEWSHOT_FILE)
+        path = os.path.join(directory, FEWSHOT_SPLIT_NAME)
         if not os.path.isfile(path):
             return None
         with open(path, encoding="utf-8") as f:

@@ -1,7 +1,7 @@
 """The Confidence Misalignment Penalty (CMP) of Khan & Syed, arXiv 2501.17595.
 
 When a sample is misclassified, CMP moves log-likelihood from the wrong classes that beat the true class back to
-the true class. The paper publishes two forms that disagree (see ``shared/reference/cmp-method.md``):
+the true class. The paper publishes two forms that disagree (README, "The method, precisely"):
 
 * ``"log_ratio"`` (appendix, Proposition B.4): ``logsumexp_{j in H} z_j - z_y``. Its gradient raises the true
   logit and lowers the winning wrong ones, which is what the paper's text describes.

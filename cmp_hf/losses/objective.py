@@ -1,4 +1,4 @@
-"""The training objective, assembled in one place for CMPTrainer and for lean loops (the calibration benchmark).
+"""The training objective of CMPTrainer, assembled in one place.
 
 loss = cross-entropy (or focal loss, or label-smoothed cross-entropy) + cmp_lambda * CMP
        + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance
@@ -14,21 +14,34 @@ import torch
 import torch.nn.functional as F
 
 from .baselines import focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
-from .cmp import cmp_penalty
+from .cmp import CMP_COMPETITORS, CMP_FORMS, cmp_penalty
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossOptions:
-    """The loss fields of CMPConfig, for code that trains without a Trainer (CMPConfig itself works too)."""
+    """The loss fields of ``CMPConfig`` (their defaults and help live there: ``CMPConfig.loss_options()`` builds
+    this), checked here so that every way of building one is validated the same."""
 
-    cmp_lambda: float = 1.0
-    cmp_form: str = "log_ratio"
-    cmp_competitors: str = "all"
-    label_smoothing_factor: float = 0.0
-    focal_gamma: float = 0.0
-    mbls_weight: float = 0.0
-    mbls_margin: float = 10.0
-    kgcoop_weight: float = 0.0
+    cmp_lambda: float
+    cmp_form: str
+    cmp_competitors: str
+    label_smoothing_factor: float
+    focal_gamma: float
+    mbls_weight: float
+    mbls_margin: float
+    kgcoop_weight: float
+
+    def __post_init__(self) -> None:
+        if self.cmp_lambda < 0:
+            raise ValueError(f"cmp_lambda must be >= 0 (0 disables CMP), got {self.cmp_lambda}.")
+        if self.cmp_form not in CMP_FORMS:
+            raise ValueError(f"Unknown cmp_form {self.cmp_form!r}: use one of {CMP_FORMS}.")
+        if self.cmp_competitors not in CMP_COMPETITORS:
+            raise ValueError(f"Unknown cmp_competitors {self.cmp_competitors!r}: use one of {CMP_COMPETITORS}.")
+        if min(self.focal_gamma, self.mbls_weight, self.mbls_margin, self.kgcoop_weight) < 0:
+            raise ValueError("focal_gamma, mbls_weight, mbls_margin and kgcoop_weight must be >= 0.")
+        if self.focal_gamma and self.label_smoothing_factor:
+            raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
 
 
 def training_objective(

@@ -1,13 +1,12 @@
-"""Prompt learners: how class prompts are built and where their learned vectors enter CLIP's text encoder."""
+"""Prompt text: how class prompts are built and where learned vectors enter CLIP's text encoder."""
 
-from .coop import PROMPT_CONFIG_NAME, CoOpPromptConfig, PromptTokens, tokenize_prompts, validate_class_names
-from .hook import EmbeddingOverride
+from .config import CoOpPromptConfig, PromptTokens, tokenize_prompts, validate_class_names
+from .hook import replaced_embeddings
 
 __all__ = [
-    "PROMPT_CONFIG_NAME",
     "CoOpPromptConfig",
-    "EmbeddingOverride",
     "PromptTokens",
+    "replaced_embeddings",
     "tokenize_prompts",
     "validate_class_names",
 ]

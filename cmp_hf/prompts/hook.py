@@ -1,9 +1,10 @@
-"""Write learned prompt vectors into CLIP's token-embedding output.
+"""Write learned prompt vectors into CLIP's token-embedding output, for the duration of one text forward.
 
 No transformers version lets ``CLIPTextModel`` take ``inputs_embeds``, and its EOS pooling needs the real
 ``input_ids``. A forward hook on ``text_model.embeddings.token_embedding`` that swaps in learned vectors at chosen
-positions leaves positions, masks and pooling to Hugging Face's code. The hook is inert outside
-:meth:`EmbeddingOverride.replacing`, so other text passed through the same CLIP is never altered.
+positions leaves positions, masks and pooling to Hugging Face's code. The hook exists only inside
+:func:`replaced_embeddings`: it is registered on entry and removed on exit, so no prompt ever leaves a hook behind
+and other text passed through the same CLIP is never altered.
 """
 
 from __future__ import annotations
@@ -15,35 +16,21 @@ import torch
 from torch import nn
 
 
-class EmbeddingOverride:
-    """Forward hook on an ``nn.Embedding`` that, while active, replaces rows of its output.
+@contextmanager
+def replaced_embeddings(embedding: nn.Embedding, vectors: torch.Tensor, index: torch.Tensor) -> Iterator[None]:
+    """While active, rows of ``embedding``'s output where ``index >= 0`` become ``vectors[index]`` (gradients flow
+    to ``vectors``); elsewhere the output is the ordinary token embedding. ``index`` has the token ids' shape."""
 
-    ``index`` has the shape of the token ids fed to the embedding; where ``index >= 0`` the output row becomes
-    ``vectors[index]`` (gradients flow to ``vectors``), elsewhere it is the ordinary token embedding.
-    """
-
-    def __init__(self, embedding: nn.Embedding) -> None:
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._handle = embedding.register_forward_hook(self._hook)
-
-    @contextmanager
-    def replacing(self, vectors: torch.Tensor, index: torch.Tensor) -> Iterator[None]:
-        self._pending = (vectors, index)
-        try:
-            yield
-        finally:
-            self._pending = None
-
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if self._pending is None:
-            return None
-        vectors, index = self._pending
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if index.shape != output.shape[:-1]:
             raise RuntimeError(
-                f"Prompt index of shape {tuple(index.shape)} does not match token ids {output.shape[:-1]}."
+                f"Prompt index of shape {tuple(index.shape)} does not match token ids {tuple(output.shape[:-1])}."
             )
         learned = vectors[index.clamp(min=0)].to(output.dtype)
         return torch.where((index >= 0).unsqueeze(-1), learned, output)
 
-    def remove(self) -> None:
-        self._handle.remove()
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

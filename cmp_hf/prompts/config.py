@@ -1,9 +1,10 @@
-"""CoOp prompts (Zhou et al., IJCV 2022): ``[SOS] ctx_1 .. ctx_M [class tokens] "." [EOS]``.
+"""CoOp-style prompts (Zhou et al., IJCV 2022): ``[SOS] ctx_1 .. ctx_M [class tokens] "." [EOS]``.
 
-This module turns a :class:`CoOpPromptConfig` and a tokenizer into token ids plus a map of where each learned
-context vector goes. The vectors themselves are owned by peft (see ``cmp_hf.modeling``) and written into the
-token-embedding output by :class:`cmp_hf.prompts.hook.EmbeddingOverride`, so positions, attention mask and EOS
-pooling stay Hugging Face's own code.
+Every prompt learner (``cmp_hf.learners``) builds its class prompts this way. This module turns a
+:class:`CoOpPromptConfig` and a tokenizer into token ids plus a map of where each learned context vector goes. The
+vectors themselves are owned by peft (see ``cmp_hf.modeling``) and written into the token-embedding output by
+:func:`cmp_hf.prompts.hook.replaced_embeddings`, so positions, attention mask and EOS pooling stay Hugging Face's
+own code.
 
 Prompts are padded only to the longest prompt of the class list, not to 77 tokens: the text encoder is causal and
 pools at EOS, so padding after EOS cannot change the feature, and short prompts are much cheaper.
@@ -19,8 +20,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-PROMPT_CONFIG_NAME = "prompt_config.json"
-LEARNERS = ("coop", "cocoop")
+from ..constants import PROMPT_CONFIG_NAME
+
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 ClassTokenPosition = Literal["end", "middle", "front"]
 
@@ -40,8 +41,8 @@ class CoOpPromptConfig:
         template: text around the class name, ``"{}"`` standing for it. Text before ``"{}"`` stays attached to the
             name, text after it ends the prompt. CoOp's prompt is ``"{}."``.
         base_model_name_or_path: the CLIP the prompt was learned on (Hub id or directory), used to load it back.
-        learner: ``"coop"`` (a fixed context) or ``"cocoop"`` (Zhou et al., CVPR 2022: a small meta-network adds an
-            image-dependent bias to the shared context, so every image gets its own prompts).
+        learner: the prompt learner that uses this prompt, a key of ``cmp_hf.learners.LEARNERS`` (``"coop"``: a
+            fixed context; ``"cocoop"``: an image-conditional one). The learner checks the options it cannot take.
         allow_duplicate_names: accept repeated class names. Off by default (a repeat is nearly always a mistake
             and makes two classes indistinguishable); CLIP's and CoOp's ImageNet names repeat "missile" and
             "sunglasses", so reproducing ImageNet needs it on.
@@ -68,10 +69,6 @@ class CoOpPromptConfig:
             )
         if self.template.count("{}") != 1:
             raise ValueError(f"template must contain '{{}}' exactly once (the class name), got {self.template!r}.")
-        if self.learner not in LEARNERS:
-            raise ValueError(f"Unknown prompt learner {self.learner!r}: use one of {LEARNERS}.")
-        if self.learner == "cocoop" and self.class_specific_context:
-            raise ValueError("CoCoOp conditions one shared context on the image: class_specific_context must be off.")
         if self.ctx_init is not None and not self.ctx_init.strip():
             raise ValueError("ctx_init is empty: give a text such as 'a photo of a', or None for random init.")
 

@@ -88,3 +88,33 @@ def save_tiny_clip(directory: str, words: Iterable[str] = (), seed: int = 0) -> 
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# Real CLIP sizes, for benchmarks that need the cost of a real tower with random weights.
+SIZES = {
+    "vit-b16": dict(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+            patch_size=16,
+        ),
+        projection_dim=512,
+    ),
+    # for a smoke test of this script only
+    "tiny": dict(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    ),
+}  # fmt: skip
+
+
+def random_clip_config(size: str, tokenizer) -> CLIPConfig:
+    """A CLIPConfig of ``SIZES[size]`` whose text tower fits ``tokenizer`` (vocabulary, BOS/EOS ids)."""
+    config = CLIPConfig(**SIZES[size], logit_scale_init_value=4.6052)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return config

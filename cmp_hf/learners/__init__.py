@@ -1,0 +1,20 @@
+"""Prompt learners, one module each, and the registry that maps ``prompt_learner`` names to them."""
+
+from ..prompts.config import CoOpPromptConfig
+from .base import PromptLearner
+from .cocoop import CoCoOpLearner
+from .coop import CoOpLearner
+
+LEARNERS: dict[str, type[PromptLearner]] = {learner.name: learner for learner in (CoOpLearner, CoCoOpLearner)}
+
+
+def learner_class(config: CoOpPromptConfig) -> type[PromptLearner]:
+    """The learner ``config.learner`` names, after it has checked the prompt options (before any model is built)."""
+    if config.learner not in LEARNERS:
+        raise ValueError(f"Unknown prompt learner {config.learner!r}: use one of {sorted(LEARNERS)}.")
+    learner = LEARNERS[config.learner]
+    learner.check_config(config)
+    return learner
+
+
+__all__ = ["LEARNERS", "CoCoOpLearner", "CoOpLearner", "PromptLearner", "learner_class"]

@@ -1,0 +1,77 @@
+"""What every prompt learner provides, so that ``PromptTunedCLIP`` and ``CMPTrainer`` never ask which one they have.
+
+A learner turns the learned context (the peft prompt embedding, owned by ``PromptTunedCLIP``) and, where it needs
+them, image features into class text features. Parameters that peft has no slot for (CoCoOp's meta-network) are the
+learner's own ``nn.Module`` parameters: they train with the context and are saved as safetensors beside the peft
+adapter under :attr:`PromptLearner.weights_name`. A learner is built for one list of class names; a transfer to
+other classes builds the same learner for those names and hands over its own weights (:meth:`for_classes`).
+
+To add a learner: subclass this (usually through ``CoOpLearner``) in a module of its own and add it to
+``cmp_hf.learners.LEARNERS``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+from ..prompts.config import CoOpPromptConfig
+
+
+class PromptLearner(nn.Module):
+    """Base class of prompt learners; subclasses set the class attributes and implement :meth:`text_features`.
+
+    A subclass is built as ``Learner(clip, tokenizer, config, pad_prompts_to=None)`` (``clip`` is not kept as a
+    submodule: ``PromptTunedCLIP`` owns it and passes it to every call).
+
+    Class attributes:
+        name: the key of the learner in ``cmp_hf.learners.LEARNERS`` and in ``prompt_config.json``.
+        caches_image_features: whether image features are those of the frozen image tower, so that the trainer may
+            encode each image once and train on stored features. A learner that prompts the image tower too says
+            ``False``, and the trainer then encodes images at every step.
+        conditional: whether class text features depend on the image (then ``text_features`` returns one set per
+            image, (B, C, D), and evaluation cannot compute them once for all images).
+        weights_name: file, beside the peft adapter, holding :meth:`extra_state_dict` (``None``: nothing to save).
+    """
+
+    name: ClassVar[str]
+    caches_image_features: ClassVar[bool] = True
+    conditional: ClassVar[bool] = False
+    weights_name: ClassVar[str | None] = None
+
+    @classmethod
+    def check_config(cls, config: CoOpPromptConfig) -> None:
+        """Raise ``ValueError`` for prompt options this learner cannot take (called before any model is built)."""
+
+    def text_features(
+        self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised class text features, differentiable w.r.t. ``context`` and the learner's parameters:
+        (C, D), or (B, C, D) for a conditional learner given ``image_features`` (without them, its (C, D) features
+        of the context alone, which image-independent uses such as DAC's distances take)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def image_features(self, clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features of the frozen image tower (no graph is kept: nothing there trains)."""
+        pooled = clip.vision_model(pixel_values=pixel_values.to(clip.dtype)).pooler_output
+        return F.normalize(clip.visual_projection(pooled), dim=-1)
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        """The learner's own weights (saved under :attr:`weights_name`); empty for a learner with none."""
+        return {}
+
+    def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state_dict` returned."""
+
+    def for_classes(
+        self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig
+    ) -> PromptLearner:
+        """The same learner for ``config``'s classes, carrying this one's weights (a transfer to new classes)."""
+        other = type(self)(clip, tokenizer, config)
+        other.load_extra_state_dict(self.extra_state_dict())
+        return other.to(clip.device)

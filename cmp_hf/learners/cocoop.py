@@ -1,0 +1,63 @@
+"""CoCoOp (Zhou et al., CVPR 2022): the shared context plus an image-conditional bias from a small meta-network.
+
+Meta-network: image feature -> D/16 -> ReLU -> text width, the bias added to every context vector of that image's
+prompts. Every image thus has its own C class prompts, so a step runs the text encoder on batch x classes prompts
+(keep batches small on CPU; CoCoOp's own recipe uses batch 1). The meta-network is saved as ``meta_net.safetensors``
+beside the adapter; peft has no slot for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPModel, PreTrainedTokenizerBase
+
+from ..constants import META_NET_NAME
+from ..prompts.config import CoOpPromptConfig
+from .coop import CoOpLearner
+
+
+class CoCoOpLearner(CoOpLearner):
+    """(B, C, D) class text features: image b's prompts carry ``context + meta_net(image_features[b])``; without
+    image features, the (C, D) features of the shared context alone."""
+
+    name = "cocoop"
+    conditional = True
+    weights_name = META_NET_NAME
+
+    def __init__(
+        self,
+        clip: CLIPModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: CoOpPromptConfig,
+        pad_prompts_to: int | None = None,
+    ) -> None:
+        super().__init__(clip, tokenizer, config, pad_prompts_to)
+        width, hidden = clip.config.projection_dim, max(clip.config.projection_dim // 16, 1)
+        self.meta_net = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, clip.config.text_config.hidden_size)
+        ).to(clip.device)
+
+    @classmethod
+    def check_config(cls, config: CoOpPromptConfig) -> None:
+        if config.class_specific_context:
+            raise ValueError("CoCoOp conditions one shared context on the image: class_specific_context must be off.")
+
+    def text_features(
+        self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if image_features is None:  # image-independent uses (DAC's distances): the shared context alone
+            return super().text_features(clip, context)
+        batch, n_ctx = len(image_features), context.shape[0]
+        vectors = context[None] + self.meta_net(image_features.to(context.dtype))[:, None, :]
+        index = self.prompt_context_index[None] + torch.arange(batch, device=context.device)[:, None, None] * n_ctx
+        index = torch.where(self.prompt_context_index[None] >= 0, index, -1)
+        ids = self.prompt_input_ids.repeat(batch, 1)
+        features = self.encode_prompts(clip, vectors.reshape(-1, vectors.shape[-1]), ids, index.reshape(len(ids), -1))
+        return features.reshape(batch, len(self.prompt_input_ids), -1)
+
+    def extra_state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().contiguous() for key, value in self.meta_net.state_dict().items()}
+
+    def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.meta_net.load_state_dict(state_dict)

@@ -1,0 +1,37 @@
+"""Command-line parsing of the scripts: a YAML config file, then ``--key value`` overrides (trl-style)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def parse_config_and_overrides(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
+    """Parse ``[config.yaml] [--key value ...]`` into the parser's dataclasses; the command line wins over the YAML,
+    which may ``include:`` a base YAML.
+
+    Unknown YAML keys are an error (a typo would otherwise silently fall back to a default).
+    """
+    argv = list(argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        values = read_config(argv.pop(0))
+        known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in the config file: {unknown}. Check their spelling against --help.")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def read_config(path: str) -> dict:
+    """A YAML config; ``include: other.yaml`` (relative to this file) is read first and overridden by this one."""
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    include = values.pop("include", None)
+    if include is None:
+        return values
+    return {**read_config(os.path.join(os.path.dirname(path), include)), **values}

@@ -1,0 +1,211 @@
+"""Train a prompt on a frozen CLIP with CMP, evaluate its calibration, save the prompt and the metrics.
+
+    cmp-hf train recipes/configs/quickstart.yaml [--seed 2 --output_dir ...]
+    accelerate launch recipes/train.py recipes/configs/suite/oxford_pets.yaml --cmp_lambda 0 --base_to_novel true
+
+(``recipes/train.py`` runs this module's :func:`main`; ``cmp-hf train`` is the same through the installed package.)
+
+Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub or ``data_dir``) or from
+``dataset_name`` (a Hub id, a local image folder or a ``save_to_disk`` DatasetDict). With ``shots``, k training and
+min(k, 4) validation examples per class are drawn with the seed and saved as ``fewshot_split.json`` (reused on a
+re-run). ``base_to_novel`` trains on the first half of the classes and evaluates on base and novel test classes;
+``eval_benchmarks`` evaluates the same context on other suite datasets with their own classes (ImageNet -> shifts).
+
+Writes to ``output_dir``: the prompt (peft adapter + prompt_config.json), ``eval/<set>/`` (metrics JSON +
+reliability diagram), the model card, ``metrics.json`` (all eval sets) and ``run.json`` (what this run was). With
+``push_to_hub: true`` the directory is pushed at the end; ``cmp-hf push`` pushes it again later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from transformers import HfArgumentParser
+
+from ..config import CMPConfig
+from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
+from ..data import (
+    base_novel_classes,
+    class_names_from_features,
+    few_shot_sets,
+    load_image_dataset,
+    load_suite_dataset,
+    subset_classes,
+)
+from ..trainer import CMPTrainer
+from .config_file import parse_config_and_overrides
+
+
+@dataclass
+class ScriptArguments:
+    """What to train and evaluate on; the training itself is configured by CMPConfig."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP Hub id or local directory."})
+    benchmark: str | None = field(default=None, metadata={"help": "Suite dataset key (cmp_hf.data.SUITE)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Local copy of the suite dataset."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub id, image folder or save_to_disk dir."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on (dataset_name)."})
+    eval_splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "Splits to evaluate."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "Override the ClassLabel names."})
+    shots: int | None = field(default=None, metadata={"help": "Train on this many examples per class (seeded)."})
+    base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
+    eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
+    eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
+    temperature_scaling: bool = field(
+        default=False, metadata={"help": "Fit a temperature on the few-shot validation set after training."}
+    )
+    dac: bool = field(
+        default=False, metadata={"help": "Distance-aware calibration (k=5) of the transfers to other classes."}
+    )
+    zero_shot_baseline: bool = field(
+        default=False, metadata={"help": "Also evaluate the untrained ctx_init prompt: CLIP's hand-crafted zero-shot."}
+    )
+
+
+@dataclass
+class RunData:
+    train: Dataset
+    class_names: list[str]  # what the prompts say, in label order
+    evals: dict[str, Dataset]  # same classes as train
+    transfers: dict[str, tuple[Dataset, list[str]]] = field(default_factory=dict)  # other classes, same context
+    setting: str = "all"
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ScriptArguments, CMPConfig))
+
+
+def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
+    if bool(script_args.benchmark) == bool(script_args.dataset_name):
+        raise ValueError(
+            "Set exactly one of benchmark (a suite dataset) or dataset_name (in the YAML or as --option)."
+        )
+    if script_args.benchmark:
+        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir)
+        pool, test, names = suite.splits["train"], {"test": suite.splits["test"]}, suite.class_names
+    else:
+        dataset = load_image_dataset(script_args.dataset_name, script_args.dataset_config)
+        missing = [s for s in [script_args.train_split, *script_args.eval_splits] if s not in dataset]
+        if missing:
+            raise ValueError(f"Splits {missing} are not in {script_args.dataset_name} (it has {list(dataset)}).")
+        pool = dataset[script_args.train_split]
+        test = {split: dataset[split] for split in script_args.eval_splits}
+        names = script_args.class_names or class_names_from_features(pool, config.label_column)
+    data = RunData(train=pool, class_names=list(names), evals=dict(test))
+    if script_args.base_to_novel:
+        base, novel = base_novel_classes(len(names))
+        data.train = subset_classes(pool, base, config.label_column)
+        data.class_names = [names[c] for c in base]
+        data.evals = {f"{split}_base": subset_classes(ds, base, config.label_column) for split, ds in test.items()}
+        novel_names = [names[c] for c in novel]
+        data.transfers = {
+            f"{split}_novel": (subset_classes(ds, novel, config.label_column), novel_names)
+            for split, ds in test.items()
+        }
+        data.setting = "base_to_novel"
+    if script_args.shots:
+        data.train, val = few_shot_sets(
+            data.train, script_args.shots, config.seed, config.label_column, config.output_dir
+        )
+        data.evals = {"val": val, **data.evals}
+        data.setting = f"{data.setting}_{script_args.shots}shot"
+    dirs = script_args.eval_data_dirs or [None] * len(script_args.eval_benchmarks or [])
+    for key, data_dir in zip(script_args.eval_benchmarks or [], dirs, strict=True):
+        shifted = load_suite_dataset(key, data_dir)
+        data.transfers[key] = (shifted.splits["test"], shifted.class_names)
+    return data
+
+
+def evaluate_all(trainer: CMPTrainer, data: RunData, prefix: str) -> dict[str, float]:
+    """Evaluate the eval sets, then the transfer sets with the same context over their own classes."""
+    flat = trainer.evaluate(metric_key_prefix=prefix)
+    for name, (dataset, names) in data.transfers.items():
+        flat.update(trainer.evaluate({name: dataset}, metric_key_prefix=prefix, class_names=names))
+    return flat
+
+
+def nest(flat: dict[str, float], prefix: str, names: list[str]) -> dict[str, dict[str, float]]:
+    """{"<prefix>_<set>_<metric>": v} -> {set: {metric: v}}."""
+    return {
+        name: {k.removeprefix(f"{prefix}_{name}_"): v for k, v in flat.items() if k.startswith(f"{prefix}_{name}_")}
+        for name in names
+    }
+
+
+def summary(metrics: dict[str, dict[str, float]]) -> str:
+    """A small table: accuracy, ECE and NLL per eval set, the zero-shot prompt beside the trained one."""
+    lines = ["| eval set | prompt | accuracy % | ECE % | NLL |", "|---|---|---|---|---|"]
+    for name, values in metrics.items():
+        if name.startswith("zeroshot_"):
+            continue
+        for label, row in (("zero-shot", metrics.get(f"zeroshot_{name}")), ("trained", values)):
+            if row:
+                lines.append(
+                    f"| {name} | {label} | {row['accuracy_pct']:.2f} | {row['ece_pct']:.2f} | {row['nll']:.3f} |"
+                )
+    return "\n".join(lines)
+
+
+def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
+    if not script_args.model_name_or_path:
+        raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
+    data = load_run_data(script_args, config)
+    trainer = CMPTrainer(
+        model=script_args.model_name_or_path,
+        args=config,
+        train_dataset=data.train,
+        eval_dataset=data.evals,
+        class_names=data.class_names,
+    )
+    trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
+    flat = {}
+    if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
+        if not config.ctx_init:
+            raise ValueError(
+                "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
+            )
+        flat.update(evaluate_all(trainer, data, prefix="zeroshot"))  # (its reports are replaced after training)
+    trainer.train()
+    trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
+    if script_args.dac:
+        trainer.model.calibration.dac_k = 5
+    if script_args.temperature_scaling:
+        if "val" not in data.evals:
+            raise ValueError("temperature_scaling fits on the few-shot validation set: set shots.")
+        print(f"temperature scaling: T = {trainer.fit_temperature(data.evals['val']):.4f}")
+    flat.update(evaluate_all(trainer, data, prefix="eval"))
+    trainer.save_model(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
+    names = [*data.evals, *data.transfers]
+    metrics = nest(flat, "eval", names)
+    if script_args.zero_shot_baseline:
+        metrics.update({f"zeroshot_{name}": values for name, values in nest(flat, "zeroshot", names).items()})
+    if trainer.is_world_process_zero():
+        run = {
+            "dataset": script_args.benchmark or script_args.dataset_name,
+            "setting": data.setting,
+            "shots": script_args.shots,
+            "seed": config.seed,
+            "cmp_lambda": config.cmp_lambda,
+            "cmp_form": config.cmp_form,
+            "cmp_competitors": config.cmp_competitors,
+            "prompt_learner": config.prompt_learner,
+            "temperature": trainer.model.calibration.temperature,
+            "dac_k": trainer.model.calibration.dac_k,
+        }
+        for name, content in ((RUN_METRICS_NAME, metrics), (RUN_INFO_NAME, run)):
+            with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+        print(summary(metrics))
+    if config.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
+    return metrics
+
+
+def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``[config.yaml] [--option value ...]`` -> :func:`main` (what ``cmp-hf train`` and recipes/train.py run)."""
+    return main(*parse_config_and_overrides(make_parser(), argv))
