@@ -71,7 +71,7 @@ def flowers102_classes() -> list[tuple[str, str]]:
 
 
 def ucf101_classes() -> list[tuple[str, str]]:
-    """(CamelCase name, CoOp name) in classInd.txt (= CoOp label) order; Hub repos sort the names case-sensitively."""
+    """(CamelCase name, CoOp name) in classInd.txt (= CoOp label) order; flwrlabs/ucf101 puts HammerThrow first."""
     names = [line.split()[1] for line in resource_lines("ucf101_classInd.txt")]
     return [(name, ucf101_name(name)) for name in names]
 
@@ -143,9 +143,7 @@ class SuiteDataset:
             raise ValueError(f"{self.key}: column {self.label_column!r} is not a ClassLabel ({feature!r}).")
         return list(feature.names)
 
-    def coop_classes(
-        self, raw_names: list[str], source: str = "", revision: str | None = None
-    ) -> tuple[list[str], np.ndarray]:
+    def coop_classes(self, raw_names: list[str], source: str, revision: str | None) -> tuple[list[str], np.ndarray]:
         """CoOp's class names in CoOp's order, and for each repo label its CoOp label (-1: dropped).
 
         ``source`` and ``revision`` name the repo (or local copy) in the error raised when its names drift."""
@@ -187,7 +185,7 @@ class SuiteDataset:
             mapping = np.array([index.get(key, -1) for key in keys], dtype=np.int64)
         if problem is not None:
             raise ValueError(
-                f"{self.key}: the class names of {source or self.hub_id} (revision {revision or 'default'}) drift "
+                f"{self.key}: the class names of {source} (revision {revision or 'default'}) drift "
                 f"from the list this entry maps by: {problem}. Training on it would use another label map than "
                 f"CoOp's. Load a revision whose names match (revision=...), or check the new names against CoOp's "
                 f"and update cmp_hf/data/resources and this entry. Verified: {self.verified}. "
