@@ -1,14 +1,45 @@
 """Every suite entry against a local copy with its Hub repo's schema: clean CoOp names, CoOp label order, labels
-mapped by name, drops, the ImageNet subsets, UCF101's middle frames."""
+mapped by name, drops, the ImageNet subsets, UCF101's middle frames, and the refusal of repos whose names drift
+from the shipped lists."""
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-from cmp_hf.data import SUITE, load_suite_dataset
+import cmp_hf.data.suite as suite
+from cmp_hf.data import SUITE, few_shot_split, load_suite_dataset
 from cmp_hf.data.suite import IMAGENET_A_INDICES, IMAGENET_R_INDICES, imagenet_classnames, unique_names
 
 IMAGENET = list(imagenet_classnames())
+RESOURCES = Path(suite.__file__).parent / "resources"
+
+
+def resource(name):
+    return [line for line in (RESOURCES / name).read_text("utf-8").splitlines() if line and not line.startswith("#")]
+
+
+# The repos' names as the registry expects them, built from the shipped lists with the sources' own rules.
+SUN_PATHS = resource("sun397_classnames.txt")  # ClassName.txt: /d/desert/sand
+SUN_REPO = [" ".join(p.split("/")[2:]).replace("_", " ") for p in SUN_PATHS]  # tanganke: 'desert sand'
+SUN_COOP = [" ".join(p.split("/")[2:][::-1]) for p in SUN_PATHS]  # CoOp datasets/sun397.py: 'sand desert'
+SUN_REPO_ORDER = SUN_REPO[:206] + SUN_REPO[206:208][::-1] + SUN_REPO[208:]  # a repo sorting 'jail cell' first
+CLASS_IND = [line.split()[1] for line in resource("ucf101_classInd.txt")]
+UCF_REPO = sorted(CLASS_IND)  # flwrlabs/ucf101: a case-sensitive sort puts HammerThrow before Hammering
+UCF_COOP = ["_".join(re.findall("[A-Z][^A-Z]*", name)) for name in CLASS_IND]
+FLOWERS = [line.split("\t") for line in resource("flowers102_classnames.tsv")]  # CoOp name, TFDS name
+CIFAR100 = resource("cifar100_classnames.txt")
+CIFAR100_REPO = [name.replace(" ", "_") for name in CIFAR100]
+CIFAR100_REPO[26] = "cra"  # the typo of an older uoft-cs/cifar100 revision
+# key -> {repo name: CoOp name} for the entries mapped through a shipped list
+PAIRS = {
+    "sun397": dict(zip(SUN_REPO, SUN_COOP, strict=True)),
+    "ucf101": dict(zip(CLASS_IND, UCF_COOP, strict=True)),
+    "flowers102": {tfds: coop for coop, tfds in FLOWERS},
+    "cifar100": dict(zip(CIFAR100_REPO, CIFAR100, strict=True)),
+}
 # key -> (repo class names in repo label order, CoOp names in CoOp order); None: names come from the ImageNet list
 CASES = {
     "imagenet": None,
@@ -26,21 +57,18 @@ CASES = {
         ["AM General Hummer SUV 2000", "Ram C/V Cargo Van Minivan 2012"],
         ["2000 AM General Hummer SUV", "2012 Ram C/V Cargo Van Minivan"],
     ),
-    "flowers102": (["pink primrose", "hard-leaved pocket orchid"],) * 2,
+    "flowers102": ([tfds for _, tfds in FLOWERS], [coop for coop, _ in FLOWERS]),
     "food101": (
         ["apple_pie", "cheesecake", "cheese_plate", "waffles"],
         ["apple_pie", "cheese_plate", "cheesecake", "waffles"],
     ),
     "fgvc_aircraft": (["707-320", "F-16A/B", "Tu-154"],) * 2,
-    "sun397": (
-        ["abbey", "apartment building outdoor", "apse indoor", "bamboo forest"],
-        ["abbey", "outdoor apartment_building", "indoor apse", "bamboo_forest"],
-    ),
+    "sun397": (SUN_REPO_ORDER, SUN_COOP),
     "dtd": (["banded", "blotchy", "zigzagged"],) * 2,
     "eurosat": (["AnnualCrop", "Forest", "SeaLake"], ["Annual Crop Land", "Forest", "Sea or Lake"]),
-    "ucf101": (["ApplyEyeMakeup", "YoYo", "JumpRope"], ["Apply_Eye_Makeup", "Yo_Yo", "Jump_Rope"]),
+    "ucf101": (UCF_REPO, UCF_COOP),
     "cifar10": (["airplane", "automobile", "truck"],) * 2,
-    "cifar100": (["apple", "aquarium_fish", "maple_tree"], ["apple", "aquarium fish", "maple tree"]),
+    "cifar100": (CIFAR100_REPO, CIFAR100),
 }  # fmt: skip
 
 
@@ -52,23 +80,34 @@ def expected_names(key):
     return names, names
 
 
-def local_copy(key, directory, rows_per_class=3):
-    """A save_to_disk DatasetDict with the repo's columns (and classnames.txt where the repo has one)."""
+def coop_name(key, raw_name):
+    return PAIRS[key][raw_name] if key in PAIRS else SUITE[key].rename(raw_name)
+
+
+def repo_splits(spec):
+    return [split for theirs in spec.splits.values() for split in ((theirs,) if isinstance(theirs, str) else theirs)]
+
+
+def local_copy(key, directory, rows_per_class=3, raw_names=None):
+    """A save_to_disk DatasetDict with the repo's splits and columns (and classnames.txt where the repo has one)."""
     spec = SUITE[key]
-    raw_names, _ = expected_names(key)
+    raw_names = raw_names or expected_names(key)[0]
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(len(raw_names)), rows_per_class)
-    if len(raw_names) > 20:  # the ImageNet lists: a few rows of a few labels, including the last one
-        labels = np.array([0, 1, 1, len(raw_names) - 1, len(raw_names) - 1, len(raw_names) - 1])
+    labels = np.arange(len(raw_names))
+    if len(raw_names) > 20:  # long lists: a few labels, the first, the last and UCF101's Hammer* pair
+        labels = np.array(sorted({0, 1, 34, 35, len(raw_names) - 1}))
+    labels = np.repeat(labels, rows_per_class)
     images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in labels]
     label_feature = ClassLabel(names=raw_names) if spec.names_from == "features" else Value("int64")
     columns = {spec.image_column: images, spec.label_column: labels.tolist()}
     features = {spec.image_column: Image(), spec.label_column: label_feature}
     if spec.mid_frames:  # every row is a frame: 3 frames of one clip per label, listed out of order
-        columns.update(video_id=[f"v{y}" for y in labels], clip_id=[0] * len(labels), frame=[2, 0, 1] * len(raw_names))
+        columns.update(
+            video_id=[f"v{y}" for y in labels], clip_id=[0] * len(labels), frame=[2, 0, 1] * (len(labels) // 3)
+        )
         features.update(video_id=Value("string"), clip_id=Value("int64"), frame=Value("int64"))
     split = Dataset.from_dict(columns, features=Features(features))
-    DatasetDict({theirs: split for theirs in spec.splits.values()}).save_to_disk(str(directory))
+    DatasetDict({theirs: split for theirs in repo_splits(spec)}).save_to_disk(str(directory))
     if spec.names_from == "classnames.txt":
         (directory / "classnames.txt").write_text("\n".join(raw_names) + "\n")
     return labels
@@ -82,17 +121,19 @@ def test_suite_entry_yields_coop_classes_and_labels(key, tmp_path):
     data = load_suite_dataset(key, data_dir=str(tmp_path / key))
     assert data.class_names == coop_names
     assert set(data.splits) == set(SUITE[key].splits)
-    for split in data.splits.values():
+    for ours, split in data.splits.items():
+        theirs = SUITE[key].splits[ours]
         assert split.column_names == ["image", "label"]
         assert isinstance(split.features["label"], ClassLabel)
         assert split.features["label"].names == unique_names(coop_names)
         kept_raw = [y for y in raw_labels if raw_names[y] in {n for n in raw_names if n not in SUITE[key].drop}]
         if SUITE[key].mid_frames:
             kept_raw = sorted(set(kept_raw))  # one middle frame per clip
-        assert len(split) == len(kept_raw)
+        pooled = 1 if isinstance(theirs, str) else len(theirs)  # Flowers102: train + validation form the pool
+        assert len(split) == pooled * len(kept_raw)
         # label mapping by name: each row's CoOp name is the clean form of its repo name
         got = [coop_names[y] for y in split["label"]]
-        assert got == [SUITE[key].rename(raw_names[y]) for y in kept_raw]
+        assert got == pooled * [coop_name(key, raw_names[y]) for y in kept_raw]
 
 
 def test_food101_swap_and_caltech_drops_are_by_name(tmp_path):
@@ -109,9 +150,9 @@ def test_ucf101_keeps_the_middle_frame(tmp_path):
     local_copy("ucf101", tmp_path / "ucf")
     raw = DatasetDict.load_from_disk(str(tmp_path / "ucf"))["train"]
     data = load_suite_dataset("ucf101", data_dir=str(tmp_path / "ucf")).splits["train"]
-    assert len(data) == 3
+    assert len(data) == len(raw) // 3
     # frames of each clip are [2, 0, 1]: the middle of the sorted frames is frame 1, the clip's third row
-    middle_rows = [2, 5, 8]
+    middle_rows = list(range(2, len(raw), 3))
     assert [np.asarray(im).tobytes() for im in data["image"]] == [
         np.asarray(raw[i]["image"]).tobytes() for i in middle_rows
     ]
@@ -139,3 +180,78 @@ def test_unknown_key_and_missing_columns_are_reported(tmp_path):
         {"image": [1], "label": [0]})}).save_to_disk(str(tmp_path / "bad"))  # fmt: skip
     with pytest.raises(ValueError, match="column 'img' is missing"):
         load_suite_dataset("cifar10", data_dir=str(tmp_path / "bad"))
+
+
+def test_sun397_names_are_coops_reversed_paths(tmp_path):
+    local_copy("sun397", tmp_path / "sun")
+    names = load_suite_dataset("sun397", data_dir=str(tmp_path / "sun")).class_names
+    assert len(names) == len(set(names)) == 397
+    # CoOp's names (as CoOp-derived repos list them): single-level classes keep their words in order ...
+    for kept in ("bus_interior", "home_office", "shoe_shop", "railroad_track", "jail_cell", "office"):
+        assert kept in names
+    # ... and multi-level ones are reversed, whatever the last word
+    for reversed_name in ("sand desert", "east_asia temple", "indoor_procenium theater", "plunge waterfall",
+                          "barrel_storage wine_cellar", "backseat car_interior", "coral_reef underwater",
+                          "establishment poolroom", "outdoor apartment_building"):  # fmt: skip
+        assert reversed_name in names
+    assert names[206:208] == ["indoor jail", "jail_cell"]  # CoOp's ClassName.txt order, though the copy swaps them
+
+
+def test_ucf101_labels_follow_class_ind(tmp_path):
+    local_copy("ucf101", tmp_path / "ucf")
+    data = load_suite_dataset("ucf101", data_dir=str(tmp_path / "ucf"))
+    assert data.class_names[34:36] == ["Hammering", "Hammer_Throw"]
+    assert data.class_names[46:48] == ["Jumping_Jack", "Jump_Rope"]
+    assert data.class_names[-1] == "Yo_Yo" and len(data.class_names) == 101
+    # the copy's label 34 is HammerThrow (case-sensitive sort): its rows get CoOp's label 35
+    assert UCF_REPO[34] == "HammerThrow" and sorted(set(data.splits["test"]["label"])) == [0, 1, 34, 35, 100]
+
+
+def test_flowers102_uses_coop_names_and_pools_train_and_validation(tmp_path):
+    labels = local_copy("flowers102", tmp_path / "flowers", rows_per_class=10)  # the repo: 10 per class per split
+    data = load_suite_dataset("flowers102", data_dir=str(tmp_path / "flowers"))
+    assert data.class_names[59] == "pink-yellow dahlia" and data.class_names[77] == "lotus"
+    assert not any(name.endswith("?") for name in data.class_names)
+    # CoOp's 16 shots + 4 validation images need the pooled 20 per class; the repo's train split alone has 10
+    few_shot_split(np.asarray(data.splits["train"]["label"]), shots=16, seed=1)
+    with pytest.raises(ValueError, match="fewer than shots"):
+        few_shot_split(labels, shots=16, seed=1)
+
+
+def test_cifar100_accepts_the_known_typo_only(tmp_path):
+    local_copy("cifar100", tmp_path / "ok")
+    assert load_suite_dataset("cifar100", data_dir=str(tmp_path / "ok")).class_names[26] == "crab"
+    drifted = CIFAR100_REPO.copy()
+    drifted[30], drifted[31] = drifted[31], drifted[30]
+    local_copy("cifar100", tmp_path / "bad", raw_names=drifted)
+    with pytest.raises(ValueError, match=r"revision default\) drift .*label 30 is 'elephant'.*expects 'dolphin'"):
+        load_suite_dataset("cifar100", data_dir=str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize(
+    ("key", "edit", "problem"),
+    [
+        ("sun397", lambda n: n[:5] + ["amusement park x"] + n[6:], "label 5 is 'amusement park x', which is not"),
+        ("ucf101", lambda n: n[:-1], "lacks 'YoYo' .CoOp label 100."),
+        ("flowers102", lambda n: [n[0], n[2], n[1], *n[3:]], "label 1 is 'canterbury bells', .* expects 'hard-leaved"),
+    ],
+)  # fmt: skip
+def test_drifting_names_or_order_are_refused(key, edit, problem, tmp_path):
+    local_copy(key, tmp_path / key, raw_names=edit(list(CASES[key][0])))
+    with pytest.raises(ValueError, match=f"{key}: the class names of {tmp_path / key} .*{problem}.*Unverified: "):
+        load_suite_dataset(key, data_dir=str(tmp_path / key))
+
+
+def test_imagenet_fallback_reads_timms_validation_split_as_test(tmp_path, monkeypatch):
+    local_copy("imagenet", tmp_path / "in")
+    timm = DatasetDict.load_from_disk(str(tmp_path / "in"))
+    timm = DatasetDict({"train": timm["train"], "validation": timm["test"].select([0, 1])})  # timm's split names
+
+    def hub(repo, config=None, revision=None):
+        if repo != "timm/imagenet-1k-wds":
+            raise ConnectionError(f"{repo} is unreachable")
+        return timm
+
+    monkeypatch.setattr(suite, "load_dataset", hub)
+    data = load_suite_dataset("imagenet")
+    assert len(data.splits["train"]) == len(timm["train"]) and len(data.splits["test"]) == 2
