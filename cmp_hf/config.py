@@ -12,9 +12,9 @@ from .prompts.config import CLASS_TOKEN_POSITIONS, CoOpPromptConfig
 
 _INTRO = """Configuration of [`CMPTrainer`]: every [`~transformers.TrainingArguments`] option plus the fields below.
 
-Defaults that differ from `TrainingArguments` follow CoOp (SGD, lr 2e-3, momentum 0.9, weight decay 5e-4) and what
-a CLIP classifier needs (`label_names=["labels"]`, `remove_unused_columns=False`). Each field's `help` (shown by a
-recipe's `--help`) is the text below.
+Defaults that differ from `TrainingArguments` follow CoOp (SGD, lr 2e-3, momentum 0.9, weight decay 5e-4, no
+gradient clipping) and what a CLIP classifier needs (`label_names=["labels"]`, `remove_unused_columns=False`). Each
+field's `help` (shown by a recipe's `--help`) is the text below.
 """
 # Docstring sections: heading -> the fields documented under it (each field's text is its `help`).
 _SECTIONS = {
@@ -48,6 +48,10 @@ class CMPConfig(TrainingArguments):
         default=False, metadata={"help": "Keep the image and label columns the collator reads."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "Gradient clipping norm; 0 = no clipping, as CoOp (Trainer's default clips at 1.0)."},
+    )
     label_smoothing_factor: float = field(
         default=0.0,
         metadata={

@@ -30,7 +30,7 @@ from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging as hf_logging
 
 from cmp_hf import CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.data import ImageFeatureCache, ImageFeatureCollator, few_shot_sets, select_views, subset_classes
+from cmp_hf.data import ImageFeatureCache, ImageFeatureCollator, few_shot_sets, subset_classes
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
 from cmp_hf.tables import publish
 from cmp_hf.testing.testbed import TASKS, testbed_task
@@ -99,7 +99,7 @@ def settings(args: argparse.Namespace, cache: ImageFeatureCache) -> list[Setting
             base = PARTITIONS[partition]
             novel = [c for c in range(len(names)) if c not in base]
             evals = {"base": (features["test"], base), "shifted": (shifted, base), "novel": (features["test"], novel)}
-            evals = {name: select_views(subset_classes(*subset), seed=0) for name, subset in evals.items()}
+            evals = {name: subset_classes(*subset) for name, subset in evals.items()}
             found.append(Setting(task, noise, partition, [names[c] for c in base], [names[c] for c in novel],
                                  subset_classes(features["train"], base), evals))  # fmt: skip
     return found
@@ -113,7 +113,8 @@ def run(
     options = {"num_train_epochs": epochs, "per_device_train_batch_size": 32, **method.options}
     config = CMPConfig(
         output_dir=output_dir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        logging_strategy="no", ctx_init="a photo of a", coop_schedule=True, seed=seed, **options,
+        logging_strategy="no", per_device_eval_batch_size=256, ctx_init="a photo of a", coop_schedule=True, seed=seed,
+        **options,
     )  # fmt: skip
     trainer = CMPTrainer(
         model=clip, args=config, train_dataset=train, processing_class=processor,
@@ -146,7 +147,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         for shots, seed in itertools.product(args.shots, args.seeds):
             rows += [dict(**cell, method="zero-shot", shots=shots, seed=seed, eval_set=name, **values)
                      for name, values in zero_shot.items()]  # fmt: skip
-            train, val = (select_views(subset, seed=0) for subset in few_shot_sets(setting.pool, shots, seed))
+            train, val = few_shot_sets(setting.pool, shots, seed)
             epochs = max(1, round(COOP_EPOCHS_BY_SHOTS[shots] * args.epoch_scale))
             for name in methods:
                 method = METHODS[name]

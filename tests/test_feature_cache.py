@@ -38,8 +38,8 @@ def test_cached_features_equal_the_image_forward(tiny_clip_dir, tmp_path, train_
     counting = CountingCache(tiny_clip_dir, tmp_path)
     cached = counting.cache.features(train_set)
     stored = np.array(cached.with_format("numpy")[FEATURES_COLUMN])
-    assert stored.shape == (16, 1, 16)  # one view per image, projection width 16
-    features = torch.from_numpy(stored[:, 0])
+    assert stored.shape == (16, 16)  # one (D,) feature per image, projection width 16
+    features = torch.from_numpy(stored)
     pixels = CLIPImageCollator(counting.cache.image_processor)(list(train_set))["pixel_values"]
     model = counting.model
     torch.testing.assert_close(features, model.image_features(pixels), atol=1e-6, rtol=0)

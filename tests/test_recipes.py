@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, quickstart_config
-from test_suite import local_copy
+from suite_copies import local_copy
 from transformers import CLIPProcessor, HfArgumentParser
 
 from cmp_hf import CMPConfig, PromptTunedCLIP, calibration_metrics

@@ -63,7 +63,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_clip_dir):
     gap = (full - accumulated).abs().max().item()
     print(f"GA equivalence: update {moved:.3e}, |batch 8 - 2 x batch 4| = {gap:.3e}")
     assert moved > 1e-3  # the comparison is not between two untouched prompts
-    assert gap <= 1e-6
+    assert gap <= 1e-5 * moved  # unclipped (CMPConfig's default): a 2x gradient error would give a gap ~ moved
 
 
 def test_loss_is_ce_plus_lambda_cmp_and_terms_are_logged(tmp_path, tiny_clip_dir, train_set):

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from datasets import Array2D, ClassLabel, Dataset, Features, Value, load_from_disk
+from datasets import Array2D, ClassLabel, Dataset, Features, Sequence, Value, load_from_disk
 from tqdm.auto import tqdm
 
 from .augment import RandomResizedCropFlip
@@ -36,7 +36,7 @@ from .collator import to_rgb
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2  # 2: the label column keeps its ClassLabel
+CACHE_FORMAT_VERSION = 2  # 2: the label column keeps its ClassLabel; one view is a (D,) list
 MANIFEST_NAME = "cmp_hf_cache.json"
 FEATURES_COLUMN = "image_features"
 
@@ -106,7 +106,8 @@ class ImageFeatureCache:
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
 
     def features(self, dataset: Dataset, views: int = 0) -> Dataset:
-        """``dataset`` as rows of ``image_features`` (max(views, 1), D) and the label, from the cache if valid."""
+        """``dataset`` as rows of ``image_features`` ((D,), or (views, D) with augmentation) and the label (its
+        ClassLabel kept), from the cache if valid."""
         key = self.fingerprint(dataset, views)
         path = os.path.join(self.cache_dir, key)
         cached = self._load(path, key)
@@ -153,14 +154,17 @@ class ImageFeatureCache:
                 flush()
         if batch:
             flush()
-        features = torch.cat(outputs).numpy().reshape(len(dataset), per_row, -1)
+        features = torch.cat(outputs).numpy()
+        width = features.shape[-1]
+        if views:  # (K, D) per row: an Array2D that select_views draws from
+            features, feature_type = features.reshape(len(dataset), views, width), Array2D((views, width), "float32")
+        else:  # (D,) per row, as a fixed-length list: read back an order of magnitude faster than a (1, D) Array2D
+            feature_type = Sequence(Value("float32"), length=width)
         labels = dataset.select_columns([self.label_column])
         label_feature = dataset.features[self.label_column]  # a ClassLabel keeps its names, for subsets by class
         if not isinstance(label_feature, ClassLabel):
             label_feature = Value("int64")
-        schema = Features(
-            {FEATURES_COLUMN: Array2D(shape=features.shape[1:], dtype="float32"), self.label_column: label_feature}
-        )
+        schema = Features({FEATURES_COLUMN: feature_type, self.label_column: label_feature})
         return Dataset.from_dict(
             {FEATURES_COLUMN: features, self.label_column: np.asarray(labels[self.label_column])}, features=schema
         )
@@ -194,12 +198,15 @@ class ImageFeatureCache:
 
 
 def select_views(dataset: Dataset, seed: int) -> Dataset:
-    """Give each row one (D,) feature: a random view per access when there are several, else the only one."""
+    """Give each row one (D,) feature: a random view per access when the cache holds several (augmentation);
+    a single-view dataset already has one and is returned as it is."""
+    if not isinstance(dataset.features[FEATURES_COLUMN], Array2D):
+        return dataset
     rng = np.random.default_rng(seed)
 
     def pick(batch: dict[str, list]) -> dict[str, list]:
         views = [np.asarray(v, dtype=np.float32) for v in batch[FEATURES_COLUMN]]
-        batch[FEATURES_COLUMN] = [v[rng.integers(len(v))] if len(v) > 1 else v[0] for v in views]
+        batch[FEATURES_COLUMN] = [v[rng.integers(len(v))] for v in views]
         return batch
 
     return dataset.with_transform(pick)
