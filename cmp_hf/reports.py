@@ -1,4 +1,5 @@
-"""Evaluation artefacts on disk: ``eval/<name>/metrics.json`` and ``eval/<name>/reliability.png`` per eval set.
+"""Evaluation artefacts on disk, per eval set: ``eval/<name>/metrics.json``, ``eval/<name>/reliability.png`` (the
+reliability diagram) and ``eval/<name>/risk_coverage.png`` (the risk-coverage curve whose area is the AURC).
 
 The same files sit in a local output directory and in a pushed Hub repo, and the model card links to them.
 """
@@ -11,17 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table
-from .plotting import reliability_diagram
+from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
+from .plotting import reliability_diagram, risk_coverage_curve
 
 EVAL_DIR = "eval"
 METRICS_NAME = "metrics.json"
 DIAGRAM_NAME = "reliability.png"
+RISK_COVERAGE_NAME = "risk_coverage.png"
 
 
 @dataclass
 class EvalReport:
-    """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct)."""
+    """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct),
+    the reliability table, and ``risk``: the error rate of the k most confident samples, k = 1..N."""
 
     name: str
     metrics: dict[str, float]
@@ -29,6 +32,7 @@ class EvalReport:
     num_samples: int
     num_classes: int
     reliability: ReliabilityTable
+    risk: np.ndarray
 
     @classmethod
     def from_logits(cls, name: str, logits: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> EvalReport:
@@ -36,7 +40,8 @@ class EvalReport:
         probs = probabilities(logits=logits)
         correct = probs.argmax(axis=1) == np.asarray(labels)
         table = reliability_table(probs.max(axis=1), correct, n_bins)
-        return cls(name, as_percent(metrics), n_bins, len(labels), logits.shape[1], table)
+        _, risk = risk_coverage(probs.max(axis=1), correct)
+        return cls(name, as_percent(metrics), n_bins, len(labels), logits.shape[1], table, risk)
 
     @property
     def folder(self) -> str:
@@ -59,3 +64,4 @@ class EvalReport:
         reliability_diagram(
             self.reliability, self.metrics["ece_pct"] / 100, os.path.join(directory, DIAGRAM_NAME), self.name
         )
+        risk_coverage_curve(self.risk, self.metrics["aurc"], os.path.join(directory, RISK_COVERAGE_NAME), self.name)
