@@ -6,11 +6,14 @@ The same files sit in a local output directory and in a pushed Hub repo, and the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
+from PIL import Image
 
 from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
 from .plotting import reliability_diagram, risk_coverage_curve
@@ -19,6 +22,7 @@ EVAL_DIR = "eval"
 METRICS_NAME = "metrics.json"
 DIAGRAM_NAME = "reliability.png"
 RISK_COVERAGE_NAME = "risk_coverage.png"
+FIGURES = {"reliability": DIAGRAM_NAME, "risk_coverage": RISK_COVERAGE_NAME}  # figure -> its file in eval/<set>/
 
 
 @dataclass
@@ -61,7 +65,22 @@ class EvalReport:
         with open(os.path.join(directory, METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, allow_nan=False)
             f.write("\n")
-        reliability_diagram(
-            self.reliability, self.metrics["ece_pct"] / 100, os.path.join(directory, DIAGRAM_NAME), self.name
-        )
-        risk_coverage_curve(self.risk, self.metrics["aurc"], os.path.join(directory, RISK_COVERAGE_NAME), self.name)
+        for figure, filename in FIGURES.items():
+            self.draw(figure, os.path.join(directory, filename))
+
+    def draw(self, figure: str, target: str | os.PathLike | IO[bytes]) -> None:
+        """Write one of ``FIGURES`` as a PNG to a path or a binary file object."""
+        if figure == "reliability":
+            reliability_diagram(self.reliability, self.metrics["ece_pct"] / 100, target, self.name)
+        elif figure == "risk_coverage":
+            risk_coverage_curve(self.risk, self.metrics["aurc"], target, self.name)
+        else:
+            raise ValueError(f"Unknown figure {figure!r}; choose from {list(FIGURES)}.")
+
+    def image(self, figure: str) -> np.ndarray:
+        """One of ``FIGURES`` as an (H, W, 3) uint8 array, the form trackers take images in."""
+        buffer = io.BytesIO()
+        self.draw(figure, buffer)
+        buffer.seek(0)
+        with Image.open(buffer) as png:
+            return np.asarray(png.convert("RGB"))

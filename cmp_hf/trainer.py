@@ -19,6 +19,7 @@ from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set
 
 from . import posthoc
 from .config import CMPConfig
+from .dashboards import EvalFiguresCallback
 from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
@@ -139,6 +140,8 @@ class CMPTrainer(Trainer):
         if args.kgcoop_weight:  # KgCoOp keeps the learned class features near the hand-crafted prompt's
             self._hand_crafted_text_features = self.model.hand_crafted_text_features(args.kgcoop_template)
         self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
+        if EvalFiguresCallback.wanted(args.report_to):  # reliability diagrams on TensorBoard / trackio
+            self.add_callback(EvalFiguresCallback(self.eval_reports, self.callback_handler.callbacks))
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
     # ---- input pipeline: cached image features (default) or images ---------------------------------------------
