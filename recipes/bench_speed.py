@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, set_seed
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, set_seed
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.tiny import tiny_tokenizer
@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     clip_dir = tempfile.mkdtemp()
     set_seed(args.seed)
     CLIPModel(config).save_pretrained(clip_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
 
     print(f"{args.size} sizes, {args.classes} classes x {args.shots} shots, batch {args.batch_size}, "
