@@ -84,3 +84,15 @@ class EvalReport:
         buffer.seek(0)
         with Image.open(buffer) as png:
             return np.asarray(png.convert("RGB"))
+
+
+def base_novel_harmonic_mean(metrics: dict[str, dict[str, float]], key: str = "accuracy_pct") -> dict[str, float]:
+    """{split: H} for every split evaluated as ``<split>_base`` and ``<split>_novel``: the harmonic mean
+    2ab / (a + b) of the two sets' ``key``, the number base-to-novel papers (CoCoOp on) rank methods by."""
+    means = {}
+    for name, base in metrics.items():
+        novel = metrics.get(f"{name.removesuffix('_base')}_novel") if name.endswith("_base") else None
+        if novel is not None:
+            a, b = base[key], novel[key]
+            means[name.removesuffix("_base")] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return means

@@ -35,6 +35,8 @@ from cmp_hf.data import (
     load_suite_dataset,
     subset_classes,
 )
+from cmp_hf.progress import bars_only, quiet_console
+from cmp_hf.reports import base_novel_harmonic_mean
 
 
 @dataclass
@@ -128,6 +130,7 @@ def evaluate_all(trainer: CMPTrainer, data: RunData, config: CMPConfig, prefix: 
             eval_dataset={name: dataset},
             processing_class=trainer.processing_class,
         )
+        bars_only(other)
         flat.update(other.evaluate(metric_key_prefix=prefix))
         trainer.eval_reports.update(other.eval_reports)
         other.model.remove_hook()
@@ -153,12 +156,16 @@ def summary(metrics: dict[str, dict[str, float]]) -> str:
                 lines.append(
                     f"| {name} | {label} | {row['accuracy_pct']:.2f} | {row['ece_pct']:.2f} | {row['nll']:.3f} |"
                 )
+    for split, hm in base_novel_harmonic_mean(metrics).items():  # zero-shot sets are "zeroshot_<split>_base"
+        prompt = "zero-shot" if split.startswith("zeroshot_") else "trained"
+        lines.append(f"| {split.removeprefix('zeroshot_')} base/novel HM | {prompt} | {hm:.2f} | | |")
     return "\n".join(lines)
 
 
 def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
+    quiet_console(config)
     data = load_run_data(script_args, config)
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
@@ -167,6 +174,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         eval_dataset=data.evals,
         class_names=data.class_names,
     )
+    bars_only(trainer)
     trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
     flat = {}
     if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
@@ -205,6 +213,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
         print(summary(metrics))
+        print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
     return metrics

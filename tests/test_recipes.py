@@ -15,6 +15,7 @@ import report
 import sweep
 import train
 from conftest import ROOT, quickstart_config
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from test_suite import local_copy
 from transformers import HfArgumentParser
 
@@ -29,7 +30,7 @@ def write_config(path: Path, testbed: Path, **overrides) -> Path:
 
 @pytest.mark.slow
 def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
-    config = write_config(tmp_path, testbed, num_train_epochs=2, shots=4)
+    config = write_config(tmp_path, testbed, num_train_epochs=2, shots=4, report_to="tensorboard")
     output_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -44,6 +45,13 @@ def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
     assert {"accuracy_pct", "ace_pct", "mce_pct", "mce_weighted_pct", "brier", "cmp", "ce"} <= set(metrics["test"])
     model = PromptTunedCLIP.from_pretrained(output_dir)
     assert model.class_names == ["blue", "green", "red", "yellow"]  # imagefolder sorts class folders
+    assert "{'loss'" not in result.stdout and "| test | trained |" in result.stdout  # a table, not log dicts
+    assert str(output_dir) in result.stdout.splitlines()[-1]  # ends saying where the files are
+    # report_to: tensorboard from the YAML: the scalars and the reliability diagrams are in the run's event files
+    events = EventAccumulator(str(next(output_dir.rglob("events.out.tfevents.*")).parent), {IMAGES: 0})
+    events.Reload()
+    assert {"eval/test_reliability", "eval/val_reliability"} <= set(events.Tags()["images"])
+    assert "eval/test_ece_pct" in events.Tags()["scalars"]
 
 
 def test_command_line_overrides_the_yaml(tmp_path, testbed):
