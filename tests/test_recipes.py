@@ -154,3 +154,15 @@ def test_cocoop_cost_benchmark_runs():
     seconds = bench_cocoop_cost.main(argparse.Namespace(size="tiny", classes=3, batches=[1, 2], repeats=1))
     assert set(seconds) == {("coop", 1), ("coop", 2), ("cocoop", 1), ("cocoop", 2)}
     assert all(value > 0 for value in seconds.values())
+
+
+def test_summary_ends_with_the_base_novel_harmonic_mean():
+    row = {"ece_pct": 5.0, "nll": 0.5}
+    metrics = {
+        "test_base": {**row, "accuracy_pct": 80.0}, "test_novel": {**row, "accuracy_pct": 60.0},
+        "zeroshot_test_base": {**row, "accuracy_pct": 70.0}, "zeroshot_test_novel": {**row, "accuracy_pct": 70.0},
+    }  # fmt: skip
+    lines = train.summary(metrics).splitlines()
+    assert lines[-2] == f"| test base/novel HM | trained | {2 * 80 * 60 / 140:.2f} | | |"  # 68.57, not the mean 70
+    assert lines[-1] == "| test base/novel HM | zero-shot | 70.00 | | |"
+    assert not any("HM" in line for line in train.summary({"test": metrics["test_base"]}).splitlines())
