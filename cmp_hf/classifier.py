@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import CLIPImageProcessor, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoImageProcessor, CLIPModel, PreTrainedTokenizerBase
 
 from .data.collator import to_rgb
 from .hub import fetch_prompt
@@ -39,8 +39,8 @@ class CalibratedCLIP:
     ) -> CalibratedCLIP:
         """Load the prompt (JSON + safetensors only) and the base CLIP it names, unless ``clip`` is given."""
         model = PromptTunedCLIP.from_pretrained(fetch_prompt(repo_or_dir, revision, token), clip, tokenizer)
-        if image_processor is None:
-            image_processor = CLIPImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
+        if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
+            image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor)
 
     @property

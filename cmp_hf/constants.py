@@ -11,6 +11,7 @@ MODEL_CARD_NAME = "README.md"
 EVAL_DIR = "eval"  # eval/<set>/ holds one eval set's report
 EVAL_METRICS_NAME = "metrics.json"
 RELIABILITY_DIAGRAM_NAME = "reliability.png"
+RISK_COVERAGE_NAME = "risk_coverage.png"
 FEWSHOT_SPLIT_NAME = "fewshot_split.json"  # the few-shot sample a recipe run drew (reused on a re-run)
 RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {set: {metric: value}}
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)

@@ -1,7 +1,8 @@
 """The Hub side of a trained prompt: its model card, pushing an output directory, and fetching a repo.
 
 A pushed repo holds exactly what ``CMPTrainer.save_model`` writes: the peft adapter (safetensors), the JSON that
-rebuilds the prompt, one ``eval/<set>/`` folder per eval set (metrics JSON + reliability diagram) and the card.
+rebuilds the prompt, one ``eval/<set>/`` folder per eval set (metrics JSON, reliability diagram, risk-coverage
+curve) and the card.
 Fetching takes JSON and safetensors only: nothing is ever unpickled from a repo.
 """
 
@@ -25,8 +26,17 @@ from .reports import EvalReport
 CARD_TEMPLATE = "prompt_card.md"
 PUSH_PATTERNS = ["*.safetensors", "*.json", "*.md", "eval/*/*"]
 PULL_PATTERNS = ["*.safetensors", "*.json"]
-CARD_METRICS = {"accuracy": "accuracy_pct", "ece": "ece_pct", "ace": "ace_pct", "mce": "mce_pct", "nll": "nll",
-                "brier": "brier"}  # fmt: skip
+# model-index entries: metric type -> (key in the eval report's metrics, name shown on the Hub)
+CARD_METRICS = {
+    "accuracy": ("accuracy_pct", "Accuracy (%)"),
+    "ece": ("ece_pct", "ECE (%)"),
+    "ace": ("ace_pct", "ACE (%)"),
+    "mce": ("mce_pct", "MCE (%)"),
+    "classwise_ece": ("classwise_ece_pct", "Classwise ECE (%)"),
+    "nll": ("nll", "NLL"),
+    "brier": ("brier", "Brier"),
+    "aurc": ("aurc", "AURC"),
+}
 
 
 class HubError(RuntimeError):
@@ -35,7 +45,8 @@ class HubError(RuntimeError):
 
 def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
     """Render the card: ``info`` fills the template (see ``templates/prompt_card.md``); each report adds a row,
-    a diagram and ``EvalResult``s (accuracy, ECE, ACE, MCE in percent; NLL, Brier) to the ``model-index``."""
+    two figures and ``EvalResult``s (accuracy, ECE, ACE, MCE, classwise ECE in percent; NLL, Brier, AURC) to the
+    ``model-index``."""
     eval_results = [
         EvalResult(
             task_type="image-classification",
@@ -43,12 +54,12 @@ def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
             dataset_name=info["dataset_name"],
             dataset_split=report.name,
             metric_type=metric,
-            metric_name=f"{metric.upper()} (%)" if key.endswith("_pct") else metric.upper(),
+            metric_name=shown,
             metric_value=round(report.metrics[key], 6),
             metric_args={"n_bins": report.n_bins},
         )
         for report in reports
-        for metric, key in CARD_METRICS.items()
+        for metric, (key, shown) in CARD_METRICS.items()
     ]
     card_data = ModelCardData(
         model_name=info["model_name"],

@@ -1,4 +1,5 @@
-"""Calibration metrics for classifiers: ECE, ACE, MCE, RMS calibration error, NLL, Brier score and accuracy.
+"""Calibration metrics for classifiers: ECE, ACE, MCE, RMS calibration error, classwise ECE, AURC, NLL, Brier score
+and accuracy.
 
 Definitions follow the evaluator the CMP paper used (DAC codebase, after Guo et al. 2017): confidence is the
 maximum softmax probability; equal-width bins are ``(lower, upper]``; ECE = sum_b |B_b|/N * |acc_b - conf_b|.
@@ -10,8 +11,15 @@ maximum softmax probability; equal-width bins are ``(lower, upper]``; ECE = sum_
 * ``rmsce``: sqrt(sum_b |B_b|/N * (acc_b - conf_b)^2) (torchmetrics' ``norm="l2"``).
 * ``nll``: mean negative log-likelihood of the true class; ``brier``: mean over samples of
   sum_k (p_k - 1[k = y])^2 (Brier's original multi-class score, range [0, 2]).
+* ``classwise_ece``: ECE of every class's own probability p_k against 1[y = k] (all samples, the same equal-width
+  bins), averaged over classes (Kull et al. 2019; netcal and the prompt-calibration papers report it).
+* ``aurc``: area under the risk-coverage curve (Geifman & El-Yaniv 2017): samples sorted by confidence, most
+  confident first; the risk at coverage k/N is the error rate of the first k; AURC is the mean of those N risks,
+  a fraction in [0, 1] (lower is better). torch-uncertainty integrates the same curve with the trapezoid rule,
+  which differs by O(1/N).
 
-These functions work on numpy arrays and know nothing of models; ``CalibrationMetrics`` adapts them to
+These functions work on numpy arrays and know nothing of models. The ``calibration`` ``evaluate`` module
+(:mod:`cmp_hf.evaluation`) computes through ``calibration_metrics``; ``CalibrationMetrics`` runs that module as
 ``Trainer``'s ``compute_metrics``.
 """
 
@@ -21,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PERCENT_METRICS = ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce")
+PERCENT_METRICS = ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce", "classwise_ece")
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,34 @@ def equal_mass_table(confidences: np.ndarray, correct: np.ndarray, n_bins: int =
     return ReliabilityTable(lower, upper, count, accuracy, confidence)
 
 
+def classwise_ece(p: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
+    """Mean over classes k of the ECE of p[:, k] against 1[labels = k], with ``reliability_table``'s bins.
+
+    All classes' bins are counted in one ``bincount`` (bin index k * n_bins + b) instead of a loop over classes,
+    which matters at ImageNet's 1000 classes.
+    """
+    n, num_classes = p.shape
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bin_ids = np.searchsorted(edges[1:-1], p, side="left") + n_bins * np.arange(num_classes)
+    is_class = (labels[:, None] == np.arange(num_classes)).astype(np.float64)
+    size = n_bins * num_classes
+    count = np.bincount(bin_ids.ravel(), minlength=size)
+    gap = np.bincount(bin_ids.ravel(), weights=(is_class - p).ravel(), minlength=size)
+    # |B|/N * |freq_B - conf_B| = |sum_B (1[y=k] - p_k)| / N; summed over all bins of all classes, then / classes
+    return float(np.abs(gap[count > 0]).sum() / n / num_classes)
+
+
+def risk_coverage(confidences: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage k/N and risk (error rate of the k most confident samples) for k = 1..N.
+
+    Ties in confidence keep the samples' order (a stable sort), so the curve is deterministic.
+    """
+    order = np.argsort(-confidences, kind="stable")
+    errors = 1.0 - np.asarray(correct, dtype=np.float64)[order]
+    k = np.arange(1, len(order) + 1)
+    return k / len(order), np.cumsum(errors) / k
+
+
 def calibration_metrics(
     labels: np.ndarray,
     *,
@@ -129,6 +165,8 @@ def calibration_metrics(
         "rmsce": float(np.sqrt(np.nansum(weights * gaps**2))),
         "nll": float(-log_true.mean()),
         "brier": float(((p - one_hot) ** 2).sum(axis=1).mean()),
+        "classwise_ece": classwise_ece(p, labels, n_bins),
+        "aurc": float(risk_coverage(confidences, correct)[1].mean()),
     }
 
 
@@ -144,14 +182,22 @@ def as_percent(metrics: dict[str, float]) -> dict[str, float]:
 class CalibrationMetrics:
     """``compute_metrics`` for ``Trainer``: the eval predictions are class logits.
 
-    Returns ``as_percent`` keys: ``accuracy_pct``, ``ece_pct``, ``ace_pct``, ``mce_pct``, ``mce_weighted_pct``,
-    ``rmsce_pct`` (percent, as the paper prints them), ``nll`` and ``brier`` (their own scale).
+    Runs the ``calibration`` ``evaluate`` module (``cmp_hf.evaluation.Calibration``), so the trainer's numbers are
+    the module's. Returns ``as_percent`` keys: ``accuracy_pct``, ``ece_pct``, ``ace_pct``, ``mce_pct``,
+    ``mce_weighted_pct``, ``rmsce_pct``, ``classwise_ece_pct`` (percent, as the paper prints them), ``nll``,
+    ``brier`` and ``aurc`` (their own scale).
     """
 
     n_bins: int = 10
 
     def __call__(self, eval_prediction) -> dict[str, float]:
+        # imported here: the module computes through this file's functions, so a top-level import would be a cycle
+        from .evaluation import Calibration
+
         logits = eval_prediction.predictions
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        return as_percent(calibration_metrics(eval_prediction.label_ids, logits=logits, n_bins=self.n_bins))
+        module = Calibration(keep_in_memory=True)  # one evaluation, nothing written to the metrics cache
+        return module.compute(
+            predictions=logits, references=eval_prediction.label_ids, n_bins=self.n_bins, from_logits=True
+        )

@@ -1,24 +1,30 @@
-"""Evaluation artefacts on disk: ``eval/<name>/metrics.json`` and ``eval/<name>/reliability.png`` per eval set.
+"""Evaluation artefacts on disk, per eval set: ``eval/<name>/metrics.json``, ``eval/<name>/reliability.png`` (the
+reliability diagram) and ``eval/<name>/risk_coverage.png`` (the risk-coverage curve whose area is the AURC).
 
 The same files sit in a local output directory and in a pushed Hub repo, and the model card links to them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
+from PIL import Image
 
-from .constants import EVAL_DIR, EVAL_METRICS_NAME, RELIABILITY_DIAGRAM_NAME
-from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table
-from .plotting import reliability_diagram
+from .constants import EVAL_DIR, EVAL_METRICS_NAME, RELIABILITY_DIAGRAM_NAME, RISK_COVERAGE_NAME
+from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
+from .plotting import reliability_diagram, risk_coverage_curve
 
+FIGURES = {"reliability": RELIABILITY_DIAGRAM_NAME, "risk_coverage": RISK_COVERAGE_NAME}  # figure -> its file
 
 @dataclass
 class EvalReport:
-    """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct)."""
+    """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct),
+    the reliability table, and ``risk``: the error rate of the k most confident samples, k = 1..N."""
 
     name: str
     metrics: dict[str, float]
@@ -26,6 +32,7 @@ class EvalReport:
     num_samples: int
     num_classes: int
     reliability: ReliabilityTable
+    risk: np.ndarray
 
     @classmethod
     def from_logits(cls, name: str, logits: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> EvalReport:
@@ -33,7 +40,8 @@ class EvalReport:
         probs = probabilities(logits=logits)
         correct = probs.argmax(axis=1) == np.asarray(labels)
         table = reliability_table(probs.max(axis=1), correct, n_bins)
-        return cls(name, as_percent(metrics), n_bins, len(labels), logits.shape[1], table)
+        _, risk = risk_coverage(probs.max(axis=1), correct)
+        return cls(name, as_percent(metrics), n_bins, len(labels), logits.shape[1], table, risk)
 
     @property
     def folder(self) -> str:
@@ -54,5 +62,34 @@ class EvalReport:
         with open(os.path.join(directory, EVAL_METRICS_NAME), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, allow_nan=False)
             f.write("\n")
-        diagram = os.path.join(directory, RELIABILITY_DIAGRAM_NAME)
-        reliability_diagram(self.reliability, self.metrics["ece_pct"] / 100, diagram, self.name)
+        for figure, filename in FIGURES.items():
+            self.draw(figure, os.path.join(directory, filename))
+
+    def draw(self, figure: str, target: str | os.PathLike | IO[bytes]) -> None:
+        """Write one of ``FIGURES`` as a PNG to a path or a binary file object."""
+        if figure == "reliability":
+            reliability_diagram(self.reliability, self.metrics["ece_pct"] / 100, target, self.name)
+        elif figure == "risk_coverage":
+            risk_coverage_curve(self.risk, self.metrics["aurc"], target, self.name)
+        else:
+            raise ValueError(f"Unknown figure {figure!r}; choose from {list(FIGURES)}.")
+
+    def image(self, figure: str) -> np.ndarray:
+        """One of ``FIGURES`` as an (H, W, 3) uint8 array, the form trackers take images in."""
+        buffer = io.BytesIO()
+        self.draw(figure, buffer)
+        buffer.seek(0)
+        with Image.open(buffer) as png:
+            return np.asarray(png.convert("RGB"))
+
+
+def base_novel_harmonic_mean(metrics: dict[str, dict[str, float]], key: str = "accuracy_pct") -> dict[str, float]:
+    """{split: H} for every split evaluated as ``<split>_base`` and ``<split>_novel``: the harmonic mean
+    2ab / (a + b) of the two sets' ``key``, the number base-to-novel papers (CoCoOp on) rank methods by."""
+    means = {}
+    for name, base in metrics.items():
+        novel = metrics.get(f"{name.removesuffix('_base')}_novel") if name.endswith("_base") else None
+        if novel is not None:
+            a, b = base[key], novel[key]
+            means[name.removesuffix("_base")] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return means

@@ -21,6 +21,7 @@ from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set
 from . import posthoc
 from .config import CMPConfig
 from .constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_NAME, MODEL_CARD_NAME, PROMPT_CONFIG_NAME, TRAINING_ARGS_NAME
+from .dashboards import EvalFiguresCallback
 from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
@@ -139,6 +140,8 @@ class CMPTrainer(Trainer):
         self._hand_crafted: dict[tuple[str, ...], torch.Tensor] = {}  # KgCoOp's anchors, per list of class names
         self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
         self._report_name: str | None = None  # the eval set being evaluated, while evaluate() runs
+        if EvalFiguresCallback.wanted(args.report_to):  # reliability diagrams on TensorBoard / trackio
+            self.add_callback(EvalFiguresCallback(self.eval_reports, self.callback_handler.callbacks))
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
     # ---- input pipeline: cached image features (default) or images ---------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 from datasets import ClassLabel, Dataset, Features, Image
-from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, set_seed
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, set_seed
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     clip_dir = tempfile.mkdtemp()
     set_seed(args.seed)
     CLIPModel(config).save_pretrained(clip_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
 
     print(f"{args.size} sizes, {args.classes} classes x {args.shots} shots, batch {args.batch_size}, "

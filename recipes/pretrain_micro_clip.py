@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, set_seed
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer, set_seed
 
 from cmp_hf.metrics import calibration_metrics
 from cmp_hf.testing.testbed import (
@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         merges = merges_from_tokenizer(args.bpe_from) if args.bpe_from else bpe_merges(args.cache_dir)
         tokenizer = trimmed_tokenizer(captions, merges, tmp)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model = CLIPModel(micro_clip_config(tokenizer, args.logit_scale))
     print(f"{len(items)} images, {len(concepts)} concepts, {len(captions)} captions, vocabulary {len(tokenizer)}, "

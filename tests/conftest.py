@@ -8,6 +8,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: tests never reach the Hub
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_datasets_")  # isolated feature cache
+# evaluate: offline, and evaluate.load's copies of module scripts and its metric caches go to throw-away dirs
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_modules_")
+os.environ["HF_METRICS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_metrics_")
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

@@ -3,7 +3,7 @@ import pytest
 import torch
 from datasets import DatasetDict
 from PIL import Image
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 from cmp_hf.data import (
     CLIPImageCollator,
@@ -57,7 +57,7 @@ def test_image_folder_and_saved_dataset_load_the_same(tmp_path):
 
 
 def test_collator_handles_grey_arrays_and_pil():
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     collator = CLIPImageCollator(processor)
     rows = [
         {"image": np.zeros((8, 8), dtype=np.uint8), "label": 1},

@@ -198,4 +198,11 @@ def test_model_card_is_written_with_the_prompt(saved_run):
     metrics = json.loads((saved_run / "eval/test/metrics.json").read_text())
     assert ece.metric_value == pytest.approx(metrics["ece_pct"], abs=1e-6)
     assert metrics["num_samples"] == 16 and metrics["n_bins"] == 10 and len(metrics["reliability"]["count"]) == 10
+    for metric_type, key in (("classwise_ece", "classwise_ece_pct"), ("aurc", "aurc")):  # what peers report
+        result = next(r for r in card.data.eval_results if r.metric_type == metric_type)
+        assert result.metric_value == pytest.approx(metrics[key], abs=1e-6) and 0 <= metrics["aurc"] <= 1
+    assert "Classwise ECE (%)" in {r.metric_name for r in card.data.eval_results}
+    assert "eval/test/risk_coverage.png" in card.text and "| AURC |" in card.text
+    with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
+        assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))

@@ -4,7 +4,15 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 from transformers import EvalPrediction
 
-from cmp_hf.metrics import CalibrationMetrics, calibration_metrics, equal_mass_table, reliability_table
+from cmp_hf.evaluation import Calibration
+from cmp_hf.metrics import (
+    CalibrationMetrics,
+    calibration_metrics,
+    classwise_ece,
+    equal_mass_table,
+    reliability_table,
+    risk_coverage,
+)
 
 
 def random_probs(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -22,10 +30,48 @@ def test_matches_torchmetrics(n_bins, classes, seed):
     conf = probs.max(axis=1)
     assert np.min(np.abs(conf[:, None] * n_bins - np.arange(n_bins + 1))) > 1e-9  # nothing on a bin edge
     ours = calibration_metrics(labels, probs=probs, n_bins=n_bins)
+    module = Calibration().compute(predictions=probs, references=labels, n_bins=n_bins)
     p, y = torch.from_numpy(probs), torch.from_numpy(labels)
     for key, norm in [("ece", "l1"), ("rmsce", "l2"), ("mce", "max")]:
         theirs = multiclass_calibration_error(p, y, num_classes=classes, n_bins=n_bins, norm=norm).item()
         assert ours[key] == pytest.approx(theirs, abs=1e-6), key
+        assert module[f"{key}_pct"] == pytest.approx(100 * theirs, abs=1e-4), key
+
+
+@pytest.mark.parametrize(("n_bins", "classes", "seed"), [(10, 5, 0), (15, 3, 1), (7, 10, 2)])
+def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, seed):
+    probs, labels = random_probs(700, classes, seed)
+    expected = 0.0
+    for k in range(classes):
+        for b in range(n_bins):
+            lower, upper = b / n_bins, (b + 1) / n_bins
+            members = [i for i in range(len(labels)) if lower < probs[i, k] <= upper or (b == 0 and probs[i, k] == 0)]
+            if members:
+                freq = np.mean([labels[i] == k for i in members])
+                conf = np.mean([probs[i, k] for i in members])
+                expected += len(members) / len(labels) * abs(freq - conf) / classes
+    assert classwise_ece(probs, labels, n_bins) == pytest.approx(expected, abs=1e-12)
+    assert calibration_metrics(labels, probs=probs, n_bins=n_bins)["classwise_ece"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aurc_matches_the_risk_at_every_confidence_threshold(seed):
+    probs, labels = random_probs(400, 6, seed)
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    # brute force: for each sample's confidence as threshold, the error rate of the samples at least as confident
+    risks = [np.mean([not correct[j] for j in range(len(conf)) if conf[j] >= t]) for t in conf]
+    assert calibration_metrics(labels, probs=probs)["aurc"] == pytest.approx(np.mean(risks), abs=1e-12)
+    coverage, risk = risk_coverage(conf, correct)
+    assert coverage[-1] == 1 and risk[-1] == pytest.approx(1 - correct.mean())
+    assert sorted(risk.tolist()) == sorted(risks)  # the curve's points are the thresholds' risks
+
+
+def test_aurc_orders_rankings():
+    correct = np.array([1, 1, 1, 0, 0], dtype=bool)
+    good = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # the wrong ones are the least confident: the oracle ranking
+    bad = good[::-1].copy()  # the wrong ones are the most confident
+    assert risk_coverage(good, correct)[1].mean() == pytest.approx(np.mean([0, 0, 0, 1 / 4, 2 / 5]))
+    assert risk_coverage(bad, correct)[1].mean() == pytest.approx(np.mean([1, 1, 2 / 3, 2 / 4, 2 / 5]))
 
 
 def test_hand_computed_case():
@@ -85,9 +131,10 @@ def test_compute_metrics_reports_percent():
     logits = np.log(probs)
     out = CalibrationMetrics(n_bins=10)(EvalPrediction(predictions=logits, label_ids=labels))
     raw = calibration_metrics(labels, probs=probs)
-    for key in ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce"):
+    for key in ("accuracy", "ece", "ace", "mce", "mce_weighted", "rmsce", "classwise_ece"):
         assert out[f"{key}_pct"] == pytest.approx(100 * raw[key])
-    assert out["nll"] == pytest.approx(raw["nll"]) and out["brier"] == pytest.approx(raw["brier"])
+    for key in ("nll", "brier", "aurc"):
+        assert out[key] == pytest.approx(raw[key])
 
 
 @pytest.mark.parametrize(

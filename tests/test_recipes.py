@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, quickstart_config
 from suite_copies import local_copy
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from transformers import CLIPProcessor, HfArgumentParser
 
 from cmp_hf import CMPConfig, PromptTunedCLIP, calibration_metrics
@@ -28,7 +29,7 @@ def write_config(path: Path, testbed: Path, **overrides) -> Path:
 
 @pytest.mark.slow
 def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
-    config = write_config(tmp_path, testbed, num_train_epochs=2, shots=4)
+    config = write_config(tmp_path, testbed, num_train_epochs=2, shots=4, report_to="tensorboard")
     output_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -50,6 +51,13 @@ def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
     expected = calibration_metrics(batch["labels"].numpy(), logits=logits)
     assert metrics["test"]["ece_pct"] == pytest.approx(100 * expected["ece"], abs=1e-3)
     assert metrics["test"]["nll"] == pytest.approx(expected["nll"], rel=1e-4)
+    assert "{'loss'" not in result.stdout and "| test | trained |" in result.stdout  # a table, not log dicts
+    assert str(output_dir) in result.stdout.splitlines()[-1]  # ends saying where the files are
+    # report_to: tensorboard from the YAML: the scalars and the reliability diagrams are in the run's event files
+    events = EventAccumulator(str(next(output_dir.rglob("events.out.tfevents.*")).parent), {IMAGES: 0})
+    events.Reload()
+    assert {"eval/test_reliability", "eval/val_reliability"} <= set(events.Tags()["images"])
+    assert "eval/test_ece_pct" in events.Tags()["scalars"]
 
 
 def test_command_line_overrides_the_yaml(tmp_path, testbed):
@@ -165,3 +173,15 @@ def test_cmp_hf_command_is_installed_and_explains_each_option():
     text = " ".join(result.stdout.split())  # argparse wraps the help text
     assert "--cmp_lambda CMP_LAMBDA" in text and "0 gives plain CoOp; 1.0 is the authors' ICML-25 code default" in text
     assert "--prompt_learner PROMPT_LEARNER" in text and "--base_to_novel" in text
+
+
+def test_summary_ends_with_the_base_novel_harmonic_mean():
+    row = {"ece_pct": 5.0, "nll": 0.5}
+    metrics = {
+        "test_base": {**row, "accuracy_pct": 80.0}, "test_novel": {**row, "accuracy_pct": 60.0},
+        "zeroshot_test_base": {**row, "accuracy_pct": 70.0}, "zeroshot_test_novel": {**row, "accuracy_pct": 70.0},
+    }  # fmt: skip
+    lines = train.summary(metrics).splitlines()
+    assert lines[-2] == f"| test base/novel HM | trained | {2 * 80 * 60 / 140:.2f} | | |"  # 68.57, not the mean 70
+    assert lines[-1] == "| test base/novel HM | zero-shot | 70.00 | | |"
+    assert not any("HM" in line for line in train.summary({"test": metrics["test_base"]}).splitlines())

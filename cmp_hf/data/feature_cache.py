@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from datasets import Array2D, ClassLabel, Dataset, Features, Sequence, Value, load_from_disk
-from tqdm.auto import tqdm
+from datasets.utils import tqdm  # tqdm.auto that obeys datasets.disable_progress_bars()
 
 from .augment import RandomResizedCropFlip
 from .collator import to_rgb

@@ -36,6 +36,8 @@ from ..data import (
     load_suite_dataset,
     subset_classes,
 )
+from ..progress import bars_only, quiet_console
+from ..reports import base_novel_harmonic_mean
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
 
@@ -148,12 +150,16 @@ def summary(metrics: dict[str, dict[str, float]]) -> str:
                 lines.append(
                     f"| {name} | {label} | {row['accuracy_pct']:.2f} | {row['ece_pct']:.2f} | {row['nll']:.3f} |"
                 )
+    for split, hm in base_novel_harmonic_mean(metrics).items():  # zero-shot sets are "zeroshot_<split>_base"
+        prompt = "zero-shot" if split.startswith("zeroshot_") else "trained"
+        lines.append(f"| {split.removeprefix('zeroshot_')} base/novel HM | {prompt} | {hm:.2f} | | |")
     return "\n".join(lines)
 
 
 def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
+    quiet_console(config)
     data = load_run_data(script_args, config)
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
@@ -162,6 +168,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
         eval_dataset=data.evals,
         class_names=data.class_names,
     )
+    bars_only(trainer)
     trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
     flat = {}
     if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
@@ -201,6 +208,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, indent=2)
         print(summary(metrics))
+        print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
     return metrics

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 TINY_IMAGE_SIZE = 32
 
@@ -73,7 +73,7 @@ def tiny_clip_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, logit_scal
 def tiny_clip(words: Iterable[str] = (), seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
     """A random tiny ``CLIPModel`` (seeded) and its processor (tokenizer + 32 px image processor)."""
     tokenizer = tiny_tokenizer(words)
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
     )
     with torch.random.fork_rng():
