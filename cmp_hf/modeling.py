@@ -206,6 +206,11 @@ class PromptTunedCLIP(nn.Module):
         return self.peft_model.get_base_model()
 
     @property
+    def config(self):
+        """The CLIP's config: Trainer reads ``model.config`` (e.g. when ``label_smoothing_factor`` is set)."""
+        return self.clip.config
+
+    @property
     def context(self) -> nn.Parameter:
         """The learned context vectors, (M, d) or (C * M, d) with class-specific context."""
         return self.peft_model.prompt_encoder[self.peft_model.active_adapter].embedding.weight

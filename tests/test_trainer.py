@@ -248,6 +248,15 @@ def test_baseline_terms_are_added_and_logged(tmp_path, tiny_clip_dir, train_set)
         assert entry["kgcoop"] > 0 and entry["focal"] < entry["ce"]
 
 
+def test_label_smoothing_trains_through_the_objective(tmp_path, tiny_clip_dir, train_set):
+    config = make_config(tmp_path, max_steps=2, logging_steps=1, cmp_lambda=0.5, label_smoothing_factor=0.1)
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    trainer.train()
+    for entry in (e for e in trainer.state.log_history if "loss" in e):
+        assert entry["loss"] == pytest.approx(entry["smoothed_ce"] + 0.5 * entry["cmp"], rel=1e-4)
+        assert entry["smoothed_ce"] != pytest.approx(entry["ce"], rel=1e-3)
+
+
 def test_temperature_scaling_on_validation_data(tmp_path, tiny_clip_dir, train_set, test_set):
     trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2), train_dataset=train_set,
                          eval_dataset={"test": test_set})  # fmt: skip
