@@ -3,8 +3,8 @@
     cmp-hf train <config.yaml> [--option value ...]   # train, evaluate, save (and push) a prompt
     cmp-hf push <output_dir> <user/repo>               # push a saved prompt directory to the Hub
 
-``cmp-hf train`` runs in the current process; for several GPUs use
-``accelerate launch recipes/train.py <config.yaml>`` (the same code).
+``cmp-hf train`` runs in the current process; for several GPUs use ``accelerate launch -m cmp_hf.scripts.train
+<config.yaml>`` (or, from a clone, ``accelerate launch recipes/train.py <config.yaml>``: the same code).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .constants import CALIBRATION_NAME
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,10 +87,20 @@ class PostHocCalibration:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """The temperature minimising the mean NLL of ``logits / T`` (L-BFGS on log T, float64)."""
+    """The temperature minimising the mean NLL of ``logits / T`` (L-BFGS on log T, float64).
+
+    When every example is classified correctly the minimum does not exist (the NLL keeps falling as T -> 0): the
+    T returned is then where the optimiser stopped, and a warning says so.
+    """
     if len(labels) == 0:
         raise ValueError("Temperature scaling needs at least one labelled example.")
     logits, labels = torch.as_tensor(logits).double(), torch.as_tensor(labels).long()
+    if bool((logits.argmax(dim=1) == labels).all()):
+        logger.warning(
+            "Temperature scaling: all %d validation examples are classified correctly, so the NLL has no minimum "
+            "(it falls as T -> 0) and the fitted T is only where L-BFGS stopped; use a larger or harder held-out set.",
+            len(labels),
+        )
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

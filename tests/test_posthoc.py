@@ -50,6 +50,17 @@ def test_temperature_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
     )
 
 
+def test_a_separable_set_is_flagged(caplog):
+    logits = torch.tensor([[5.0, 0.0], [0.0, 4.0], [3.0, 1.0]])
+    with caplog.at_level("WARNING", logger="cmp_hf.posthoc"):
+        t = fit_temperature(logits, torch.tensor([0, 1, 0]))
+    assert "no minimum" in caplog.text and t < 0.5  # pushed towards 0, as the NLL keeps falling
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cmp_hf.posthoc"):
+        fit_temperature(logits, torch.tensor([0, 1, 1]))
+    assert "no minimum" not in caplog.text
+
+
 def test_empty_set_is_refused():
     with pytest.raises(ValueError, match="at least one labelled example"):
         fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))

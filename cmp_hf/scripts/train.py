@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -217,3 +218,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
 def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
     """``[config.yaml] [--option value ...]`` -> :func:`main` (what ``cmp-hf train`` and recipes/train.py run)."""
     return main(*parse_config_and_overrides(make_parser(), argv))
+
+
+if __name__ == "__main__":  # accelerate launch -m cmp_hf.scripts.train <config.yaml>
+    run(sys.argv[1:])
