@@ -21,9 +21,11 @@ import torch.nn.functional as F
 
 def margin_variance(image_features: torch.Tensor, spread: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, C) variances of the logit margins z_j - z_y, for image features (B, D) and a spread (C, K, D) in logit
-    units (see the module docstring); computed in float32 without forming any (B, C, C) or (B, C, K, D) tensor."""
-    x2 = image_features.float().pow(2)  # (B, D)
-    spread = spread.float()
+    units (see the module docstring); computed in float32 (float64 kept) without forming any (B, C, C) or
+    (B, C, K, D) tensor."""
+    dtype = torch.promote_types(torch.promote_types(image_features.dtype, spread.dtype), torch.float32)
+    x2 = image_features.to(dtype).pow(2)  # (B, D)
+    spread = spread.to(dtype)
     own = x2 @ spread.pow(2).sum(dim=1).t()  # (B, C): sum_d x_d^2 sum_k spread[j, k, d]^2
     weighted_true = x2[:, None, :] * spread[labels]  # (B, K, D)
     cross = weighted_true.flatten(1) @ spread.flatten(1).t()  # (B, C)
@@ -36,4 +38,5 @@ def expected_cross_entropy_bound(
 ) -> torch.Tensor:
     """ProDA's loss: the batch mean of the upper bound of E[cross-entropy] above, for the logits of the mean class
     features and the margin variances of :func:`margin_variance`."""
-    return F.cross_entropy(logits.float() + 0.5 * variance, labels)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits + 0.5 * variance.to(logits.dtype), labels)
