@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
+from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.data import CLIPImageCollator
 from cmp_hf.learners.proda import class_token_positions
 from cmp_hf.losses import LossOptions, expected_cross_entropy_bound, margin_variance, training_objective
+from cmp_hf.posthoc import PostHocCalibration
 from cmp_hf.prompts import CoOpPromptConfig
 from cmp_hf.testing.synthetic import colour_patches
 from cmp_hf.testing.tiny import tiny_clip_config
@@ -246,12 +247,20 @@ def test_save_load_gives_identical_logits(tmp_path, tiny_clip_dir, tokenizer, cl
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **LEARNER_OPTIONS[learner])
     model.prompt_config.base_model_name_or_path = tiny_clip_dir
+    model.calibration = PostHocCalibration(temperature=1.7, dac_k=2)
     model.save_pretrained(tmp_path)
     assert (tmp_path / model.learner.weights_name).exists()
     loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
     x = pixels()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=x).logits, model(pixel_values=x).logits, rtol=0, atol=0)
+        expected = model(pixel_values=x).logits
+        torch.testing.assert_close(loaded(pixel_values=x).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(CalibratedCLIP.from_pretrained(tmp_path).logits(x), expected, rtol=0, atol=0)
+        novel = loaded.for_classes(["pink", "cyan"])  # DAC's class scales from the learner's text features
+        assert novel.calibration.class_scales.shape == (2,) and novel(pixel_values=x).logits.isfinite().all()
+    other = prompt_model(clip, tokenizer, class_names, n_ctx=3, learner=learner, proda_num_prompts=3)
+    with pytest.raises(ValueError, match="come from another"):
+        other.load_learner_weights(tmp_path)
     (tmp_path / model.learner.weights_name).unlink()
     with pytest.raises(FileNotFoundError, match=f"holds a {learner} prompt but has no"):
         PromptTunedCLIP.from_pretrained(tmp_path)
@@ -304,14 +313,16 @@ def test_maple_trains_on_images_and_says_why(tmp_path, tiny_clip_dir, train_set,
 
 
 def test_proda_trains_on_the_bound_with_cmp(tmp_path, tiny_clip_dir, train_set):
-    config = make_config(tmp_path, max_steps=2, prompt_learner="proda", logging_steps=1)
+    config = make_config(tmp_path, max_steps=2, prompt_learner="proda", logging_steps=1, kgcoop_weight=2.0,
+                         mbls_weight=0.1, mbls_margin=0.5)  # fmt: skip
     trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
     assert trainer._feature_cache is not None  # ProDA's image features are the frozen tower's
     before = learned(trainer.model)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "ce_bound" in log]
     assert logs and all(log["ce_bound"] >= log["ce"] - 1e-6 for log in logs)  # a bound of E[CE], at least CE(mean)
-    assert all(abs(log["loss"] - log["ce_bound"] - log["cmp"]) < 1e-4 for log in logs)  # bound + 1.0 x CMP
+    total = [log["ce_bound"] + log["cmp"] + 0.1 * log["mbls"] + 2.0 * log["kgcoop"] for log in logs]
+    assert [log["loss"] for log in logs] == pytest.approx(total, abs=1e-4)  # bound + CMP + the baselines' terms
     assert all(not torch.equal(before[n], p) for n, p in learned(trainer.model).items())
 
 

@@ -62,7 +62,8 @@ class PromptLearner(nn.Module):
     def text_features(
         self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """L2-normalised class text features, differentiable w.r.t. ``context`` and the learner's parameters:
+        """L2-normalised class text features (ProDA: the mean of its K unit features, which is not renormalised),
+        differentiable w.r.t. ``context`` and the learner's parameters:
         (C, D), or (B, C, D) for a conditional learner given ``image_features`` (without them, its (C, D) features
         of the context alone, which image-independent uses such as DAC's distances take)."""
         raise NotImplementedError

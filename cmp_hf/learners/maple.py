@@ -141,4 +141,11 @@ class MaPLeLearner(CoOpLearner):
         return {key: value.detach().contiguous() for key, value in self.state_dict().items()}
 
     def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in state_dict.items()}
+        if found != expected:
+            raise ValueError(
+                f"The saved MaPLe prompts hold {len(found)} tensors {sorted(found.items())[:2]}... but this prompt "
+                f"needs {len(expected)}: they come from another prompt depth, n_ctx or base model."
+            )
         self.load_state_dict(state_dict)
