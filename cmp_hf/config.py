@@ -24,7 +24,7 @@ _SECTIONS = {
     ),
     "Parameters that control the prompt": (
         "prompt_learner", "n_ctx", "ctx_init", "class_token_position", "class_specific_context", "prompt_template",
-        "allow_duplicate_class_names",
+        "allow_duplicate_class_names", "maple_prompt_depth", "proda_num_prompts",
     ),
     "Parameters that control the data and the evaluation": ("image_column", "label_column", "calibration_bins"),
     "Image features and augmentation": (
@@ -106,7 +106,13 @@ class CMPConfig(TrainingArguments):
         metadata={
             "help": f"The prompt learner, one of {sorted(LEARNERS)}. 'coop': a learned context. 'cocoop': an "
             "image-conditional context (a meta-network on the image features adds a bias to it); it runs the text "
-            "encoder on batch x classes prompts per step, so keep batches small on CPU."
+            "encoder on batch x classes prompts per step, so keep batches small on CPU. 'maple': MaPLe, the context "
+            "plus deep prompts in the text layers and vision prompts coupled to them by linear maps; the image "
+            "tower is prompted, so image features are not cached (its released recipe: n_ctx 2, ctx_init 'a photo "
+            "of a', of which the first n_ctx tokens are learned and the rest stay as text; depth 9; SGD lr 0.0035, "
+            "batch 4, 5 epochs). 'proda': ProDA, proda_num_prompts contexts (a quarter with the class name in "
+            "front, a quarter in the middle, the rest at the end) whose class features give a Gaussian per class; "
+            "it trains on an upper bound of the expected cross-entropy and predicts with the mean features."
         },
     )
     n_ctx: int = field(
@@ -133,6 +139,21 @@ class CMPConfig(TrainingArguments):
     allow_duplicate_class_names: bool = field(
         default=False,
         metadata={"help": "Accept repeated class names (CLIP's ImageNet list repeats two); otherwise an error."},
+    )
+
+    maple_prompt_depth: int = field(
+        default=9,
+        metadata={
+            "help": "MaPLe: prompt depth J, the number of layers (from the first) whose text context and vision "
+            "prompts are learned; capped by the towers' depth (ViT-B/16: 12). 1 = prompts at the input only."
+        },
+    )
+    proda_num_prompts: int = field(
+        default=32,
+        metadata={
+            "help": "ProDA: the number K of learned contexts (the paper: 32). Every step encodes K x classes prompts; "
+            "K = 1 is CoOp."
+        },
     )
 
     image_column: str = field(default="image", metadata={"help": "Dataset column holding the images."})
@@ -183,7 +204,8 @@ class CMPConfig(TrainingArguments):
             raise ValueError("augmented_views and image_feature_batch_size must be >= 1.")
         if self.coop_warmup_epochs < 0 or self.coop_warmup_lr < 0:
             raise ValueError("coop_warmup_epochs and coop_warmup_lr must be >= 0.")
-        learner_class(self.prompt_config(class_names=["_"]))  # validates the prompt and learner options now
+        # validates the prompt and learner options now, and the losses the learner can train with
+        learner_class(self.prompt_config(class_names=["_"])).check_loss_options(self.loss_options())
         super().__post_init__()
 
     def loss_options(self) -> LossOptions:
@@ -202,6 +224,8 @@ class CMPConfig(TrainingArguments):
             base_model_name_or_path=base_model_name_or_path,
             allow_duplicate_names=self.allow_duplicate_class_names,
             learner=self.prompt_learner,
+            maple_prompt_depth=self.maple_prompt_depth,
+            proda_num_prompts=self.proda_num_prompts,
         )
 
 

@@ -6,6 +6,8 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAM
 PROMPT_CONFIG_NAME = "prompt_config.json"  # the prompt's classes, template, context layout, learner, base model
 CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (cmp_hf.posthoc)
 META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
+PRODA_CONTEXTS_NAME = "proda_contexts.safetensors"  # ProDA's contexts 1..K-1 (context 0 is the peft adapter's)
+MAPLE_PROMPTS_NAME = "maple_prompts.safetensors"  # MaPLe's deep text prompts and text-to-vision coupling maps
 TRAINING_ARGS_NAME = "training_args.json"
 MODEL_CARD_NAME = "README.md"
 EVAL_DIR = "eval"  # eval/<set>/ holds one eval set's report

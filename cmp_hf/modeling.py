@@ -27,25 +27,29 @@ from .constants import ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME
 from .hub import fetch_prompt
 from .learners import PromptLearner, learner_class
 from .posthoc import PostHocCalibration
-from .prompts.config import CoOpPromptConfig, initial_context, resolve_n_ctx
+from .prompts.config import CoOpPromptConfig, initial_context
 
 
 @dataclass
 class PromptTunedCLIPOutput(ModelOutput):
     """``logits``: (B, C) = logit_scale * cos(image, class text), post-hoc calibrated; features are L2-normalised
-    (text features are (C, D), or (B, C, D) for a learner whose prompts depend on the image)."""
+    (text features are (C, D), or (B, C, D) for a learner whose prompts depend on the image). ``text_spread``: for a
+    learner with Gaussian class features (ProDA), their spread (C, K, D) in logit units (times ``logit_scale``), from
+    which the trainer computes ProDA's loss; ``None`` otherwise and whenever the text features were fixed."""
 
     logits: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
     text_features: torch.Tensor | None = None
+    text_spread: torch.Tensor | None = None
 
 
 class PromptTunedCLIP(nn.Module):
     """CLIP classifier over a fixed list of classes whose text prompts carry a learned context.
 
     Trainable: the prompt vectors (``peft_model.prompt_encoder``) and the learner's own parameters (CoCoOp's
-    meta-network); everything in CLIP, ``logit_scale`` included, is frozen. ``forward`` takes ``pixel_values`` or
-    precomputed, L2-normalised ``image_features`` and applies the post-hoc ``calibration`` to the logits.
+    meta-network, MaPLe's deep prompts and coupling maps, ProDA's other contexts); everything in CLIP,
+    ``logit_scale`` included, is frozen. ``forward`` takes ``pixel_values`` or precomputed, L2-normalised
+    ``image_features`` and applies the post-hoc ``calibration`` to the logits.
 
     Build one with :meth:`from_clip` (fresh prompt) or :meth:`from_pretrained` (a saved prompt);
     :meth:`save_pretrained` writes the peft adapter, ``prompt_config.json``, the learner's weights and the
@@ -92,7 +96,7 @@ class PromptTunedCLIP(nn.Module):
         Prompts are padded to the longest one; ``pad_prompts_to=77`` reproduces CoOp's fixed length (same features,
         more compute), which the speed benchmark uses as its reference.
         """
-        prompt_config = resolve_n_ctx(prompt_config, tokenizer)
+        prompt_config = learner_class(prompt_config).resolve_config(prompt_config, tokenizer)
         if prompt_config.base_model_name_or_path is None and clip.name_or_path:
             prompt_config = replace(prompt_config, base_model_name_or_path=clip.name_or_path)
         text_config = clip.config.text_config
@@ -231,8 +235,9 @@ class PromptTunedCLIP(nn.Module):
         return hand_crafted_text_features(self.clip, self.tokenizer, self.class_names, template)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features, as the learner computes them (the frozen image tower for CoOp)."""
-        return self.learner.image_features(self.clip, pixel_values)
+        """L2-normalised image features, as the learner computes them (the frozen image tower for CoOp; prompted
+        from the context for MaPLe)."""
+        return self.learner.image_features(self.clip, pixel_values, self.context)
 
     @contextmanager
     def fixed_text_features(self) -> Iterator[None]:
@@ -255,16 +260,19 @@ class PromptTunedCLIP(nn.Module):
             raise ValueError("Pass exactly one of pixel_values or image_features (L2-normalised, precomputed).")
         if image_features is None:
             image_features = self.image_features(pixel_values)
-        text = self._fixed_text_features
+        text, spread = self._fixed_text_features, None
         if text is None:
-            text = self.text_features(image_features)
+            text, spread = self.learner.text_distribution(self.clip, self.context, image_features)
         scale = self.clip.logit_scale.exp()
         if text.dim() == 3:  # one set of class prompts per image
             logits = scale * torch.einsum("bd,bcd->bc", image_features.to(text.dtype), text)
         else:
             logits = scale * image_features.to(text.dtype) @ text.t()
         return PromptTunedCLIPOutput(
-            logits=self.calibration.apply(logits), image_features=image_features, text_features=text
+            logits=self.calibration.apply(logits),
+            image_features=image_features,
+            text_features=text,
+            text_spread=None if spread is None else scale * spread,
         )
 
 

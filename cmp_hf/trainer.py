@@ -27,7 +27,7 @@ from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
 from .hub import hub_errors, model_card, repo_name, require_token
-from .losses import training_objective
+from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
@@ -247,7 +247,12 @@ class CMPTrainer(Trainer):
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
         hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
-        loss, terms = training_objective(logits, labels, self._loss_options, outputs.text_features, hand_crafted)
+        variance = None  # a learner with Gaussian class features (ProDA) trains on a bound that needs it
+        if outputs.text_spread is not None:
+            variance = margin_variance(outputs.image_features, outputs.text_spread, labels)
+        loss, terms = training_objective(
+            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance
+        )
         self._components["train" if model.training else "eval"].add(terms, len(labels))
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -363,6 +368,8 @@ class CMPTrainer(Trainer):
             model_name=model_name or repo_name(args.output_dir, args.hub_model_id).split("/")[-1],
             repo_id=repo_name(args.output_dir, args.hub_model_id),
             base_model=prompt.base_model_name_or_path or "",
+            learner=self.model.learner.title,
+            learner_name=self.model.learner.name,
             dataset_name=self.dataset_name or "custom",
             num_classes=len(prompt.class_names),
             n_ctx=prompt.n_ctx,

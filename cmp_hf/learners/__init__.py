@@ -4,8 +4,12 @@ from ..prompts.config import CoOpPromptConfig
 from .base import PromptLearner
 from .cocoop import CoCoOpLearner
 from .coop import CoOpLearner
+from .maple import MaPLeLearner
+from .proda import ProDALearner
 
-LEARNERS: dict[str, type[PromptLearner]] = {learner.name: learner for learner in (CoOpLearner, CoCoOpLearner)}
+LEARNERS: dict[str, type[PromptLearner]] = {
+    learner.name: learner for learner in (CoOpLearner, CoCoOpLearner, MaPLeLearner, ProDALearner)
+}
 
 
 def learner_class(config: CoOpPromptConfig) -> type[PromptLearner]:
@@ -17,4 +21,6 @@ def learner_class(config: CoOpPromptConfig) -> type[PromptLearner]:
     return learner
 
 
-__all__ = ["LEARNERS", "CoCoOpLearner", "CoOpLearner", "PromptLearner", "learner_class"]
+__all__ = [
+    "LEARNERS", "CoCoOpLearner", "CoOpLearner", "MaPLeLearner", "ProDALearner", "PromptLearner", "learner_class",
+]  # fmt: skip

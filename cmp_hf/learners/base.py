@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from ..prompts.config import CoOpPromptConfig
+from ..losses import LossOptions
+from ..prompts.config import CoOpPromptConfig, resolve_n_ctx
 
 
 class PromptLearner(nn.Module):
@@ -30,6 +31,7 @@ class PromptLearner(nn.Module):
 
     Class attributes:
         name: the key of the learner in ``cmp_hf.learners.LEARNERS`` and in ``prompt_config.json``.
+        title: how the model card names the learner (its paper's spelling).
         caches_image_features: whether image features are those of the frozen image tower, so that the trainer may
             encode each image once and train on stored features. A learner that prompts the image tower too says
             ``False``, and the trainer then encodes images at every step.
@@ -39,6 +41,7 @@ class PromptLearner(nn.Module):
     """
 
     name: ClassVar[str]
+    title: ClassVar[str]
     caches_image_features: ClassVar[bool] = True
     conditional: ClassVar[bool] = False
     weights_name: ClassVar[str | None] = None
@@ -47,17 +50,38 @@ class PromptLearner(nn.Module):
     def check_config(cls, config: CoOpPromptConfig) -> None:
         """Raise ``ValueError`` for prompt options this learner cannot take (called before any model is built)."""
 
+    @classmethod
+    def check_loss_options(cls, options: LossOptions) -> None:
+        """Raise ``ValueError`` for training losses that make no sense with this learner (called by ``CMPConfig``)."""
+
+    @classmethod
+    def resolve_config(cls, config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) -> CoOpPromptConfig:
+        """The prompt config a new prompt is built from: with ``ctx_init``, M is its token count (CoOp's rule)."""
+        return resolve_n_ctx(config, tokenizer)
+
     def text_features(
         self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """L2-normalised class text features, differentiable w.r.t. ``context`` and the learner's parameters:
+        """L2-normalised class text features (ProDA: the mean of its K unit features, which is not renormalised),
+        differentiable w.r.t. ``context`` and the learner's parameters:
         (C, D), or (B, C, D) for a conditional learner given ``image_features`` (without them, its (C, D) features
         of the context alone, which image-independent uses such as DAC's distances take)."""
         raise NotImplementedError
 
+    def text_distribution(
+        self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class text features and, for a learner that learns a distribution of them (ProDA), their spread:
+        (C, K, D) with ``Cov(t_i[d], t_j[d]) = sum_k spread[i, k, d] * spread[j, k, d]`` (independent dimensions
+        d). ``None``: one feature per class, nothing random, which is every learner but ProDA."""
+        return self.text_features(clip, context, image_features), None
+
     @torch.no_grad()
-    def image_features(self, clip: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features of the frozen image tower (no graph is kept: nothing there trains)."""
+    def image_features(
+        self, clip: CLIPModel, pixel_values: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised features of the frozen image tower (no graph is kept: nothing there trains). ``context``
+        is for a learner that prompts the image tower from the text context (MaPLe); this one ignores it."""
         pooled = clip.vision_model(pixel_values=pixel_values.to(clip.dtype)).pooler_output
         return F.normalize(clip.visual_projection(pooled), dim=-1)
 

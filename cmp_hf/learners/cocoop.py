@@ -22,6 +22,7 @@ class CoCoOpLearner(CoOpLearner):
     image features, the (C, D) features of the shared context alone."""
 
     name = "cocoop"
+    title = "CoCoOp"
     conditional = True
     weights_name = META_NET_NAME
 

@@ -21,6 +21,7 @@ class CoOpLearner(PromptLearner):
     """Class text features from the learned context alone: (C, D), the same for every image."""
 
     name = "coop"
+    title = "CoOp"
 
     def __init__(
         self,

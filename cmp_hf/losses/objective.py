@@ -4,6 +4,14 @@ loss = cross-entropy (or focal loss, or label-smoothed cross-entropy) + cmp_lamb
        + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance
 Terms with weight 0 are not added (so KgCoOp with weight 0 is CoOp exactly); plain cross-entropy, CMP and the
 misclassified fraction are always returned for logging.
+
+For a learner with Gaussian class features (ProDA), ``margin_variance`` is given and the cross-entropy term becomes
+ProDA's upper bound of the expected cross-entropy (``cmp_hf.losses.gaussian``), logged as ``ce_bound``. Every other
+term, CMP included, sees the logits of the mean features: those are the logits the model predicts with, so CMP
+penalises the confidence of the misclassifications the model actually makes. The bound's surrogate logits add the
+variance to every wrong class only, so their ranking is not the model's, and CMP on them would penalise samples
+the model gets right. Focal loss and label smoothing reshape the cross-entropy of point logits and have no such
+bound here: they are refused with ProDA.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import torch.nn.functional as F
 
 from .baselines import focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
 from .cmp import CMP_COMPETITORS, CMP_FORMS, cmp_penalty
+from .gaussian import expected_cross_entropy_bound
 
 
 @dataclass(frozen=True)
@@ -44,17 +53,30 @@ class LossOptions:
             raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
 
 
+GAUSSIAN_FEATURES_REFUSE = (
+    "Focal loss and label smoothing cannot train a learner with Gaussian class features (ProDA): its loss is an upper "
+    "bound of the expected cross-entropy, which they have no bound for. Set focal_gamma and label_smoothing_factor to "
+    "0 and combine ProDA with CMP, MbLS or KgCoOp (or temperature scaling after training)."
+)
+
+
 def training_objective(
     logits: torch.Tensor,
     labels: torch.Tensor,
     options: LossOptions,
     text_features: torch.Tensor | None = None,
     hand_crafted_text_features: torch.Tensor | None = None,
+    margin_variance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss and its named terms (unweighted) for a batch of class logits (float32 whatever their dtype)."""
+    """The loss and its named terms (unweighted) for a batch of class logits (float32 whatever their dtype);
+    ``margin_variance`` (B, C): the variances of the logit margins of a learner with Gaussian class features."""
     logits = logits.float()
     terms = {"ce": F.cross_entropy(logits, labels)}
-    if options.focal_gamma:
+    if margin_variance is not None:
+        if options.focal_gamma or options.label_smoothing_factor:
+            raise ValueError(GAUSSIAN_FEATURES_REFUSE)
+        terms["ce_bound"] = loss = expected_cross_entropy_bound(logits, labels, margin_variance)
+    elif options.focal_gamma:
         terms["focal"] = loss = focal_loss(logits, labels, options.focal_gamma)
     elif options.label_smoothing_factor:
         terms["smoothed_ce"] = loss = smoothed_cross_entropy(logits, labels, options.label_smoothing_factor)

@@ -42,7 +42,12 @@ class CoOpPromptConfig:
             name, text after it ends the prompt. CoOp's prompt is ``"{}."``.
         base_model_name_or_path: the CLIP the prompt was learned on (Hub id or directory), used to load it back.
         learner: the prompt learner that uses this prompt, a key of ``cmp_hf.learners.LEARNERS`` (``"coop"``: a
-            fixed context; ``"cocoop"``: an image-conditional one). The learner checks the options it cannot take.
+            fixed context; ``"cocoop"``: an image-conditional one; ``"maple"``: deep prompts in both towers;
+            ``"proda"``: K contexts whose class features form a Gaussian). The learner checks the options it
+            cannot take.
+        maple_prompt_depth: MaPLe's prompt depth J: the text context and the vision prompts enter layers 0..J-1
+            (capped by the towers' depth). Other learners ignore it.
+        proda_num_prompts: ProDA's number K of contexts. Other learners ignore it.
         allow_duplicate_names: accept repeated class names. Off by default (a repeat is nearly always a mistake
             and makes two classes indistinguishable); CLIP's and CoOp's ImageNet names repeat "missile" and
             "sunglasses", so reproducing ImageNet needs it on.
@@ -57,6 +62,8 @@ class CoOpPromptConfig:
     base_model_name_or_path: str | None = None
     learner: str = "coop"
     allow_duplicate_names: bool = False
+    maple_prompt_depth: int = 9
+    proda_num_prompts: int = 32
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
@@ -66,6 +73,11 @@ class CoOpPromptConfig:
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(
                 f"Unknown class_token_position {self.class_token_position!r}: use one of {CLASS_TOKEN_POSITIONS}."
+            )
+        if self.maple_prompt_depth < 1 or self.proda_num_prompts < 1:
+            raise ValueError(
+                f"maple_prompt_depth and proda_num_prompts must be >= 1, got {self.maple_prompt_depth} and "
+                f"{self.proda_num_prompts}."
             )
         if self.template.count("{}") != 1:
             raise ValueError(f"template must contain '{{}}' exactly once (the class name), got {self.template!r}.")
