@@ -19,6 +19,7 @@ noise level, with their average and range, and writes a CSV of every run.
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import tempfile
 import time
@@ -178,12 +179,42 @@ def _key(row: dict) -> tuple:
     return row["task"], row["noise"], row["partition"], row["shots"], row["eval_set"]
 
 
+def _cell_means(rows: list[dict], method: str, task: str, shots: int, eval_set: str, metric: str) -> list[float]:
+    """The mean paired difference against CoOp-CE in each (noise, partition) cell of one task."""
+    cells = dict.fromkeys((r["noise"], r["partition"]) for r in rows)
+    found = (_paired(rows, method, (task, *cell, shots, eval_set), metric) for cell in cells)
+    return [float(d.mean()) for d in found if len(d)]
+
+
+SUMMARY = (("base", "accuracy"), ("base", "ece"), ("novel", "accuracy"), ("novel", "ece"), ("shifted", "ece"))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per task: each method's paired difference against CoOp-CE averaged over the (noise, partition) cells, its
+    [min, max] over cells, and in how many cells it is below zero (fewer errors, lower ECE where that is good)."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("CoOp-CE", "zero-shot")]
+    lines = []
+    for task, shots in dict.fromkeys((r["task"], r["shots"]) for r in rows):
+        lines += [f"### Summary, {task}, {shots} shots: difference against CoOp-CE, mean over cells [min, max] "
+                  "(cells with a decrease / cells)", ""]  # fmt: skip
+        lines += ["| method | " + " | ".join(f"{s} {m}" for s, m in SUMMARY) + " |", "|---" * (1 + len(SUMMARY)) + "|"]
+        for method in methods:
+            cells = []
+            for eval_set, metric in SUMMARY:
+                means = _cell_means(rows, method, task, shots, eval_set, metric)
+                below = sum(m < 0 for m in means)
+                cells.append(f"{np.mean(means):+.2f} [{min(means):+.2f}, {max(means):+.2f}] ({below}/{len(means)})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def report(rows: list[dict], out: str | None) -> str:
-    """Markdown: per task and shots, mean +- std over seeds for each (noise, partition) cell; then the paired
-    differences against CoOp-CE per cell, and their average with [min, max] over cells."""
+    """Markdown: the summary; then per task and shots, mean +- std over seeds for each (noise, partition) cell, and
+    the paired differences against CoOp-CE per cell with their average and [min, max] over cells."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells = list(dict.fromkeys((r["noise"], r["partition"]) for r in rows))
-    lines = []
+    lines = summary(rows)
     for task, shots, eval_set in dict.fromkeys((r["task"], r["shots"], r["eval_set"]) for r in rows):
         for metric in METRICS:
             head = " | ".join(f"noise {n:g}, {p}" for n, p in cells)
@@ -204,9 +235,7 @@ def report(rows: list[dict], out: str | None) -> str:
             for method in methods:
                 if method in ("CoOp-CE", "zero-shot"):
                     continue
-                means = [
-                    d.mean() for c in cells if len(d := _paired(rows, method, (task, *c, shots, eval_set), metric))
-                ]
+                means = _cell_means(rows, method, task, shots, eval_set, metric)
                 lines.append(f"| {method} | " + " | ".join(f"{m:+.{digits}f}" for m in means)
                              + f" | {np.mean(means):+.{digits}f} [{min(means):+.{digits}f}, {max(means):+.{digits}f}]"
                              " |")  # fmt: skip
@@ -214,6 +243,13 @@ def report(rows: list[dict], out: str | None) -> str:
     markdown = "\n".join(lines)
     publish(markdown, rows, out)
     return markdown
+
+
+def read_rows(path: str) -> list[dict]:
+    """The runs of a CSV this script wrote, with their types back (to re-render the report without re-running)."""
+    types = {"noise": float, "shots": int, "seed": int, **dict.fromkeys(METRICS, float)}
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{key: types.get(key, str)(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
 if __name__ == "__main__":
@@ -227,4 +263,6 @@ if __name__ == "__main__":
     parser.add_argument("--methods", nargs="+", default=CMP_GRID, choices=[*METHODS, "all"])
     parser.add_argument("--epoch_scale", type=float, default=1.0)
     parser.add_argument("--out", default="runs/bench_calibration")
-    main(parser.parse_args())
+    parser.add_argument("--from_csv", default=None, help="only re-render the report of a CSV this script wrote")
+    args = parser.parse_args()
+    report(read_rows(args.from_csv), args.out) if args.from_csv else main(args)

@@ -4,6 +4,7 @@ import argparse
 import gzip
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,10 @@ def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
     markdown = (tmp_path / "bench.md").read_text()
     assert "paired difference against CoOp-CE" in markdown and "| CMP log_ratio/all l=1 |" in markdown
     assert "noise 30, first_half | noise 30, interleaved | average [min, max]" in markdown
+    assert "### Summary, mnist, 1 shots" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| CMP log_ratio/all l=1 |"))
+    assert len(re.findall(r"[+-]\d+\.\d\d \[[^]]+\] \([012]/2\)", row)) == 5  # 5 summary cells, over 2 partitions
+    assert bench_calibration.report(bench_calibration.read_rows(str(tmp_path / "bench.csv")), None) == markdown
     for partition in ("first_half", "interleaved"):
         zero_shot_base = [r["accuracy"] for r in rows if (r["method"], r["eval_set"], r["partition"]) ==
                           ("zero-shot", "base", partition)]  # fmt: skip
