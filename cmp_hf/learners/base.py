@@ -27,7 +27,8 @@ class PromptLearner(nn.Module):
     """Base class of prompt learners; subclasses set the class attributes and implement :meth:`text_features`.
 
     A subclass is built as ``Learner(clip, tokenizer, config, pad_prompts_to=None)`` (``clip`` is not kept as a
-    submodule: ``PromptTunedCLIP`` owns it and passes it to every call).
+    submodule: ``PromptTunedCLIP`` owns it and passes it to every call) and creates its own parameters in
+    :meth:`build_weights`.
 
     Class attributes:
         name: the key of the learner in ``cmp_hf.learners.LEARNERS`` and in ``prompt_config.json``.
@@ -58,6 +59,10 @@ class PromptLearner(nn.Module):
     def resolve_config(cls, config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) -> CoOpPromptConfig:
         """The prompt config a new prompt is built from: with ``ctx_init``, M is its token count (CoOp's rule)."""
         return resolve_n_ctx(config, tokenizer)
+
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
+        """Create the learner's own parameters (CoCoOp's meta-network, ...), once its prompts are tokenized; a
+        learner whose only weights are the peft context has none."""
 
     def text_features(
         self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None

@@ -26,14 +26,7 @@ class CoCoOpLearner(CoOpLearner):
     conditional = True
     weights_name = META_NET_NAME
 
-    def __init__(
-        self,
-        clip: CLIPModel,
-        tokenizer: PreTrainedTokenizerBase,
-        config: CoOpPromptConfig,
-        pad_prompts_to: int | None = None,
-    ) -> None:
-        super().__init__(clip, tokenizer, config, pad_prompts_to)
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
         width, hidden = clip.config.projection_dim, max(clip.config.projection_dim // 16, 1)
         self.meta_net = nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, clip.config.text_config.hidden_size)

@@ -37,6 +37,7 @@ class CoOpLearner(PromptLearner):
         self.register_buffer("prompt_input_ids", tokens.input_ids.to(device), persistent=False)
         self.register_buffer("prompt_attention_mask", tokens.attention_mask.to(device), persistent=False)
         self.register_buffer("prompt_context_index", tokens.context_index.to(device), persistent=False)
+        self.build_weights(clip, tokenizer, config)
 
     def text_features(
         self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None

@@ -53,14 +53,7 @@ class MaPLeLearner(CoOpLearner):
     caches_image_features = False
     weights_name = MAPLE_PROMPTS_NAME
 
-    def __init__(
-        self,
-        clip: CLIPModel,
-        tokenizer: PreTrainedTokenizerBase,
-        config: CoOpPromptConfig,
-        pad_prompts_to: int | None = None,
-    ) -> None:
-        super().__init__(clip, tokenizer, config, pad_prompts_to)
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
         depth = prompt_depth(clip, config)
         text_width, vision_width = clip.config.text_config.hidden_size, clip.config.vision_config.hidden_size
         self.deep_prompts = nn.ParameterList(

@@ -46,14 +46,7 @@ class ProDALearner(CoOpLearner):
     title = "ProDA"
     weights_name = PRODA_CONTEXTS_NAME
 
-    def __init__(
-        self,
-        clip: CLIPModel,
-        tokenizer: PreTrainedTokenizerBase,
-        config: CoOpPromptConfig,
-        pad_prompts_to: int | None = None,
-    ) -> None:
-        super().__init__(clip, tokenizer, config, pad_prompts_to)
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
         num_prompts, max_positions = config.proda_num_prompts, clip.config.text_config.max_position_embeddings
         # one tokenization per layout; each class's prompt has the same tokens in every layout, so the same length
         layouts = {
