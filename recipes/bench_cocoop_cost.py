@@ -1,10 +1,12 @@
-"""What CoCoOp's image-conditional prompts cost per training step, against CoOp, by batch size.
+"""What each prompt learner costs per training step, against CoOp, by batch size.
 
-    python recipes/bench_cocoop_cost.py [--classes 10 --batches 1 4 32]
+    python recipes/bench_cocoop_cost.py [--classes 10 --batches 1 4 32 --learners coop cocoop maple proda]
 
 CoOp encodes the C class prompts once per step whatever the batch; CoCoOp encodes B x C prompts (one set per
-image). On a randomly initialised text tower of ViT-B/16 sizes (no weights needed to time it), prints the median
-seconds of a forward + backward step from cached image features for each learner and batch size.
+image); ProDA K x C (K = --proda_num_prompts); MaPLe C, but its image features cannot be cached, so its step also
+runs the prompted image tower, forward and backward, on the batch's images. On a randomly initialised CLIP of
+ViT-B/16 sizes (no weights needed to time it), prints the median seconds of a forward + backward step for each
+learner and batch size (from cached image features, or from 224 px images for MaPLe).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from transformers import CLIPModel
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
+
+N_CTX = {"coop": 4, "cocoop": 4, "maple": 2, "proda": 4}  # context lengths as the released configs
 
 
 class StepCost(NamedTuple):
@@ -38,17 +42,21 @@ def main(args: argparse.Namespace) -> dict[tuple[str, int], StepCost]:
     clip.text_model.register_forward_hook(count, with_kwargs=True)
     names = [f"class {i}" for i in range(args.classes)]
     costs = {}
-    for learner in ("coop", "cocoop"):
-        model = PromptTunedCLIP.from_clip(
-            clip, tokenizer, CoOpPromptConfig(class_names=names, n_ctx=4, learner=learner)
-        )
+    for learner in args.learners:
+        prompt = CoOpPromptConfig(class_names=names, n_ctx=N_CTX[learner], learner=learner,
+                                  proda_num_prompts=args.proda_num_prompts)  # fmt: skip
+        model = PromptTunedCLIP.from_clip(clip, tokenizer, prompt)
         for batch in args.batches:
-            features = torch.nn.functional.normalize(torch.randn(batch, config.projection_dim), dim=-1)
+            if model.learner.caches_image_features:
+                inputs = {"image_features": torch.nn.functional.normalize(torch.randn(batch, config.projection_dim))}
+            else:
+                size = config.vision_config.image_size
+                inputs = {"pixel_values": torch.randn(batch, 3, size, size)}
             timings = []
             for _ in range(args.repeats):
                 encoded.clear()
                 start = time.perf_counter()
-                model(image_features=features).logits.sum().backward()
+                model(**inputs).logits.sum().backward()
                 timings.append(time.perf_counter() - start)
             costs[learner, batch] = StepCost(sorted(timings)[len(timings) // 2], sum(encoded))
             print(f"{learner:6s} batch {batch:3d} x {args.classes} classes: {costs[learner, batch].seconds:.3f} s per "
@@ -62,4 +70,6 @@ if __name__ == "__main__":
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--learners", nargs="+", default=["coop", "cocoop"], choices=sorted(N_CTX))
+    parser.add_argument("--proda_num_prompts", type=int, default=32)
     main(parser.parse_args())

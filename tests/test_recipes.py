@@ -157,11 +157,12 @@ def test_sweep_then_report(tmp_path, testbed):
 def test_cocoop_cost_benchmark_runs():
     from recipes import bench_cocoop_cost
 
-    costs = bench_cocoop_cost.main(argparse.Namespace(size="tiny", classes=3, batches=[1, 2], repeats=1))
-    assert set(costs) == {("coop", 1), ("coop", 2), ("cocoop", 1), ("cocoop", 2)}
-    # what the benchmark claims to time: CoOp encodes the C prompts once, CoCoOp B x C (one set per image)
+    options = dict(size="tiny", classes=3, batches=[1, 2], repeats=1, proda_num_prompts=4)
+    costs = bench_cocoop_cost.main(argparse.Namespace(**options, learners=["coop", "cocoop", "maple", "proda"]))
+    # what the benchmark claims to time: CoOp and MaPLe encode the C prompts once, CoCoOp B x C, ProDA K x C
     assert {key: cost.prompts for key, cost in costs.items()} == {
-        ("coop", 1): 3, ("coop", 2): 3, ("cocoop", 1): 3, ("cocoop", 2): 6}  # fmt: skip
+        ("coop", 1): 3, ("coop", 2): 3, ("cocoop", 1): 3, ("cocoop", 2): 6, ("maple", 1): 3, ("maple", 2): 3,
+        ("proda", 1): 12, ("proda", 2): 12}  # fmt: skip
 
 
 def test_cmp_hf_command_is_installed_and_explains_each_option():
