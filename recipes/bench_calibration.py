@@ -108,10 +108,12 @@ def settings(args: argparse.Namespace, cache: ImageFeatureCache) -> list[Setting
 
 def run(
     clip: CLIPModel, processor: CLIPProcessor, setting: Setting, train: Dataset | None, val: Dataset | None,
-    method: Method, seed: int, epochs: int, output_dir: str,
+    method: Method, seed: int, epochs: int, output_dir: str, epoch_scale: float = 1.0,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """One CMPTrainer run (``train=None``: no training, the zero-shot prompt); returns {eval set: metrics}."""
+    """One CMPTrainer run (``train=None``: no training, the zero-shot prompt); returns {eval set: metrics}.
+    ``epochs`` is CoOp's for the shot count, unless the method has its own recipe; ``epoch_scale`` shortens both."""
     options = {"num_train_epochs": epochs, "per_device_train_batch_size": 32, **method.options}
+    options["num_train_epochs"] = max(1, round(options["num_train_epochs"] * epoch_scale))
     config = CMPConfig(
         output_dir=output_dir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         logging_strategy="no", per_device_eval_batch_size=256, ctx_init="a photo of a", coop_schedule=True, seed=seed,
@@ -149,13 +151,9 @@ def main(args: argparse.Namespace) -> list[dict]:
             rows += [dict(**cell, method="zero-shot", shots=shots, seed=seed, eval_set=name, **values)
                      for name, values in zero_shot.items()]  # fmt: skip
             train, val = few_shot_sets(setting.pool, shots, seed)
-            epochs = max(1, round(COOP_EPOCHS_BY_SHOTS[shots] * args.epoch_scale))
             for name in methods:
-                method = METHODS[name]
-                if "num_train_epochs" in method.options:  # a learner with its own recipe (CoCoOp)
-                    method = method._replace(options={**method.options, "num_train_epochs": max(
-                        1, round(method.options["num_train_epochs"] * args.epoch_scale))})  # fmt: skip
-                results = run(clip, processor, setting, train, val, method, seed, epochs, output_dir)
+                results = run(clip, processor, setting, train, val, METHODS[name], seed, COOP_EPOCHS_BY_SHOTS[shots],
+                              output_dir, args.epoch_scale)  # fmt: skip
                 rows += [dict(**cell, method=name, shots=shots, seed=seed, eval_set=eval_set, **values)
                          for eval_set, values in results.items()]  # fmt: skip
             print(f"{setting.task} noise {setting.noise:g} {setting.partition} {shots}-shot seed {seed} done "
