@@ -70,9 +70,8 @@ class CMPTrainer(Trainer):
 
     ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP`` (whose
     own prompt options then apply). A plain CLIP gets a new prompt (learner ``args.prompt_learner``) built from
-    ``args`` and ``class_names``
-    (default: the ``ClassLabel`` names of the train set's label column). The processor comes from
-    ``processing_class`` or is loaded from where the CLIP was.
+    ``args`` and ``class_names`` (default: the ``ClassLabel`` names of the train set's label column). The processor
+    comes from ``processing_class`` or is loaded from where the CLIP was.
 
     The loss is cross-entropy (or focal loss, or label-smoothed cross-entropy) + ``cmp_lambda`` x CMP, plus MbLS and
     KgCoOp terms when their weights are set. Logged besides the loss: ``ce`` (plain cross-entropy, whatever the

@@ -23,7 +23,7 @@ def replaced_embeddings(embedding: nn.Embedding, vectors: torch.Tensor, index: t
     """While active, rows of ``embedding``'s output where ``index >= 0`` become ``vectors[index]`` (gradients flow
     to ``vectors``); elsewhere the output is the ordinary token embedding. ``index`` has the token ids' shape."""
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def replace(output: torch.Tensor) -> torch.Tensor:
         if index.shape != output.shape[:-1]:
             raise RuntimeError(
                 f"Prompt index of shape {tuple(index.shape)} does not match token ids {tuple(output.shape[:-1])}."
@@ -31,18 +31,15 @@ def replaced_embeddings(embedding: nn.Embedding, vectors: torch.Tensor, index: t
         learned = vectors[index.clamp(min=0)].to(output.dtype)
         return torch.where((index >= 0).unsqueeze(-1), learned, output)
 
-    handle = embedding.register_forward_hook(hook)
-    try:
+    with transformed_output(embedding, replace):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
 def transformed_layer_inputs(transforms: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
     """While active, each module's input hidden states (its first argument) go through its transform first: deep
     prompts written into a transformer layer's input. Registered on entry, removed on exit, like
-    :func:`replaced_embeddings`."""
+    :func:`transformed_output`."""
 
     def hook(transform: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
