@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
+from .runs import check_checkpoint_is_this_run, checkpoint_to_resume
 from .schedulers import coop_scheduler
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ class CMPTrainer(Trainer):
                 _check_labels(dataset, name, args.label_column, len(class_names))
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         self._feature_cache: ImageFeatureCache | None = None
         if data_collator is None:
             data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
@@ -232,6 +235,20 @@ class CMPTrainer(Trainer):
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
+
+    # ---- training -----------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """As Trainer's, and: ``resume_from_checkpoint`` defaults to ``args.resume_from_checkpoint`` (a recipe's
+        option), ``True`` takes the last *complete* checkpoint of ``output_dir``, and a missing path, a checkpoint
+        cut off mid-save or one saved by another run (other prompt, seed, loss or optimizer) is an error before
+        any training."""
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        checkpoint = _checkpoint_of_this_run(resume_from_checkpoint, self.args, self.model)
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
 
     # ---- loss and logging ---------------------------------------------------------------------------------------
 
@@ -435,6 +452,14 @@ def _examples_per_class(dataset: Dataset | None, label_column: str) -> str:
         return "-"
     counts = np.bincount(np.asarray(dataset.with_format("numpy")[label_column]))
     return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+
+
+def _checkpoint_of_this_run(value: str | bool | None, args: CMPConfig, model: PromptTunedCLIP) -> str | None:
+    """The checkpoint ``value`` names (see :func:`cmp_hf.runs.checkpoint_to_resume`), refused if another run's."""
+    checkpoint = checkpoint_to_resume(value, args.output_dir)
+    if checkpoint is not None:
+        check_checkpoint_is_this_run(checkpoint, args, asdict(model.prompt_config))
+    return checkpoint
 
 
 def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:

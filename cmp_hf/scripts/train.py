@@ -14,6 +14,9 @@ re-run). ``base_to_novel`` trains on the first half of the classes and evaluates
 Writes to ``output_dir``: the prompt (peft adapter + prompt_config.json), ``eval/<set>/`` (metrics JSON +
 reliability diagram), the model card, ``metrics.json`` (all eval sets) and ``run.json`` (what this run was). With
 ``push_to_hub: true`` the directory is pushed at the end; ``cmp-hf push`` pushes it again later.
+``resume_from_checkpoint: true`` continues the run from the last complete ``checkpoint-*`` in ``output_dir`` (or
+from the checkpoint path given), with its optimizer, schedule and data order: the prompt is the one an
+uninterrupted run would have learned.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..data import (
 )
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
+from ..runs import checkpoint_step, checkpoint_to_resume
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
 
@@ -161,6 +165,8 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
     quiet_console(config)
+    # a missing checkpoint fails here, before any data is loaded; another run's, once the prompt is built
+    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
     data = load_run_data(script_args, config)
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
@@ -178,7 +184,9 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
                 "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
             )
         flat.update(evaluate_all(trainer, data, prefix="zeroshot"))  # (its reports are replaced after training)
-    trainer.train()
+    if checkpoint is not None and trainer.is_world_process_zero():
+        print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}), not from step 0.", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint or False)
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
         trainer.model.calibration.dac_k = 5
