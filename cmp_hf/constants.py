@@ -17,6 +17,7 @@ RELIABILITY_DIAGRAM_NAME = "reliability.png"
 RISK_COVERAGE_NAME = "risk_coverage.png"
 FEWSHOT_SPLIT_NAME = "fewshot_split.json"  # the few-shot sample a recipe run drew (reused on a re-run)
 RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {set: {metric: value}}
+OUTPUT_DIR_LOCK_NAME = ".cmp_hf.lock"  # held by the run writing to an output directory (cmp_hf.runs)
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)
 
 PROMPT_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME)  # the minimum a saved prompt holds

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import io
+
+from .atomic import write_text
 
 
 def publish(markdown: str, rows: list[dict], out: str | None) -> None:
     """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv``."""
     print(markdown)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.md").write_text(markdown)
-        with open(f"{out}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_text(f"{out}.md", markdown)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(f"{out}.csv", table.getvalue())

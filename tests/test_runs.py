@@ -1,5 +1,8 @@
-"""A run's output directory: resuming a run where it stopped, and refusing checkpoints that are not its own."""
+"""A run's output directory: resuming a run where it stopped, refusing checkpoints that are not its own, and
+never letting a second run overwrite a finished one or write beside a running one."""
 
+import gc
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +15,10 @@ from conftest import ROOT, quickstart_config
 from safetensors.torch import load_file
 
 from cmp_hf import CMPConfig, CMPTrainer
-from cmp_hf.runs import checkpoint_to_resume, last_checkpoint
+from cmp_hf.constants import OUTPUT_DIR_LOCK_NAME
+from cmp_hf.runs import checkpoint_to_resume, last_checkpoint, lock_output_dir, unlock_output_dir
+from cmp_hf.scripts import train
+from cmp_hf.scripts.config_file import parse_config_and_overrides
 
 RESUMABLE = dict(shots=4, max_steps=240, save_strategy="steps", save_steps=20, per_device_train_batch_size=4)
 
@@ -84,3 +90,49 @@ def test_resume_errors_say_what_is_wrong_before_training(tmp_path, tiny_clip_dir
     with pytest.raises(ValueError, match=r"checkpoint-6 is not a complete Trainer checkpoint"):
         checkpoint_to_resume(str(cut), str(tmp_path / "run"))
     assert checkpoint_to_resume("false", str(tmp_path / "run")) is None
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, tiny_clip_dir, train_set):
+    small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no").save_model()  # a finished prompt in run/
+    saved = (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"run already holds a finished run \(adapter_model.safetensors, "):
+        small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no", seed=3).train()
+    assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == saved
+    small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no", overwrite_output_dir=True).train()
+
+
+def test_a_second_recipe_run_into_a_finished_output_dir_is_refused_before_loading(tmp_path, testbed):
+    config = quickstart_config(testbed, tmp_path, shots=2, num_train_epochs=1, output_dir=str(tmp_path / "run"))
+    train.main(*parse_config_and_overrides(train.make_parser(), [str(config)]))
+    metrics = (tmp_path / "run" / "metrics.json").read_bytes()
+    argv = [str(config), "--seed", "9", "--dataset_name", str(tmp_path / "no-such-data")]  # would fail if loaded
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(metrics.json, .*overwrite_output_dir: true"):
+        train.main(*parse_config_and_overrides(train.make_parser(), argv))
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
+    assert not (tmp_path / "run" / OUTPUT_DIR_LOCK_NAME).exists()  # the finished run gave its lock back
+
+
+HOLD_LOCK = "import sys, time; from cmp_hf.runs import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"  # noqa: E501
+
+
+def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_path, tiny_clip_dir, train_set):
+    output_dir = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        lock = output_dir / OUTPUT_DIR_LOCK_NAME
+        with pytest.raises(RuntimeError, match=rf"run is in use by another run \(pid {other.pid} on .*{lock}\)"):
+            small_run(tmp_path, tiny_clip_dir, train_set).train()
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    assert f"pid {other.pid} " in lock.read_text()  # a killed run leaves its lock file behind ...
+    trainer = small_run(tmp_path, tiny_clip_dir, train_set)
+    trainer.train()  # ... which the next run takes over
+    assert f"pid {os.getpid()} " in lock.read_text()
+    lock_output_dir(str(output_dir))  # re-entrant within a process: the trainer's hold and this one
+    unlock_output_dir(str(output_dir))
+    assert lock.exists()
+    del trainer
+    gc.collect()  # the trainer's hold ends with it
+    assert not lock.exists()
