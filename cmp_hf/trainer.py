@@ -297,10 +297,10 @@ class CMPTrainer(Trainer):
         saved as if it were trained. Every process takes the same decision (one small reduction) so that none is
         left waiting in a collective.
         """
-        finite = torch.isfinite(loss.detach()).float()
+        non_finite = (~torch.isfinite(loss.detach())).float()
         if self.args.world_size > 1:
-            finite = self.accelerator.reduce(finite, reduction="min")
-        if finite.item():
+            non_finite = self.accelerator.reduce(non_finite, reduction="max")
+        if not non_finite.item():
             return
         bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value).all()}
         images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_features")}
