@@ -18,7 +18,6 @@ reliability diagram), the model card, ``metrics.json`` (all eval sets) and ``run
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from ..data import (
     load_suite_dataset,
     subset_classes,
 )
+from ..files import write_json_atomic
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
 from ..trainer import CMPTrainer
@@ -178,7 +178,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
                 "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
             )
         flat.update(evaluate_all(trainer, data, prefix="zeroshot"))  # (its reports are replaced after training)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
         trainer.model.calibration.dac_k = 5
@@ -201,13 +201,15 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             "cmp_lambda": config.cmp_lambda,
             "cmp_form": config.cmp_form,
             "cmp_competitors": config.cmp_competitors,
+            "kgcoop_weight": config.kgcoop_weight,
             "prompt_learner": config.prompt_learner,
             "temperature": trainer.model.calibration.temperature,
             "dac_k": trainer.model.calibration.dac_k,
         }
-        for name, content in ((RUN_METRICS_NAME, metrics), (RUN_INFO_NAME, run)):
-            with open(os.path.join(config.output_dir, name), "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2)
+        # metrics.json last: its presence marks a finished run (recipes/sweep.py skips those), so a run killed
+        # before this point is re-run, and neither file is ever half-written
+        write_json_atomic(os.path.join(config.output_dir, RUN_INFO_NAME), run)
+        write_json_atomic(os.path.join(config.output_dir, RUN_METRICS_NAME), metrics)
         print(summary(metrics))
         print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
     if config.push_to_hub:
