@@ -82,7 +82,8 @@ def slurm_parameters(parser: argparse.ArgumentParser, unknown: list[str]) -> dic
     """``--slurm_<name> value`` pairs -> {name: value} (values read as YAML scalars: 8 is an int, true a bool)."""
     if len(unknown) % 2 or not all(key.startswith("--slurm_") for key in unknown[::2]):
         parser.error(f"unrecognized arguments: {unknown} (only --slurm_<name> value pairs pass through to submitit)")
-    return {key.removeprefix("--slurm_"): yaml.safe_load(value) for key, value in zip(unknown[::2], unknown[1::2])}
+    pairs = zip(unknown[::2], unknown[1::2], strict=True)
+    return {key.removeprefix("--slurm_"): yaml.safe_load(value) for key, value in pairs}
 
 
 def main(argv: list[str] | None = None) -> list[RunState]:
