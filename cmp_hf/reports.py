@@ -21,7 +21,6 @@ from .plotting import reliability_diagram, risk_coverage_curve
 
 FIGURES = {"reliability": RELIABILITY_DIAGRAM_NAME, "risk_coverage": RISK_COVERAGE_NAME}  # figure -> its file
 
-
 @dataclass
 class EvalReport:
     """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct),

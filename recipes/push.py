@@ -1,6 +1,6 @@
 """Push a saved prompt directory to the Hub without retraining: ``cmp-hf push`` as a script.
 
-python recipes/push.py <output_dir> <user/repo> [--private] [--revision BRANCH]
+    python recipes/push.py <output_dir> <user/repo> [--private] [--revision BRANCH]
 """
 
 import sys

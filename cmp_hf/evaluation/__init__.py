@@ -1,9 +1,9 @@
 """``evaluate`` modules shipped with cmp_hf. ``CALIBRATION_METRIC`` is the path ``evaluate.load`` takes, offline:
 
-import evaluate
-from cmp_hf.evaluation import CALIBRATION_METRIC
+    import evaluate
+    from cmp_hf.evaluation import CALIBRATION_METRIC
 
-calibration = evaluate.load(CALIBRATION_METRIC)
+    calibration = evaluate.load(CALIBRATION_METRIC)
 """
 
 from __future__ import annotations

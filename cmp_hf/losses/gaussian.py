@@ -33,7 +33,9 @@ def margin_variance(image_features: torch.Tensor, spread: torch.Tensor, labels: 
     return variance.clamp(min=0)  # rounding can leave -1e-7 where the margin is deterministic (j = y)
 
 
-def expected_cross_entropy_bound(logits: torch.Tensor, labels: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+def expected_cross_entropy_bound(
+    logits: torch.Tensor, labels: torch.Tensor, variance: torch.Tensor
+) -> torch.Tensor:
     """ProDA's loss: the batch mean of the upper bound of E[cross-entropy] above, for the logits of the mean class
     features and the margin variances of :func:`margin_variance`."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

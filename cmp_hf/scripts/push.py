@@ -24,3 +24,4 @@ def run(argv: Sequence[str] | None = None) -> str:
     url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision)
     print(f"pushed {args.output_dir} to {url}")
     return url
+
