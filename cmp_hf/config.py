@@ -31,6 +31,7 @@ _SECTIONS = {
         "cache_image_features", "image_feature_cache_dir", "image_feature_batch_size", "augment", "augmented_views",
     ),
     "Learning-rate schedule": ("coop_schedule", "coop_warmup_epochs", "coop_warmup_lr"),
+    "Output directory": ("overwrite_output_dir",),
 }  # fmt: skip
 
 
@@ -193,6 +194,16 @@ class CMPConfig(TrainingArguments):
     )
     coop_warmup_epochs: int = field(default=1, metadata={"help": "CoOp's warm-up: epochs at coop_warmup_lr."})
     coop_warmup_lr: float = field(default=1e-5, metadata={"help": "CoOp's warm-up: its constant learning rate."})
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that already holds a finished run (a saved prompt or a recipe's "
+            "metrics.json), replacing the files this run writes. Off: such a run is refused, so a second run cannot "
+            "silently overwrite the first (transformers 5 removed TrainingArguments' own option). Resuming a run "
+            "(resume_from_checkpoint) needs no overwrite."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.loss_options()  # validates the loss fields now, before any model is loaded

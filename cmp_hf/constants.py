@@ -2,6 +2,7 @@
 
 from peft.utils.constants import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401  (Trainer's; written last into a checkpoint)
 
 PROMPT_CONFIG_NAME = "prompt_config.json"  # the prompt's classes, template, context layout, learner, base model
 CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (cmp_hf.posthoc)
@@ -16,8 +17,19 @@ RELIABILITY_DIAGRAM_NAME = "reliability.png"
 RISK_COVERAGE_NAME = "risk_coverage.png"
 FEWSHOT_SPLIT_NAME = "fewshot_split.json"  # the few-shot sample a recipe run drew (reused on a re-run)
 RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {set: {metric: value}}
+OUTPUT_DIR_LOCK_NAME = ".cmp_hf.lock"  # held by the run writing to an output directory (cmp_hf.runs)
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)
 SWEEP_CONFIG_NAME = "sweep_config.yaml"  # the config a sweep composed for one run (recipes/sweep.py)
 SWEEP_JOB_NAME = "sweep_job.json"  # a sweep job's record in its run directory: job id, logs, resume point, error
 
 PROMPT_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME)  # the minimum a saved prompt holds
+
+# Training options that shape a run's trajectory: a checkpoint whose training_args.json differs in one of them is
+# another run's and is not resumed (cmp_hf.runs). The prompt's own options are compared through prompt_config.json.
+RUN_IDENTITY_FIELDS = (
+    "seed", "data_seed", "learning_rate", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
+    "coop_schedule", "coop_warmup_epochs", "coop_warmup_lr", "cmp_lambda", "cmp_form", "cmp_competitors",
+    "label_smoothing_factor", "focal_gamma", "mbls_weight", "mbls_margin", "kgcoop_weight", "kgcoop_template",
+    "augment", "augmented_views",
+)  # fmt: skip

@@ -2,7 +2,8 @@
 
 A pushed repo holds exactly what ``CMPTrainer.save_model`` writes: the peft adapter (safetensors), the JSON that
 rebuilds the prompt, one ``eval/<set>/`` folder per eval set (metrics JSON, reliability diagram, risk-coverage
-curve) and the card.
+curve) and the card, plus a recipe's ``metrics.json`` and ``run.json``. Checkpoints (``checkpoint-*``, with
+optimizer and RNG state), tracker logs and anything else in the directory stay local.
 Fetching takes JSON and safetensors only: nothing is ever unpickled from a repo.
 """
 
@@ -30,12 +31,13 @@ from huggingface_hub import (
     snapshot_download,
 )
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .constants import MODEL_CARD_NAME, PROMPT_FILES
+from .constants import EVAL_DIR, MODEL_CARD_NAME, PROMPT_FILES
 from .reports import EvalReport
 
 CARD_TEMPLATE = "prompt_card.md"
-PUSH_PATTERNS = ["*.safetensors", "*.json", "*.md", "eval/*/*"]
+PUSHED_SUFFIXES = (".safetensors", ".json", ".md")  # top-level files a push uploads, with everything under eval/
 PULL_PATTERNS = ["*.safetensors", "*.json"]
 # model-index entries: metric type -> (key in the eval report's metrics, name shown on the Hub)
 CARD_METRICS = {
@@ -103,7 +105,8 @@ def push_output_dir(
     revision: str | None = None,
     commit_message: str = "Upload calibrated CoOp prompt",
 ) -> str:
-    """Upload a saved prompt directory (prompt, metrics, diagrams, card) to ``repo_id``; returns the commit URL.
+    """Upload a saved prompt directory (:func:`pushed_files`: prompt, metrics, diagrams, card; no checkpoints) to
+    ``repo_id`` in one commit; returns the commit URL.
 
     Checks that the directory is complete before any network call. On failure raises :class:`HubError` with what
     to do; the directory is only read, so re-running the push later uploads the same files.
@@ -115,10 +118,11 @@ def push_output_dir(
     api = HfApi()
     with hub_errors(f"pushing {output_dir} to {repo_id}", retry=f"cmp-hf push {output_dir} {repo_id}"):
         api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id, folder_path=output_dir, token=token, revision=revision, commit_message=commit_message,
-            allow_patterns=PUSH_PATTERNS,
-        )  # fmt: skip
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(output_dir, name))
+            for name in pushed_files(output_dir)
+        ]
+        commit = api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision)
     return commit.commit_url
 
 
@@ -157,6 +161,38 @@ def push_results(
             repo_id, operations, commit_message="Upload cmp_hf results", repo_type="dataset", token=token
         )
     return commit.commit_url
+
+
+def pushed_files(output_dir: str | os.PathLike) -> list[str]:
+    """What a push uploads, as paths relative to ``output_dir``: its top-level safetensors, JSON and Markdown files
+    (the prompt, training_args.json, a recipe's metrics.json and run.json, the card) and every file under
+    ``eval/``. Checkpoints (optimizer, RNG state: pickles), tracker logs, lock and staging files are left out."""
+    output_dir = os.fspath(output_dir)
+    names = [
+        name
+        for name in sorted(os.listdir(output_dir))
+        if name.endswith(PUSHED_SUFFIXES)
+        and not name.startswith(".")
+        and os.path.isfile(os.path.join(output_dir, name))
+    ]
+    for root, _, files in sorted(os.walk(os.path.join(output_dir, EVAL_DIR))):
+        names += [
+            os.path.relpath(os.path.join(root, name), output_dir).replace(os.sep, "/")
+            for name in sorted(files)
+            if not name.startswith(".")
+        ]
+    return names
+
+
+def checkpoints_note(output_dir: str | os.PathLike) -> str | None:
+    """A line saying where the run's checkpoints are, which no push uploads; ``None`` when there are none."""
+    found = sorted(path.name for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir())
+    if not found:
+        return None
+    return (
+        f"Checkpoints stay local (not pushed): {len(found)} {PREFIX_CHECKPOINT_DIR}-* directories in "
+        f"{os.fspath(output_dir)} ({', '.join(found)}); resume from them with resume_from_checkpoint."
+    )
 
 
 def fetch_prompt(repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> str:

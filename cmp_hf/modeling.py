@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, PromptTuningConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .atomic import save_safetensors, staged_directory
 from .constants import ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME
 from .hub import fetch_prompt
 from .learners import PromptLearner, learner_class
@@ -156,11 +157,13 @@ class PromptTunedCLIP(nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the peft adapter (safetensors), ``prompt_config.json``, the learner's weights and the post-hoc
-        calibration; :meth:`from_pretrained` reads them all."""
-        self.peft_model.save_pretrained(save_directory, safe_serialization=True, **kwargs)
-        self.prompt_config.save_pretrained(save_directory)
-        if self.learner.weights_name is not None:
-            save_file(self.learner.extra_state_dict(), os.path.join(save_directory, self.learner.weights_name))
+        calibration; :meth:`from_pretrained` reads them all. Each file replaces the old one whole (staged, then
+        renamed), so a failed save leaves the previous prompt readable."""
+        with staged_directory(save_directory) as staging:
+            self.peft_model.save_pretrained(staging, safe_serialization=True, **kwargs)
+            self.prompt_config.save_pretrained(staging)
+            if self.learner.weights_name is not None:
+                save_safetensors(self.learner.extra_state_dict(), os.path.join(staging, self.learner.weights_name))
         self.calibration.save_pretrained(save_directory)
 
     # ---- other classes ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .atomic import write_json
 from .constants import CALIBRATION_NAME
 
 logger = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ class PostHocCalibration:
             if os.path.isfile(path):  # a directory reused for an uncalibrated prompt
                 os.remove(path)
             return
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"temperature": self.temperature, "dac_k": self.dac_k}, f, indent=2)
+        write_json(path, {"temperature": self.temperature, "dac_k": self.dac_k}, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PostHocCalibration:

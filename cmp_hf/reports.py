@@ -7,7 +7,6 @@ The same files sit in a local output directory and in a pushed Hub repo, and the
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass
 from typing import IO
@@ -15,6 +14,7 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_path, write_json
 from .constants import EVAL_DIR, EVAL_METRICS_NAME, RELIABILITY_DIAGRAM_NAME, RISK_COVERAGE_NAME
 from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
 from .plotting import reliability_diagram, risk_coverage_curve
@@ -52,7 +52,6 @@ class EvalReport:
 
     def save(self, output_dir: str | os.PathLike) -> None:
         directory = os.path.join(output_dir, self.folder)
-        os.makedirs(directory, exist_ok=True)
         content = {
             **self.metrics,
             "n_bins": self.n_bins,
@@ -60,11 +59,10 @@ class EvalReport:
             "num_classes": self.num_classes,
             "reliability": self.reliability.to_dict(),
         }
-        with open(os.path.join(directory, EVAL_METRICS_NAME), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, allow_nan=False)
-            f.write("\n")
+        write_json(os.path.join(directory, EVAL_METRICS_NAME), content, indent=2, allow_nan=False)
         for figure, filename in FIGURES.items():
-            self.draw(figure, os.path.join(directory, filename))
+            with atomic_path(os.path.join(directory, filename)) as tmp:
+                self.draw(figure, tmp)
 
     def draw(self, figure: str, target: str | os.PathLike | IO[bytes]) -> None:
         """Write one of ``FIGURES`` as a PNG to a path or a binary file object."""

@@ -27,8 +27,9 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_json, write_text
 from .constants import PROMPT_FILES, RUN_METRICS_NAME, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
-from .files import write_json_atomic, write_text_atomic
+from .runs import last_checkpoint
 from .schedulers import COOP_EPOCHS_BY_SHOTS
 from .scripts.config_file import read_config
 
@@ -128,7 +129,7 @@ def validate(runs: Sequence[PlannedRun], scratch: str | os.PathLike) -> None:
             continue
         seen.add(key)
         path = os.path.join(scratch, "check.yaml")
-        write_text_atomic(path, yaml.safe_dump(_recipe_config(run.config)))
+        write_text(path, yaml.safe_dump(_recipe_config(run.config)))
         try:
             parse_config_and_overrides(make_parser(), [*train_argv(run, path), "--use_cpu", "true"])
         except (ValueError, SystemExit) as error:
@@ -149,22 +150,6 @@ def is_finished(output_dir: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return bool(metrics) and all(Path(output_dir, name).is_file() for name in PROMPT_FILES)
-
-
-def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete ``checkpoint-<step>`` of a run: Trainer writes ``trainer_state.json`` after the weights,
-    optimizer and RNG states, so a checkpoint cut off mid-write (the job killed while saving) has none and is passed
-    over for the one before."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if step.isdigit():
-            found.append((int(step), str(path)))
-    return max(found)[1] if found else None
 
 
 def last_line(text: str) -> str:
@@ -195,14 +180,17 @@ class TrainRun(submitit.helpers.Checkpointable):
             return {"output_dir": str(output_dir), "skipped": True, "resumed_from": None}
         output_dir.mkdir(parents=True, exist_ok=True)
         config_path = str(output_dir / SWEEP_CONFIG_NAME)
-        write_text_atomic(config_path, yaml.safe_dump(_recipe_config(self.run.config), sort_keys=False))
+        write_text(config_path, yaml.safe_dump(_recipe_config(self.run.config), sort_keys=False))
         resume = last_checkpoint(output_dir)
-        argv = train_argv(self.run, config_path) + (["--resume_from_checkpoint", resume] if resume else [])
+        # not finished, so whatever the directory holds is this run's own unfinished work: resume it, or (no
+        # complete checkpoint, e.g. killed while evaluating) let the recipe replace its saved prompt
+        again = ["--resume_from_checkpoint", resume] if resume else ["--overwrite_output_dir", "true"]
+        argv = train_argv(self.run, config_path) + again
         record = {"run": self.run.name, "pid": os.getpid(), "resumed_from": resume, "started": time.time()}
         if os.environ.get("SUBMITIT_EXECUTOR"):
             env = submitit.JobEnvironment()
             record.update(job_id=env.job_id, log=str(env.paths.stderr), stdout=str(env.paths.stdout))
-        write_json_atomic(output_dir / SWEEP_JOB_NAME, record)
+        write_json(output_dir / SWEEP_JOB_NAME, record, indent=2)
         try:
             if self.num_processes > 1:
                 launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.num_processes)]
@@ -216,7 +204,7 @@ class TrainRun(submitit.helpers.Checkpointable):
                 message = last_line(_read_log(record.get("log"))) or str(error)
             else:
                 message = last_line("".join(traceback.format_exception_only(type(error), error)))
-            write_json_atomic(output_dir / SWEEP_JOB_NAME, {**record, "error": message})
+            write_json(output_dir / SWEEP_JOB_NAME, {**record, "error": message}, indent=2)
             raise
         return {"output_dir": str(output_dir), "skipped": False, "resumed_from": resume}
 

@@ -17,6 +17,7 @@ over datasets is shown only where every dataset has the cell.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text
 from .constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from .data import DOMAIN_SHIFTS
 from .reports import harmonic_mean
@@ -35,15 +37,15 @@ DEFAULT_CMP = ("log_ratio", "all", 1.0)  # the CMP options the method column cal
 
 
 def publish(markdown: str, rows: list[dict], out: str | None) -> None:
-    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv``."""
+    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv`` (atomically)."""
     print(markdown)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{out}.md").write_text(markdown)
-        with open(f"{out}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_text(f"{out}.md", markdown)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(f"{out}.csv", table.getvalue())
 
 
 @dataclass(frozen=True)

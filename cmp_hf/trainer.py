@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
 
 from . import posthoc
+from .atomic import copy_file, staged_directory, write_text
 from .config import CMPConfig
 from .constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_NAME, MODEL_CARD_NAME, PROMPT_CONFIG_NAME, TRAINING_ARGS_NAME
 from .dashboards import EvalFiguresCallback
@@ -26,12 +28,19 @@ from .data.augment import RandomResizedCropFlip
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
-from .hub import hub_errors, model_card, repo_name, require_token
+from .hub import hub_errors, model_card, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
+from .runs import (
+    check_checkpoint_is_this_run,
+    check_output_dir_is_free,
+    checkpoint_to_resume,
+    lock_output_dir,
+    unlock_output_dir,
+)
 from .schedulers import coop_scheduler
 
 logger = logging.getLogger(__name__)
@@ -113,6 +122,7 @@ class CMPTrainer(Trainer):
                 _check_labels(dataset, name, args.label_column, len(class_names))
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         self._feature_cache: ImageFeatureCache | None = None
         if data_collator is None:
             data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
@@ -142,6 +152,7 @@ class CMPTrainer(Trainer):
         if EvalFiguresCallback.wanted(args.report_to):  # reliability diagrams on TensorBoard / trackio
             self.add_callback(EvalFiguresCallback(self.eval_reports, self.callback_handler.callbacks))
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
+        self._locked_output_dir: str | None = None
 
     # ---- input pipeline: cached image features (default) or images ---------------------------------------------
 
@@ -233,6 +244,26 @@ class CMPTrainer(Trainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
 
+    # ---- training -----------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """As Trainer's, and: ``resume_from_checkpoint`` defaults to ``args.resume_from_checkpoint`` (a recipe's
+        option), ``True`` takes the last *complete* checkpoint of ``output_dir``, and a missing path, a checkpoint
+        cut off mid-save or one saved by another run (other prompt, seed, loss or optimizer) is an error before
+        any training. So is an ``output_dir`` holding a finished run (unless ``args.overwrite_output_dir``) or in
+        use by another process: the main process locks it from here until this trainer is deleted."""
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        checkpoint = _checkpoint_of_this_run(resume_from_checkpoint, self.args, self.model)
+        check_output_dir_is_free(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
+        if self.is_world_process_zero() and self._locked_output_dir is None:  # held until this trainer is gone
+            self._locked_output_dir = self.args.output_dir
+            lock_output_dir(self._locked_output_dir)
+            weakref.finalize(self, unlock_output_dir, self._locked_output_dir)
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
     # ---- loss and logging ---------------------------------------------------------------------------------------
 
     def compute_loss(
@@ -252,8 +283,39 @@ class CMPTrainer(Trainer):
         loss, terms = training_objective(
             logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance
         )
+        if model.training:
+            self._stop_at_non_finite_loss(loss, terms, inputs)
         self._components["train" if model.training else "eval"].add(terms, len(labels))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _stop_at_non_finite_loss(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]
+    ) -> None:
+        """Raise at the first non-finite training loss, naming the step and the term, before it reaches the prompt.
+
+        Trainer would step on it and log it as 0 (``logging_nan_inf_filter``), leaving a NaN prompt that is then
+        saved as if it were trained. Every process takes the same decision (one small reduction) so that none is
+        left waiting in a collective.
+        """
+        finite = torch.isfinite(loss.detach()).float()
+        if self.args.world_size > 1:
+            finite = self.accelerator.reduce(finite, reduction="min")
+        if finite.item():
+            return
+        bad = {name: value.item() for name, value in terms.items() if not torch.isfinite(value).all()}
+        images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_features")}
+        bad_rows = sorted({row for value in images.values() for row in _non_finite_rows(value)})
+        cause = (
+            f"the batch's images hold NaN or infinite values (rows {bad_rows} of the batch): check the dataset's "
+            f"{self.args.image_column} column"
+            if bad_rows
+            else "the inputs are finite: lower learning_rate or check the loss options (cmp_lambda, focal_gamma, ...)"
+        )
+        raise FloatingPointError(
+            f"Non-finite training loss at step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}): "
+            f"{', '.join(f'{name} = {value}' for name, value in bad.items()) or f'loss = {loss.item()}'}; {cause}. "
+            "Training stopped before this step changed the prompt; nothing was saved from it."
+        )
 
     def _hand_crafted_text_features(self, model: torch.nn.Module) -> torch.Tensor:
         """KgCoOp's anchor for the classes the model classifies now (they change under ``evaluate(class_names=)``)."""
@@ -287,6 +349,13 @@ class CMPTrainer(Trainer):
         name = self._report_name
         if name is not None and output.predictions is not None and output.label_ids is not None:
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+            rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+            if len(rows):
+                raise ValueError(
+                    f"Eval set {name!r} gives non-finite logits for {len(rows)} rows (first: {rows[:10].tolist()}): "
+                    "their images hold NaN or infinite values. Fix or drop those rows of the "
+                    f"{self.args.image_column} column; no report of this set was written."
+                )
             self.eval_reports[name] = EvalReport.from_logits(
                 name, logits, output.label_ids, self.args.calibration_bins
             )
@@ -333,13 +402,12 @@ class CMPTrainer(Trainer):
         """The prompt (adapter + prompt_config.json), the training arguments as JSON, the last evaluation of each
         eval set (metrics + reliability diagram) and the model card: a directory the Hub repo mirrors."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        self.model.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
-        for report in self.eval_reports.values():
-            report.save(output_dir)
-        self._model_card().save(os.path.join(output_dir, MODEL_CARD_NAME))
+        with staged_directory(output_dir) as staging:  # every file replaced whole: no reader sees a half-written one
+            self.model.save_pretrained(staging)
+            write_text(os.path.join(staging, TRAINING_ARGS_NAME), self.args.to_json_string())
+            for report in self.eval_reports.values():
+                report.save(staging)
+            write_text(os.path.join(staging, MODEL_CARD_NAME), str(self._model_card()))
 
     # ---- Hub ----------------------------------------------------------------------------------------------------
 
@@ -351,8 +419,7 @@ class CMPTrainer(Trainer):
         if dataset_name is not None:
             self.dataset_name = dataset_name
         if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self._model_card(model_name).save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
+            write_text(os.path.join(self.args.output_dir, MODEL_CARD_NAME), str(self._model_card(model_name)))
 
     def _model_card(self, model_name: str | None = None):
         args, prompt = self.args, self.model.prompt_config
@@ -397,18 +464,45 @@ class CMPTrainer(Trainer):
         with hub_errors("creating the Hub repo", retry=None):
             super().init_hf_repo(token=token, private=private)
 
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """Trainer's push (save, card, upload of ``output_dir``), with errors that say what to do."""
-        retry = f"cmp-hf push {self.args.output_dir} {repo_name(self.args.output_dir, self.args.hub_model_id)}"
-        with hub_errors("pushing to the Hub", retry=retry):
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+    def save_locally(self, output_dir: str | None = None) -> None:
+        """``save_model`` without its push (Trainer's ``save_model`` also pushes when ``push_to_hub`` is set): a
+        recipe saves between steps this way and pushes once, last, so a Hub failure cannot stop a run half-way."""
+        self.save_model(output_dir, _internal_call=True)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ) -> str | None:
+        """Save (prompt, eval reports, card: ``kwargs`` go to :meth:`create_model_card`) and upload what
+        :func:`cmp_hf.hub.push_output_dir` uploads, the prompt's files and its eval reports, never checkpoints
+        (Trainer's push uploads the whole directory). Errors say what to do. Returns the commit URL on the main
+        process; a push always blocks."""
+        token = token if token is not None else self.args.hub_token
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_locally()
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        return push_output_dir(
+            self.args.output_dir, self.hub_model_id, token=token, private=private,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message or "End of training",
+        )  # fmt: skip
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies the adapter files of a checkpoint before pushing; the rest of the prompt travels with them.
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
             for name in (PROMPT_CONFIG_NAME, self.model.learner.weights_name, CALIBRATION_NAME):
                 if name is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
-                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+                    copy_file(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -424,6 +518,12 @@ class CMPTrainer(Trainer):
             self._signature_columns = columns
 
 
+def _non_finite_rows(values: torch.Tensor) -> list[int]:
+    if not torch.is_tensor(values) or not values.is_floating_point():
+        return []
+    return torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten().tolist()
+
+
 def _short_list(names: list[str], shown: int = 20) -> str:
     more = f" ... ({len(names)} in all)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
@@ -435,6 +535,14 @@ def _examples_per_class(dataset: Dataset | None, label_column: str) -> str:
         return "-"
     counts = np.bincount(np.asarray(dataset.with_format("numpy")[label_column]))
     return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+
+
+def _checkpoint_of_this_run(value: str | bool | None, args: CMPConfig, model: PromptTunedCLIP) -> str | None:
+    """The checkpoint ``value`` names (see :func:`cmp_hf.runs.checkpoint_to_resume`), refused if another run's."""
+    checkpoint = checkpoint_to_resume(value, args.output_dir)
+    if checkpoint is not None:
+        check_checkpoint_is_this_run(checkpoint, args, asdict(model.prompt_config))
+    return checkpoint
 
 
 def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:

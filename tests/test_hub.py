@@ -22,6 +22,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
+from cmp_hf.constants import PROMPT_FILES
+from cmp_hf.hub import pushed_files
 
 REPO = "tester/tiny-prompt"
 
@@ -206,3 +208,46 @@ def test_model_card_is_written_with_the_prompt(saved_run):
     with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
         assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))
+
+
+@pytest.mark.slow
+def test_a_refused_recipe_push_comes_last_and_the_printed_command_pushes_everything(tmp_path, testbed, hub):
+    output_dir = tmp_path / "run"
+    config = quickstart_config(
+        testbed, tmp_path, output_dir=str(output_dir), num_train_epochs=2, shots=4, push_to_hub=True,
+        hub_model_id=REPO, save_strategy="epoch",
+    )  # fmt: skip
+    hub.refuse_commits = True
+    refused = run([sys.executable, "recipes/train.py", str(config)], hub_env(tmp_path, hub.endpoint))
+    assert refused.returncode != 0 and "the Hub refused the request (HTTP 403" in refused.stderr
+    assert "The run itself finished" in refused.stderr
+    # training, evaluation and every local file completed before the push
+    assert set(json.loads((output_dir / "metrics.json").read_text())) == {"val", "test"}
+    for name in ("eval/val/metrics.json", "eval/test/reliability.png", "README.md", "run.json", *PROMPT_FILES):
+        assert (output_dir / name).is_file(), name
+    assert "ECE (%)" in (output_dir / "README.md").read_text()  # the card carries the metrics
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not hub.repos[REPO].files and not (output_dir / ".cmp_hf.lock").exists()
+
+    hub.refuse_commits = False
+    command = f"cmp-hf push {output_dir} {REPO}"
+    assert f"run `{command}` to push again" in refused.stderr
+    again = run([str(Path(sys.executable).with_name("cmp-hf")), *command.split()[1:]], hub_env(tmp_path, hub.endpoint))
+    assert again.returncode == 0, again.stderr[-3000:]
+    files = hub.repos[REPO].files
+    assert sorted(files) == sorted(pushed_files(output_dir))  # in full: the prompt, its reports and metrics, the card
+    assert {"metrics.json", "eval/val/metrics.json", "eval/test/risk_coverage.png", "README.md"} <= set(files)
+    assert all(files[name] == (output_dir / name).read_bytes() for name in files)
+    assert not [name for name in files if "checkpoint" in name or name.endswith((".pt", ".pth", ".bin"))]
+    assert f"Checkpoints stay local (not pushed): 2 checkpoint-* directories in {output_dir}" in again.stdout
+
+
+def test_pushed_files_leave_out_checkpoints_logs_and_staging(tmp_path):
+    for name in ("adapter_model.safetensors", "prompt_config.json", "README.md", "eval/metrics.json",
+                 "eval/test/reliability.png", "checkpoint-5/adapter_model.safetensors", "checkpoint-5/optimizer.pt",
+                 "checkpoint-5/trainer_state.json", "runs/x/events.out.tfevents.1", "runs/x/meta.json",
+                 "training_args.bin", ".cmp_hf.lock", ".cmp_hf-staging-abc/prompt_config.json"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    top = ["README.md", "adapter_model.safetensors", "prompt_config.json"]
+    assert pushed_files(tmp_path) == [*top, "eval/metrics.json", "eval/test/reliability.png"]

@@ -18,7 +18,8 @@ import yaml
 from conftest import quickstart_config
 from submitit.core.utils import DelayedSubmission
 
-from cmp_hf.sweeps import GridSpec, TrainRun, is_finished, last_checkpoint, plan, validate
+from cmp_hf.runs import last_checkpoint
+from cmp_hf.sweeps import GridSpec, TrainRun, is_finished, plan, validate
 from recipes import report, sweep
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from datasets import ClassLabel, Dataset
 
+from ..atomic import write_json
 from ..constants import FEWSHOT_SPLIT_NAME
 
 
@@ -25,9 +26,7 @@ class FewShotSplit:
     val: list[int]
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, FEWSHOT_SPLIT_NAME), "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f)
+        write_json(os.path.join(directory, FEWSHOT_SPLIT_NAME), asdict(self))
 
     @classmethod
     def load(cls, directory: str) -> FewShotSplit | None:

@@ -16,7 +16,8 @@ bound here: they are refused with ProDA.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,12 @@ class LossOptions:
     kgcoop_weight: float
 
     def __post_init__(self) -> None:
+        non_finite = {f.name: getattr(self, f.name) for f in fields(self) if _non_finite(getattr(self, f.name))}
+        if non_finite:
+            raise ValueError(
+                f"Loss weights must be finite numbers, got {non_finite}: a NaN or infinite weight makes every loss "
+                "NaN and trains nothing. Set a finite value (cmp_lambda: 1.0 is the default, 0 turns CMP off)."
+            )
         if self.cmp_lambda < 0:
             raise ValueError(f"cmp_lambda must be >= 0 (0 disables CMP), got {self.cmp_lambda}.")
         if self.cmp_form not in CMP_FORMS:
@@ -51,6 +58,10 @@ class LossOptions:
             raise ValueError("focal_gamma, mbls_weight, mbls_margin and kgcoop_weight must be >= 0.")
         if self.focal_gamma and self.label_smoothing_factor:
             raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
+
+
+def _non_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not math.isfinite(value)
 
 
 GAUSSIAN_FEATURES_REFUSE = (

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..atomic import write_json
 from ..constants import PROMPT_CONFIG_NAME
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -90,10 +91,7 @@ class CoOpPromptConfig:
         return self.n_ctx * (len(self.class_names) if self.class_specific_context else 1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, PROMPT_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        write_json(os.path.join(save_directory, PROMPT_CONFIG_NAME), asdict(self), indent=2, ensure_ascii=False)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CoOpPromptConfig:

@@ -2,7 +2,8 @@
 
     cmp-hf push <output_dir> <user/repo> [--private] [--revision BRANCH]
 
-Uploads the adapter (safetensors), prompt_config.json, eval/<set>/{metrics.json,reliability.png} and README.md.
+Uploads the adapter (safetensors), prompt_config.json, the other top-level JSON (metrics.json, run.json, ...),
+eval/<set>/{metrics.json,reliability.png,risk_coverage.png} and README.md; checkpoint-* directories stay local.
 The token comes from `hf auth login` or HF_TOKEN. The directory is only read: after a failure, run it again.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..hub import push_output_dir
+from ..hub import checkpoints_note, push_output_dir
 
 
 def run(argv: Sequence[str] | None = None) -> str:
@@ -23,5 +24,8 @@ def run(argv: Sequence[str] | None = None) -> str:
     args = parser.parse_args(argv)
     url = push_output_dir(args.output_dir, args.repo_id, private=args.private, revision=args.revision)
     print(f"pushed {args.output_dir} to {url}")
+    note = checkpoints_note(args.output_dir)
+    if note:
+        print(note)
     return url
 

@@ -14,6 +14,9 @@ re-run). ``base_to_novel`` trains on the first half of the classes and evaluates
 Writes to ``output_dir``: the prompt (peft adapter + prompt_config.json), ``eval/<set>/`` (metrics JSON +
 reliability diagram), the model card, ``metrics.json`` (all eval sets) and ``run.json`` (what this run was). With
 ``push_to_hub: true`` the directory is pushed at the end; ``cmp-hf push`` pushes it again later.
+``resume_from_checkpoint: true`` continues the run from the last complete ``checkpoint-*`` in ``output_dir`` (or
+from the checkpoint path given), with its optimizer, schedule and data order: the prompt is the one an
+uninterrupted run would have learned.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from transformers import HfArgumentParser
 
+from ..atomic import write_json
 from ..config import CMPConfig
 from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
@@ -36,9 +40,10 @@ from ..data import (
     load_suite_dataset,
     subset_classes,
 )
-from ..files import write_json_atomic
+from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
+from ..runs import checkpoint_step, checkpoint_to_resume, output_dir_of_run
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
 
@@ -158,9 +163,27 @@ def summary(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
+    """Train, evaluate and save into ``output_dir`` (refused when it holds a finished run, unless resuming it or
+    overwriting it; locked meanwhile), then push when asked: a failed push leaves the finished directory."""
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
     quiet_console(config)
+    # a missing checkpoint fails here, before any data is loaded; another run's, once the prompt is built
+    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
+    with output_dir_of_run(
+        config.output_dir, config.overwrite_output_dir, resuming=checkpoint is not None,
+        is_main_process=config.process_index == 0,
+    ):  # fmt: skip
+        trainer, metrics = train_and_evaluate(script_args, config, checkpoint)
+    if config.push_to_hub:
+        push(trainer, script_args.benchmark or script_args.dataset_name)
+    return metrics
+
+
+def train_and_evaluate(
+    script_args: ScriptArguments, config: CMPConfig, checkpoint: str | None
+) -> tuple[CMPTrainer, dict[str, dict[str, float]]]:
+    """Everything local: train, save the prompt, evaluate, save the reports, metrics.json and run.json."""
     data = load_run_data(script_args, config)
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
@@ -178,8 +201,10 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
                 "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
             )
         flat.update(evaluate_all(trainer, data, prefix="zeroshot"))  # (its reports are replaced after training)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)  # the prompt is safe before evaluation starts
+    if checkpoint is not None and trainer.is_world_process_zero():
+        print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}), not from step 0.", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint or False)
+    trainer.save_locally(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
         trainer.model.calibration.dac_k = 5
     if script_args.temperature_scaling:
@@ -187,7 +212,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             raise ValueError("temperature_scaling fits on the few-shot validation set: set shots.")
         print(f"temperature scaling: T = {trainer.fit_temperature(data.evals['val']):.4f}")
     flat.update(evaluate_all(trainer, data, prefix="eval"))
-    trainer.save_model(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
+    trainer.save_locally(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
     names = [*data.evals, *data.transfers]
     metrics = nest(flat, "eval", names)
     if script_args.zero_shot_baseline:
@@ -207,14 +232,27 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
             "dac_k": trainer.model.calibration.dac_k,
         }
         # metrics.json last: its presence marks a finished run (recipes/sweep.py skips those), so a run killed
-        # before this point is re-run, and neither file is ever half-written
-        write_json_atomic(os.path.join(config.output_dir, RUN_INFO_NAME), run)
-        write_json_atomic(os.path.join(config.output_dir, RUN_METRICS_NAME), metrics)
+        # before this point is re-run
+        for name, content in ((RUN_INFO_NAME, run), (RUN_METRICS_NAME, metrics)):
+            write_json(os.path.join(config.output_dir, name), content, indent=2, allow_nan=False)
         print(summary(metrics))
         print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
-    if config.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.benchmark or script_args.dataset_name)
-    return metrics
+    return trainer, metrics
+
+
+def push(trainer: CMPTrainer, dataset_name: str | None) -> None:
+    """The last step: upload the finished directory. On failure it stays complete, and the error says how to
+    push it again."""
+    output_dir = trainer.args.output_dir
+    try:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    except HubError as error:
+        raise HubError(
+            f"{error} The run itself finished: {output_dir} holds the prompt, metrics.json, eval/ and the card."
+        ) from error
+    note = checkpoints_note(output_dir)
+    if note and trainer.is_world_process_zero():
+        print(note)
 
 
 def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
