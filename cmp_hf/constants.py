@@ -19,6 +19,8 @@ FEWSHOT_SPLIT_NAME = "fewshot_split.json"  # the few-shot sample a recipe run dr
 RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {set: {metric: value}}
 OUTPUT_DIR_LOCK_NAME = ".cmp_hf.lock"  # held by the run writing to an output directory (cmp_hf.runs)
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)
+SWEEP_CONFIG_NAME = "sweep_config.yaml"  # the config a sweep composed for one run (recipes/sweep.py)
+SWEEP_JOB_NAME = "sweep_job.json"  # a sweep job's record in its run directory: job id, logs, resume point, error
 
 PROMPT_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME)  # the minimum a saved prompt holds
 

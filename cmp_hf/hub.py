@@ -20,6 +20,8 @@ from typing import Any
 
 from huggingface_hub import (
     CommitOperationAdd,
+    DatasetCard,
+    DatasetCardData,
     EvalResult,
     HfApi,
     ModelCard,
@@ -121,6 +123,43 @@ def push_output_dir(
             for name in pushed_files(output_dir)
         ]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision)
+    return commit.commit_url
+
+
+RESULTS_CSV = "results.csv"  # the long-format table of a pushed results dataset (recipes/report.py --push_to_hub)
+RESULTS_TABLES = "tables.md"
+
+
+def push_results(
+    csv_path: str | os.PathLike, markdown_path: str | os.PathLike, repo_id: str, token: str | None = None,
+    private: bool | None = None,
+) -> str:  # fmt: skip
+    """Upload a grid's tables as a Hub dataset repo: the long CSV (``load_dataset(repo_id)`` reads it), the Markdown
+    tables and a card that shows them; one commit, returns its URL. Raises :class:`HubError` with what to do."""
+    markdown = Path(markdown_path).read_text(encoding="utf-8")
+    data = DatasetCardData(
+        tags=["cmp_hf", "clip", "prompt-tuning", "calibration", "cmp"],
+        configs=[{"config_name": "default", "data_files": RESULTS_CSV}],
+    )
+    body = (
+        "# Calibrated prompt tuning: results\n\nProduced by `recipes/report.py` of cmp_hf from a grid of runs "
+        f"(`recipes/sweep.py`). `{RESULTS_CSV}`: one row per table cell (layout, setting, dataset, learner, method, "
+        f"eval set, metric, mean, std, n); `{RESULTS_TABLES}`: the tables below.\n\n{markdown}\n"
+    )
+    card = DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    operations = [
+        CommitOperationAdd(RESULTS_CSV, os.fspath(csv_path)),
+        CommitOperationAdd(RESULTS_TABLES, os.fspath(markdown_path)),
+        CommitOperationAdd("README.md", str(card).encode()),
+    ]
+    api = HfApi()
+    with hub_errors(
+        f"pushing the results to {repo_id}", retry=f"recipes/report.py <runs_dir> --push_to_hub {repo_id}"
+    ):
+        api.create_repo(repo_id, repo_type="dataset", token=token, private=private, exist_ok=True)
+        commit = api.create_commit(
+            repo_id, operations, commit_message="Upload cmp_hf results", repo_type="dataset", token=token
+        )
     return commit.commit_url
 
 

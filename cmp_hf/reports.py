@@ -21,6 +21,7 @@ from .plotting import reliability_diagram, risk_coverage_curve
 
 FIGURES = {"reliability": RELIABILITY_DIAGRAM_NAME, "risk_coverage": RISK_COVERAGE_NAME}  # figure -> its file
 
+
 @dataclass
 class EvalReport:
     """Calibration of one eval set: ``metrics`` as ``CalibrationMetrics`` reports them (percent keys end in _pct),
@@ -81,13 +82,17 @@ class EvalReport:
             return np.asarray(png.convert("RGB"))
 
 
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b), 0 when both are 0: the number base-to-novel papers (CoCoOp on) rank methods by."""
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
 def base_novel_harmonic_mean(metrics: dict[str, dict[str, float]], key: str = "accuracy_pct") -> dict[str, float]:
-    """{split: H} for every split evaluated as ``<split>_base`` and ``<split>_novel``: the harmonic mean
-    2ab / (a + b) of the two sets' ``key``, the number base-to-novel papers (CoCoOp on) rank methods by."""
+    """{split: H} for every split evaluated as ``<split>_base`` and ``<split>_novel``: the :func:`harmonic_mean` of
+    the two sets' ``key``."""
     means = {}
     for name, base in metrics.items():
         novel = metrics.get(f"{name.removesuffix('_base')}_novel") if name.endswith("_base") else None
         if novel is not None:
-            a, b = base[key], novel[key]
-            means[name.removesuffix("_base")] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+            means[name.removesuffix("_base")] = harmonic_mean(base[key], novel[key])
     return means

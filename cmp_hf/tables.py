@@ -1,15 +1,43 @@
-"""Result tables as the benchmarks and ``recipes/report.py`` publish them: Markdown to read, CSV to reuse."""
+"""Result tables as the benchmarks and ``recipes/report.py`` publish them: Markdown to read, CSV to reuse.
+
+The paper's three layouts, from a folder of recipe runs (each with ``metrics.json`` and ``run.json``):
+
+* few-shot: per metric, a row per (learner, method), a column per dataset plus the average over datasets, on the
+  test set;
+* base-to-novel: per dataset and for the average over datasets, base, novel and their harmonic mean for accuracy,
+  ECE, ACE and MCE. As CoCoOp's tables: H is the harmonic mean of the seed-averaged base and novel numbers (not an
+  average of per-seed H), and the average's H is that of the dataset-averaged base and novel numbers;
+* domain generalisation: per metric, the source test set and each shifted set it was transferred to
+  (ImageNet -> V2 / Sketch / A / R), plus the average over the shifted sets.
+
+Cells are mean +- std over seeds (population std, as Dassl's result parser) with n, the number of seeds. An average
+over datasets is shown only where every dataset has the cell.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .atomic import write_text
+from .constants import RUN_INFO_NAME, RUN_METRICS_NAME
+from .data import DOMAIN_SHIFTS
+from .reports import harmonic_mean
+
+METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}  # all in percent
+LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "proda": "ProDA"}
+DEFAULT_CMP = ("log_ratio", "all", 1.0)  # the CMP options the method column calls plain "CMP"
 
 
 def publish(markdown: str, rows: list[dict], out: str | None) -> None:
-    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv``."""
+    """Print the Markdown; with ``out``, also write ``<out>.md`` and the rows as ``<out>.csv`` (atomically)."""
     print(markdown)
     if out:
         write_text(f"{out}.md", markdown)
@@ -18,3 +46,198 @@ def publish(markdown: str, rows: list[dict], out: str | None) -> None:
         writer.writeheader()
         writer.writerows(rows)
         write_text(f"{out}.csv", table.getvalue())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run: its place in the tables and its metrics, {eval set: {metric: value}}."""
+
+    setting: str  # run.json's: "all_8shot", "base_to_novel_16shot", ...
+    dataset: str
+    learner: str  # "CoOp", "KgCoOp", ...
+    method: str  # "CE", "CMP", "CMP (ratio, all, lambda 1)"
+    metrics: dict[str, dict[str, float]]
+
+    @property
+    def layout(self) -> str:
+        if any(shift in self.metrics for shift in DOMAIN_SHIFTS):
+            return "domain_generalization"
+        return "base_to_novel" if self.setting.startswith("base_to_novel") else "few_shot"
+
+
+def learner_name(run: dict[str, Any]) -> str:
+    name = LEARNER_NAMES.get(run.get("prompt_learner", "coop"), run.get("prompt_learner"))
+    if run.get("kgcoop_weight"):
+        return "KgCoOp" if name == "CoOp" else f"{name} + KgCoOp"
+    return name
+
+
+def method_name(run: dict[str, Any]) -> str:
+    if not run["cmp_lambda"]:
+        return "CE"
+    options = (run["cmp_form"], run["cmp_competitors"], float(run["cmp_lambda"]))
+    return "CMP" if options == DEFAULT_CMP else f"CMP ({options[0]}, {options[1]}, lambda {options[2]:g})"
+
+
+def load_runs(runs_dir: str | Path) -> list[RunResult]:
+    """Every finished run under ``runs_dir`` (``metrics.json`` beside ``run.json``; checkpoints are not runs)."""
+    results = []
+    for metrics_path in sorted(Path(runs_dir).rglob(RUN_METRICS_NAME)):
+        run_path = metrics_path.with_name(RUN_INFO_NAME)
+        if not run_path.exists() or any(part.startswith("checkpoint-") for part in metrics_path.parts):
+            continue
+        try:
+            run, metrics = json.loads(run_path.read_text()), json.loads(metrics_path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{metrics_path.parent} has an unreadable result file ({error}): re-run it.") from error
+        results.append(RunResult(run["setting"], run["dataset"], learner_name(run), method_name(run), metrics))
+    return results
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.2f} +- {np.std(values):.2f} (n={len(values)})"
+
+
+def _row(layout: str, setting: str, dataset: str, learner: str, method: str, eval_set: str, metric: str,
+         values: list[float] | None = None, mean: float | None = None, n: int | None = None) -> dict:  # fmt: skip
+    """A CSV row: a seed cell (``values``) or a derived number (``mean``: an average over datasets, a harmonic
+    mean), whose std is left empty."""
+    if values is not None:
+        mean, std, n = float(np.mean(values)), float(np.std(values)), len(values)
+    else:
+        std = ""
+    return dict(layout=layout, setting=setting, dataset=dataset, learner=learner, method=method, eval_set=eval_set,
+                metric=metric, mean=mean, std=std, n=n)  # fmt: skip
+
+
+def _seeds(runs: list[RunResult]) -> dict[tuple, list[float]]:
+    """(learner, method, dataset, eval set, metric) -> values over seeds."""
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for run in runs:
+        for eval_set, metrics in run.metrics.items():
+            for metric in METRICS:
+                if metric in metrics:
+                    values[(run.learner, run.method, run.dataset, eval_set, metric)].append(metrics[metric])
+    return values
+
+
+def _methods(runs: list[RunResult]) -> list[tuple[str, str]]:
+    return sorted({(run.learner, run.method) for run in runs}, key=lambda m: (m[0], m[1] != "CE", m[1]))
+
+
+def few_shot_tables(setting: str, runs: list[RunResult]) -> tuple[list[str], list[dict]]:
+    seeds, datasets = _seeds(runs), sorted({run.dataset for run in runs})
+    lines = [f"## Few-shot ({setting}): test set, mean +- std over seeds", ""]
+    rows = []
+    for metric, shown in METRICS.items():
+        lines += [f"### {shown} (%)", "", "| learner | method | " + " | ".join(datasets) + " | Average |"]
+        lines.append("|---" * (len(datasets) + 3) + "|")
+        for learner, method in _methods(runs):
+            cells, means = [], []
+            for dataset in datasets:
+                values = seeds.get((learner, method, dataset, "test", metric))
+                cells.append(_cell(values) if values else "-")
+                if values:
+                    means.append(float(np.mean(values)))
+                    rows.append(_row("few_shot", setting, dataset, learner, method, "test", metric, values))
+            average = "-"
+            if len(means) == len(datasets):
+                average = f"{np.mean(means):.2f}"
+                rows.append(_row("few_shot", setting, "Average", learner, method, "test", metric,
+                                 mean=float(np.mean(means)), n=len(means)))  # fmt: skip
+            lines.append(f"| {learner} | {method} | " + " | ".join(cells) + f" | {average} |")
+        lines.append("")
+    return lines, rows
+
+
+def base_to_novel_tables(setting: str, runs: list[RunResult]) -> tuple[list[str], list[dict]]:
+    seeds, datasets = _seeds(runs), sorted({run.dataset for run in runs})
+    header = " | ".join(f"{shown} {part}" for shown in METRICS.values() for part in ("base", "novel", "H"))
+    lines = [f"## Base-to-novel ({setting}): test base / novel classes, mean +- std over seeds; H = harmonic mean", ""]
+    rows, means = [], defaultdict(list)  # means: (learner, method, metric, part) -> per-dataset means
+    for dataset in [*datasets, "Average"]:
+        title = f"Average over {len(datasets)} datasets" if dataset == "Average" else dataset
+        lines += [f"### {title}", "", f"| learner | method | {header} |", "|---" * (2 + 3 * len(METRICS)) + "|"]
+        for learner, method in _methods(runs):
+            cells = []
+            for metric in METRICS:
+                if dataset == "Average":
+                    base, novel = (means[(learner, method, metric, part)] for part in ("base", "novel"))
+                    complete = len(base) == len(novel) == len(datasets)
+                    base, novel = (float(np.mean(v)) if complete else None for v in (base, novel))
+                    for part, value in (("test_base", base), ("test_novel", novel)):
+                        if value is not None:
+                            rows.append(_row("base_to_novel", setting, dataset, learner, method, part, metric,
+                                             mean=value, n=len(datasets)))  # fmt: skip
+                    cells += [f"{v:.2f}" if v is not None else "-" for v in (base, novel)]
+                else:
+                    values = {part: seeds.get((learner, method, dataset, f"test_{part}", metric)) for part in
+                              ("base", "novel")}  # fmt: skip
+                    for part, found in values.items():
+                        if found:
+                            means[(learner, method, metric, part)].append(float(np.mean(found)))
+                            rows.append(_row("base_to_novel", setting, dataset, learner, method, f"test_{part}",
+                                             metric, found))  # fmt: skip
+                    cells += [_cell(v) if v else "-" for v in values.values()]
+                    base, novel = (float(np.mean(v)) if v else None for v in values.values())
+                if base is None or novel is None:
+                    cells.append("-")
+                    continue
+                hm = harmonic_mean(base, novel)
+                cells.append(f"{hm:.2f}")
+                rows.append(_row("base_to_novel", setting, dataset, learner, method, "hm", metric, mean=hm,
+                                 n=len(datasets) if dataset == "Average" else None))  # fmt: skip
+            lines.append(f"| {learner} | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines, rows
+
+
+def domain_generalization_tables(setting: str, runs: list[RunResult]) -> tuple[list[str], list[dict]]:
+    seeds = _seeds(runs)
+    sources = sorted({run.dataset for run in runs})
+    targets = [shift for shift in DOMAIN_SHIFTS if any(shift in run.metrics for run in runs)]
+    lines = [f"## Domain generalisation ({setting}): trained on {', '.join(sources)}, mean +- std over seeds", ""]
+    rows = []
+    for metric, shown in METRICS.items():
+        lines += [f"### {shown} (%)", "", "| learner | method | source | " + " | ".join(targets) + " | Average |"]
+        lines.append("|---" * (len(targets) + 4) + "|")
+        for source in sources:
+            for learner, method in _methods([run for run in runs if run.dataset == source]):
+                cells, means = [], []
+                for eval_set in ["test", *targets]:
+                    values = seeds.get((learner, method, source, eval_set, metric))
+                    cells.append(_cell(values) if values else "-")
+                    if values:
+                        means += [float(np.mean(values))] if eval_set != "test" else []
+                        rows.append(_row("domain_generalization", setting, source, learner, method, eval_set, metric,
+                                         values))  # fmt: skip
+                average = "-"
+                if len(means) == len(targets):
+                    average = f"{np.mean(means):.2f}"
+                    rows.append(_row("domain_generalization", setting, source, learner, method, "Average", metric,
+                                     mean=float(np.mean(means)), n=len(means)))  # fmt: skip
+                lines.append(f"| {learner} | {method} | " + " | ".join(cells) + f" | {average} |")
+        lines.append("")
+    return lines, rows
+
+
+LAYOUTS = {
+    "few_shot": few_shot_tables,
+    "base_to_novel": base_to_novel_tables,
+    "domain_generalization": domain_generalization_tables,
+}
+
+
+def paper_tables(runs: list[RunResult]) -> tuple[str, list[dict]]:
+    """The Markdown of every layout and setting the runs fill, and the long-format rows of the same numbers."""
+    groups: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[(run.layout, run.setting)].append(run)
+    lines, rows = [], []
+    for layout in LAYOUTS:
+        for (found, setting), members in sorted(groups.items()):
+            if found == layout:
+                more_lines, more_rows = LAYOUTS[layout](setting, members)
+                lines += more_lines
+                rows += more_rows
+    return "\n".join(lines), rows

@@ -1,4 +1,5 @@
-"""A loopback stand-in for the Hugging Face Hub: the routes huggingface_hub's push and pull use, in memory.
+"""A loopback stand-in for the Hugging Face Hub: the routes huggingface_hub's push and pull use, in memory (model
+repos; dataset repos can be created and committed to).
 
 Standard library only. Repos are dicts of path -> bytes plus a commit history; ``refuse_commits`` makes the commit
 route answer 403, and requests without a bearer token get 401 on write routes, as the Hub does.
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlparse
 @dataclass
 class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
+    repo_type: str = "model"
     commits: list[tuple[str, str]] = field(default_factory=list)  # (oid, summary)
 
     @property
@@ -95,15 +97,15 @@ class FakeHub:
                         else request["name"]
                     )
                     with hub.lock:
-                        hub.repos.setdefault(repo_id, Repo())
+                        hub.repos.setdefault(repo_id, Repo(repo_type=request.get("type") or "model"))
                     self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
                 elif path == "/api/validate-yaml":
                     self._send(200, {"errors": [], "warnings": []})
-                elif m := re.fullmatch(r"/api/models/(.+?)/preupload/(.+)", path):
+                elif m := re.fullmatch(r"/api/(?:models|datasets)/(.+?)/preupload/(.+)", path):
                     files = json.loads(body).get("files", [])
                     self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                                for f in files]})  # fmt: skip
-                elif m := re.fullmatch(r"/api/models/(.+?)/commit/(.+)", path):
+                elif m := re.fullmatch(r"/api/(?:models|datasets)/(.+?)/commit/(.+)", path):
                     if not self._authorised():
                         return
                     if hub.refuse_commits:

@@ -1,14 +1,12 @@
 """The training recipe end to end, launched the way users launch it: ``accelerate launch recipes/train.py <yaml>``."""
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, quickstart_config
@@ -20,7 +18,7 @@ from cmp_hf import CMPConfig, PromptTunedCLIP, calibration_metrics
 from cmp_hf.data import DOMAIN_SHIFTS, SUITE, CLIPImageCollator, load_image_dataset
 from cmp_hf.scripts import train
 from cmp_hf.scripts.config_file import parse_config_and_overrides
-from recipes import bench_speed, report, sweep
+from recipes import bench_speed
 
 
 def write_config(path: Path, testbed: Path, **overrides) -> Path:
@@ -132,26 +130,6 @@ def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
         assert (tmp_path / "run" / "eval" / name / "reliability.png").exists()
     split = json.loads((tmp_path / "run" / "fewshot_split.json").read_text())
     assert len(split["train"]) == 2 * 2 and len(split["val"]) == 2 * 2  # base classes only
-
-
-def test_sweep_then_report(tmp_path, testbed):
-    config = quickstart_config(testbed, tmp_path, num_train_epochs=1, shots=2)
-    runs = tmp_path / "runs"
-    argv = [str(config), "--methods", "coop", "coop_cmp", "--seeds", "1", "2", "--runs_dir", str(runs)]
-    done = sweep.main(argv)
-    assert len(done) == 4 and all((d / "metrics.json").exists() for d in done)
-    assert sweep.main(argv) == []  # everything exists: nothing reruns
-    markdown = report.main([str(runs), "--out", str(tmp_path / "report")])
-    assert "### all_2shot / test / ECE (%)" in markdown
-    assert "| CoOp |" in markdown and "| CoOp + CMP (log_ratio, all, lambda 1) |" in markdown
-    assert "(n=2)" in markdown
-    with open(tmp_path / "report.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    ece = [r for r in rows if r["metric"] == "ece_pct" and r["eval_set"] == "test" and r["method"] == "CoOp"]
-    seeds = [
-        json.loads((runs / "few_shot" / "config" / "coop" / f"seed{s}" / "metrics.json").read_text()) for s in (1, 2)
-    ]
-    assert float(ece[0]["mean"]) == pytest.approx(np.mean([m["test"]["ece_pct"] for m in seeds]))
 
 
 def test_cocoop_cost_benchmark_runs():

@@ -177,7 +177,12 @@ class ImageFeatureCache:
         with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f)
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:  # another process (a parallel sweep job on the same data) wrote this entry meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.isdir(path):
+                raise
 
     def _load(self, path: str, key: str) -> Dataset | None:
         manifest_path = os.path.join(path, MANIFEST_NAME)

@@ -226,11 +226,14 @@ def train_and_evaluate(
             "cmp_lambda": config.cmp_lambda,
             "cmp_form": config.cmp_form,
             "cmp_competitors": config.cmp_competitors,
+            "kgcoop_weight": config.kgcoop_weight,
             "prompt_learner": config.prompt_learner,
             "temperature": trainer.model.calibration.temperature,
             "dac_k": trainer.model.calibration.dac_k,
         }
-        for name, content in ((RUN_METRICS_NAME, metrics), (RUN_INFO_NAME, run)):
+        # metrics.json last: its presence marks a finished run (recipes/sweep.py skips those), so a run killed
+        # before this point is re-run
+        for name, content in ((RUN_INFO_NAME, run), (RUN_METRICS_NAME, metrics)):
             write_json(os.path.join(config.output_dir, name), content, indent=2, allow_nan=False)
         print(summary(metrics))
         print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
