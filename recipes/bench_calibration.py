@@ -6,14 +6,18 @@ Tasks: animal silhouettes and MNIST digits, each under Gaussian noise at every `
 classes are split into base and novel classes in three ways (``--partitions``: first half base, second half base,
 even classes base). For every (task, noise, partition, shots, seed), one few-shot sample of the base classes
 (``cmp_hf.data.few_shot_sets``) trains every method, each a ``CMPTrainer`` run with CoOp's init ("a photo of a"),
-optimiser, schedule and epochs (``cmp_hf.schedulers.COOP_EPOCHS_BY_SHOTS``; CoCoOp: its own batch 1, 10 epochs).
-Evaluation is ``trainer.evaluate``: base = base-class test images, novel = novel-class test images under the novel
-names (``class_names=``), shifted = base-class test images under heavier noise, inversion and blur (and
-scikit-learn's digits for MNIST). Zero-shot is the untrained prompt, which is CLIP's "a photo of a {}.".
+optimiser, schedule and epochs (``cmp_hf.schedulers.COOP_EPOCHS_BY_SHOTS``); CoCoOp, MaPLe and ProDA train with
+their released recipes (``*_RECIPE`` below), ProDA with its bound and K = 4 prompts on CoOp's optimiser and batch
+for 50 epochs (CPU time: K x C prompts per step; the suite runs K = 32 and CoOp's epochs). Evaluation is
+``trainer.evaluate``: base = base-class test images, novel = novel-class test images under the novel names
+(``class_names=``), shifted = base-class test images under heavier noise, inversion and blur (and scikit-learn's
+digits for MNIST). Zero-shot is the untrained prompt, which is CLIP's "a photo of a {}.".
 
-One CLIP is loaded and each image is encoded once (``ImageFeatureCache``): every trainer shares them. Prints
-mean +- std tables and the paired differences against CoOp-CE (same sample, same seed) for every partition and
-noise level, with their average and range, and writes a CSV of every run.
+One CLIP is loaded and every trainer gets images: the trainer's own feature cache (one directory for the whole
+benchmark) encodes each image once for the learners that can cache, and MaPLe, which prompts the image tower,
+encodes them at every step. Prints mean +- std tables and each method's paired differences against its baseline
+(same sample, same seed: CoOp-CE, or the same learner without CMP) for every partition and noise level, with their
+average and range, and writes a CSV of every run.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ from datasets import Dataset, concatenate_datasets
 from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging as hf_logging
 
-from cmp_hf import CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.data import ImageFeatureCache, ImageFeatureCollator, few_shot_sets, subset_classes
+from cmp_hf import CMPConfig, CMPTrainer
+from cmp_hf.data import few_shot_sets, subset_classes
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
 from cmp_hf.tables import publish
 from cmp_hf.testing.testbed import TASKS, testbed_task
 
-COCOOP_RECIPE = {"per_device_train_batch_size": 1, "num_train_epochs": 10}  # CoCoOp's own
+# The released recipes (CoOp's optimiser, warm-up and cosine schedule otherwise).
+COCOOP_RECIPE = {"prompt_learner": "cocoop", "per_device_train_batch_size": 1, "num_train_epochs": 10}
+MAPLE_RECIPE = {"prompt_learner": "maple", "n_ctx": 2, "learning_rate": 0.0035, "per_device_train_batch_size": 4,
+                "num_train_epochs": 5}  # fmt: skip
+PRODA_RECIPE = {"prompt_learner": "proda", "proda_num_prompts": 4, "n_ctx": 16, "ctx_init": None,
+                "num_train_epochs": 50}  # fmt: skip
 
 
 class Method(NamedTuple):
     options: dict[str, Any]  # CMPConfig fields
     posthoc: str | None = None  # "ts" (temperature on the few-shot val set) or "dac" (on transfer to novel classes)
+    baseline: str = "CoOp-CE"  # the method its paired differences are taken against
 
 
 CE = {"cmp_lambda": 0.0}
@@ -57,13 +67,17 @@ METHODS: dict[str, Method] = {
     "CoOp + focal g=3": Method({**CE, "focal_gamma": 3.0}),
     "CoOp + MbLS a=0.1 m=10": Method({**CE, "mbls_weight": 0.1, "mbls_margin": 10.0}),
     "KgCoOp w=8": Method({**CE, "kgcoop_weight": 8.0}),
-    "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 8.0}),
+    "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 8.0}, baseline="KgCoOp w=8"),
     "CoOp-CE + TS": Method(CE, "ts"),
     "CMP l=1 + TS": Method({}, "ts"),
     "CoOp-CE + DAC": Method(CE, "dac"),
     "CMP l=1 + DAC": Method({}, "dac"),
-    "CoCoOp": Method({**CE, "prompt_learner": "cocoop", **COCOOP_RECIPE}),
-    "CoCoOp + CMP l=1": Method({"prompt_learner": "cocoop", **COCOOP_RECIPE}),
+    "CoCoOp": Method({**CE, **COCOOP_RECIPE}),
+    "CoCoOp + CMP l=1": Method(COCOOP_RECIPE, baseline="CoCoOp"),
+    "MaPLe": Method({**CE, **MAPLE_RECIPE}),
+    "MaPLe + CMP l=1": Method(MAPLE_RECIPE, baseline="MaPLe"),
+    "ProDA": Method({**CE, **PRODA_RECIPE}),
+    "ProDA + CMP l=1": Method(PRODA_RECIPE, baseline="ProDA"),
 }
 # The CMP grid (form x competitors x lambda) against CoOp-CE; --methods all runs every row above.
 CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "+" not in name]
@@ -77,7 +91,7 @@ METRICS = {"accuracy": "accuracy_pct", "ece": "ece_pct", "nll": "nll"}
 
 
 class Setting(NamedTuple):
-    """What one group of runs shares: the task's classes, the few-shot pool and the eval sets (as features)."""
+    """What one group of runs shares: the task's classes, the few-shot pool and the eval sets."""
 
     task: str
     noise: float
@@ -88,21 +102,20 @@ class Setting(NamedTuple):
     evals: dict[str, Dataset]
 
 
-def settings(args: argparse.Namespace, cache: ImageFeatureCache) -> list[Setting]:
-    """Every (task, noise, partition), its images encoded once by the library's feature cache."""
+def settings(args: argparse.Namespace) -> list[Setting]:
+    """Every (task, noise, partition)."""
     found = []
     for task, noise in itertools.product(args.tasks, args.noise):
         data = testbed_task(task, noise_sigma=noise)
-        features = {split: cache.features(dataset) for split, dataset in data.items()}
-        shifted = concatenate_datasets([features[s] for s in data if s.startswith("test_")])
+        shifted = concatenate_datasets([data[s] for s in data if s.startswith("test_")])
         names = TASKS[task][1]
         for partition in args.partitions:
             base = PARTITIONS[partition]
             novel = [c for c in range(len(names)) if c not in base]
-            evals = {"base": (features["test"], base), "shifted": (shifted, base), "novel": (features["test"], novel)}
+            evals = {"base": (data["test"], base), "shifted": (shifted, base), "novel": (data["test"], novel)}
             evals = {name: subset_classes(*subset) for name, subset in evals.items()}
             found.append(Setting(task, noise, partition, [names[c] for c in base], [names[c] for c in novel],
-                                 subset_classes(features["train"], base), evals))  # fmt: skip
+                                 subset_classes(data["train"], base), evals))  # fmt: skip
     return found
 
 
@@ -112,17 +125,17 @@ def run(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """One CMPTrainer run (``train=None``: no training, the zero-shot prompt); returns {eval set: metrics}.
     ``epochs`` is CoOp's for the shot count, unless the method has its own recipe; ``epoch_scale`` shortens both."""
-    options = {"num_train_epochs": epochs, "per_device_train_batch_size": 32, **method.options}
+    options = {"num_train_epochs": epochs, "per_device_train_batch_size": 32, "ctx_init": "a photo of a",
+               **method.options}  # fmt: skip
     options["num_train_epochs"] = max(1, round(options["num_train_epochs"] * epoch_scale))
     config = CMPConfig(
         output_dir=output_dir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        logging_strategy="no", per_device_eval_batch_size=256, ctx_init="a photo of a", coop_schedule=True, seed=seed,
-        **options,
+        logging_strategy="no", per_device_eval_batch_size=256, coop_schedule=True, seed=seed,
+        image_feature_cache_dir=f"{output_dir}/features", image_feature_batch_size=256, **options,
     )  # fmt: skip
     trainer = CMPTrainer(
-        model=clip, args=config, train_dataset=train, processing_class=processor,
-        class_names=setting.base_names, data_collator=ImageFeatureCollator(config.label_column),
-    )  # fmt: skip
+        model=clip, args=config, train_dataset=train, processing_class=processor, class_names=setting.base_names
+    )
     if train is not None:
         trainer.train()
     if method.posthoc == "ts":
@@ -141,10 +154,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     processor = CLIPProcessor.from_pretrained(args.model)
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     output_dir = tempfile.mkdtemp(prefix="bench_calibration_")
-    encoder = PromptTunedCLIP.from_clip(clip, processor.tokenizer, CoOpPromptConfig(class_names=["_"], n_ctx=1))
-    cache = ImageFeatureCache(encoder, processor.image_processor, cache_dir=f"{output_dir}/features", batch_size=256)
     rows = []
-    for setting in settings(args, cache):
+    for setting in settings(args):
         cell = dict(task=setting.task, noise=setting.noise, partition=setting.partition)
         zero_shot = run(clip, processor, setting, None, None, Method({}), 0, 1, output_dir)
         for shots, seed in itertools.product(args.shots, args.seeds):
@@ -163,14 +174,18 @@ def main(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def baseline(method: str) -> str:
+    return METHODS[method].baseline
+
+
 def _paired(rows: list[dict], method: str, key: tuple, metric: str) -> np.ndarray:
-    """Per-seed differences method - CoOp-CE within one (task, noise, partition, shots, eval set) cell."""
+    """Per-seed differences method - its baseline within one (task, noise, partition, shots, eval set) cell."""
 
     def by_seed(name: str) -> dict[int, float]:
         return {r["seed"]: r[metric] for r in rows if r["method"] == name and _key(r) == key}
 
-    ours, ce = by_seed(method), by_seed("CoOp-CE")
-    return np.array([ours[seed] - ce[seed] for seed in ours if seed in ce])
+    ours, theirs = by_seed(method), by_seed(baseline(method))
+    return np.array([ours[seed] - theirs[seed] for seed in ours if seed in theirs])
 
 
 def _key(row: dict) -> tuple:
@@ -178,7 +193,7 @@ def _key(row: dict) -> tuple:
 
 
 def _cell_means(rows: list[dict], method: str, task: str, shots: int, eval_set: str, metric: str) -> list[float]:
-    """The mean paired difference against CoOp-CE in each (noise, partition) cell of one task."""
+    """The mean paired difference against the method's baseline in each (noise, partition) cell of one task."""
     cells = dict.fromkeys((r["noise"], r["partition"]) for r in rows)
     found = (_paired(rows, method, (task, *cell, shots, eval_set), metric) for cell in cells)
     return [float(d.mean()) for d in found if len(d)]
@@ -188,28 +203,35 @@ SUMMARY = (("base", "accuracy"), ("base", "ece"), ("novel", "accuracy"), ("novel
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Per task: each method's paired difference against CoOp-CE averaged over the (noise, partition) cells, its
-    [min, max] over cells, and in how many cells it is below zero (fewer errors, lower ECE where that is good)."""
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("CoOp-CE", "zero-shot")]
+    """Per task: each method's paired difference against its baseline averaged over the (noise, partition) cells,
+    its [min, max] over cells, and in how many cells it is below zero (lower ECE where that is good)."""
+    methods = _compared(rows)
     lines = []
     for task, shots in dict.fromkeys((r["task"], r["shots"]) for r in rows):
-        lines += [f"### Summary, {task}, {shots} shots: difference against CoOp-CE, mean over cells [min, max] "
+        lines += [f"### Summary, {task}, {shots} shots: difference against the baseline, mean over cells [min, max] "
                   "(cells with a decrease / cells)", ""]  # fmt: skip
-        lines += ["| method | " + " | ".join(f"{s} {m}" for s, m in SUMMARY) + " |", "|---" * (1 + len(SUMMARY)) + "|"]
+        lines += ["| method | against | " + " | ".join(f"{s} {m}" for s, m in SUMMARY) + " |",
+                  "|---" * (2 + len(SUMMARY)) + "|"]  # fmt: skip
         for method in methods:
             cells = []
             for eval_set, metric in SUMMARY:
                 means = _cell_means(rows, method, task, shots, eval_set, metric)
                 below = sum(m < 0 for m in means)
                 cells.append(f"{np.mean(means):+.2f} [{min(means):+.2f}, {max(means):+.2f}] ({below}/{len(means)})")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {baseline(method)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
+def _compared(rows: list[dict]) -> list[str]:
+    """The methods in ``rows`` that have their baseline's runs beside them."""
+    present = set(r["method"] for r in rows)
+    return [m for m in dict.fromkeys(r["method"] for r in rows) if m in METHODS and baseline(m) in present - {m}]
+
+
 def report(rows: list[dict], out: str | None) -> str:
     """Markdown: the summary; then per task and shots, mean +- std over seeds for each (noise, partition) cell, and
-    the paired differences against CoOp-CE per cell with their average and [min, max] over cells."""
+    the paired differences against each method's baseline per cell with their average and [min, max] over cells."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells = list(dict.fromkeys((r["noise"], r["partition"]) for r in rows))
     lines = summary(rows)
@@ -227,14 +249,12 @@ def report(rows: list[dict], out: str | None) -> str:
                     + " | ".join(f"{np.mean(v):.{digits}f} +- {np.std(v):.{digits}f}" if v else "-" for v in values)
                     + " |"
                 )
-            lines += ["", "paired difference against CoOp-CE (same sample and seed): mean per cell, then the "
+            lines += ["", "paired difference against the baseline (same sample and seed): mean per cell, then the "
                       "average over cells [min, max]", ""]  # fmt: skip
-            lines += [f"| method | {head} | average [min, max] |", "|---" * (2 + len(cells)) + "|"]
-            for method in methods:
-                if method in ("CoOp-CE", "zero-shot"):
-                    continue
+            lines += [f"| method | against | {head} | average [min, max] |", "|---" * (3 + len(cells)) + "|"]
+            for method in _compared(rows):
                 means = _cell_means(rows, method, task, shots, eval_set, metric)
-                lines.append(f"| {method} | " + " | ".join(f"{m:+.{digits}f}" for m in means)
+                lines.append(f"| {method} | {baseline(method)} | " + " | ".join(f"{m:+.{digits}f}" for m in means)
                              + f" | {np.mean(means):+.{digits}f} [{min(means):+.{digits}f}, {max(means):+.{digits}f}]"
                              " |")  # fmt: skip
             lines.append("")

@@ -1,4 +1,6 @@
-"""Two-process CPU data parallelism (gloo, started by torchrun) must end with the prompt a single process learns."""
+"""Two-process CPU data parallelism (gloo, started by torchrun) must end with the prompt a single process learns:
+for CoOp (text side only, cached image features) and for MaPLe (the image tower runs, with gradients to its
+couplings, at every step)."""
 
 import ast
 import os
@@ -16,12 +18,12 @@ SCRIPT = textwrap.dedent(
     from cmp_hf import CMPConfig, CMPTrainer
     from cmp_hf.testing.synthetic import colour_patches
 
-    clip_dir, output_dir, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    clip_dir, output_dir, per_device, learner = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     data = colour_patches(["red", "green", "blue", "yellow"], per_class=8, seed=5)  # 32 rows: 4 steps of 8
     config = CMPConfig(
         output_dir=output_dir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         per_device_train_batch_size=per_device, max_steps=4, n_ctx=4, learning_rate=0.05, seed=3,
-        cmp_lambda=1.0, logging_steps=2, dataloader_drop_last=True,
+        cmp_lambda=1.0, logging_steps=2, dataloader_drop_last=True, prompt_learner=learner,
     )
     trainer = CMPTrainer(model=clip_dir, args=config, train_dataset=data)
     initial = trainer.model.context.detach().clone()
@@ -41,22 +43,29 @@ def run(command, env=None):
     return result.stdout
 
 
+def learned_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor the run saved: the peft context and the learner's own (MaPLe's deep prompts and couplings)."""
+    return {f"{file.name}/{key}": value for file in sorted(directory.glob("*.safetensors"))
+            for key, value in load_file(file).items()}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path, tiny_clip_dir):
+@pytest.mark.parametrize("learner, port", [("coop", 29533), ("maple", 29534)])
+def test_two_process_ddp_matches_one_process(tmp_path, tiny_clip_dir, learner, port):
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single_log = run([sys.executable, str(script), tiny_clip_dir, str(tmp_path / "single"), "8"], env)
+    single_log = run([sys.executable, str(script), tiny_clip_dir, str(tmp_path / "single"), "8", learner], env)
     ddp_log = run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(script), tiny_clip_dir, str(tmp_path / "ddp"), "4"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), tiny_clip_dir, str(tmp_path / "ddp"), "4", learner],
         env,
     )  # fmt: skip
-    single = load_file(tmp_path / "single" / "adapter_model.safetensors")["prompt_embeddings"]
-    ddp = load_file(tmp_path / "ddp" / "adapter_model.safetensors")["prompt_embeddings"]
-    gap = (single - ddp).abs().max().item()
+    single, ddp = learned_tensors(tmp_path / "single"), learned_tensors(tmp_path / "ddp")
+    assert single.keys() == ddp.keys() and (len(single) == 1) == (learner == "coop")  # MaPLe: its own tensors too
+    gap = max((single[key] - ddp[key]).abs().max().item() for key in single)
     moved = float(single_log.split("MOVED")[1].split()[0])
-    print(f"DDP equivalence: update {moved:.3e}, |1 process x batch 8 - 2 processes x batch 4| = {gap:.3e}")
+    print(f"DDP ({learner}): update {moved:.3e}, |1 process x batch 8 - 2 processes x batch 4| = {gap:.3e}")
     # unclipped (CMPConfig's default, as CoOp): a wrong gradient scale would show as a gap of the update's order
     assert moved > 1e-3 and gap <= 1e-5 * moved
     # The logged loss terms are averaged over both processes, so they match the single-process run; the

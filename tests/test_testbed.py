@@ -157,17 +157,25 @@ def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
     from recipes import bench_calibration
 
     options = dict(model=MICRO_CLIP, tasks=["mnist"], noise=[30.0], partitions=["first_half", "interleaved"],
-                   shots=[1], seeds=[1, 2], epoch_scale=0.1, methods=["CoOp-CE", "CMP log_ratio/all l=1"],
-                   out=str(tmp_path / "bench"))  # fmt: skip
+                   shots=[1], seeds=[1, 2], epoch_scale=0.1, out=str(tmp_path / "bench"),
+                   methods=["CoOp-CE", "CMP log_ratio/all l=1", "MaPLe", "MaPLe + CMP l=1"])  # fmt: skip
     rows = bench_calibration.main(argparse.Namespace(**options))
     assert {r["eval_set"] for r in rows} == {"base", "novel", "shifted"}
-    assert len(rows) == 3 * 2 * 3 * 2  # (zero-shot + 2 methods) x 2 seeds x 3 eval sets x 2 partitions
+    assert len(rows) == 5 * 2 * 3 * 2  # (zero-shot + 4 methods) x 2 seeds x 3 eval sets x 2 partitions
     markdown = (tmp_path / "bench.md").read_text()
-    assert "paired difference against CoOp-CE" in markdown and "| CMP log_ratio/all l=1 |" in markdown
+    assert "paired difference against the baseline" in markdown
     assert "noise 30, first_half | noise 30, interleaved | average [min, max]" in markdown
     assert "### Summary, mnist, 1 shots" in markdown
-    row = next(line for line in markdown.splitlines() if line.startswith("| CMP log_ratio/all l=1 |"))
-    assert len(re.findall(r"[+-]\d+\.\d\d \[[^]]+\] \([012]/2\)", row)) == 5  # 5 summary cells, over 2 partitions
+    for method, against in [("CMP log_ratio/all l=1", "CoOp-CE"), ("MaPLe", "CoOp-CE"), ("MaPLe + CMP l=1", "MaPLe")]:
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {method} | {against} |"))
+        assert len(re.findall(r"[+-]\d+\.\d\d \[[^]]+\] \([012]/2\)", row)) == 5  # 5 summary cells, 2 partitions
+    # the summary's paired difference is the mean over cells of (method - its baseline) per seed, from the rows
+    paired = [np.mean([next(r["ece"] for r in rows if (r["method"], r["seed"], r["partition"], r["eval_set"]) == key)
+                       for key in ((method, seed, partition, "novel") for seed in (1, 2))])
+              for method in ("MaPLe + CMP l=1", "MaPLe") for partition in ("first_half", "interleaved")]  # fmt: skip
+    expected = np.mean(paired[:2]) - np.mean(paired[2:])
+    row = next(line for line in markdown.splitlines() if line.startswith("| MaPLe + CMP l=1 | MaPLe |"))
+    assert row.split(" | ")[5].startswith(f"{expected:+.2f} [")  # novel ece column
     assert bench_calibration.report(bench_calibration.read_rows(str(tmp_path / "bench.csv")), None) == markdown
     for partition in ("first_half", "interleaved"):
         zero_shot_base = [r["accuracy"] for r in rows if (r["method"], r["eval_set"], r["partition"]) ==
