@@ -108,7 +108,21 @@ def push_output_dir(
             repo_id=repo_id, folder_path=output_dir, token=token, revision=revision, commit_message=commit_message,
             allow_patterns=PUSH_PATTERNS,
         )  # fmt: skip
+        card = card_for_repo(output_dir, repo_id)
+        if card is not None:  # the card's usage lines name the local directory: the repo's must name the repo
+            commit = api.upload_file(
+                path_or_fileobj=card, path_in_repo=MODEL_CARD_NAME, repo_id=repo_id, token=token, revision=revision,
+                commit_message="Model card: load the prompt from this repo",
+            )  # fmt: skip
     return commit.commit_url
+
+
+def card_for_repo(output_dir: str, repo_id: str) -> bytes | None:
+    """The saved card with the local directory it was saved in replaced by ``repo_id`` (``None`` if it names none),
+    so that its ``from_pretrained(...)`` lines work for a reader of the repo."""
+    card = Path(output_dir, MODEL_CARD_NAME).read_text(encoding="utf-8")
+    local = f'"{os.path.abspath(output_dir)}"'
+    return card.replace(local, f'"{repo_id}"').encode("utf-8") if local in card else None
 
 
 def fetch_prompt(repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> str:
