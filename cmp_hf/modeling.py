@@ -99,8 +99,9 @@ class PromptTunedCLIP(nn.Module):
         more compute), which the speed benchmark uses as its reference.
         """
         prompt_config = learner_class(prompt_config).resolve_config(prompt_config, tokenizer)
-        if prompt_config.base_model_name_or_path is None and clip.name_or_path:
-            prompt_config = replace(prompt_config, base_model_name_or_path=clip.name_or_path)
+        base = prompt_config.base_model_name_or_path or clip.name_or_path or None
+        if base is not None:  # a relative directory would only resolve from where this run started
+            prompt_config = replace(prompt_config, base_model_name_or_path=portable_name(base))
         text_config = clip.config.text_config
         peft_config = PromptTuningConfig(
             task_type=None,

@@ -114,13 +114,13 @@ class CMPTrainer(Trainer):
         datasets = _named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
-        check_training_set(train_dataset, args.label_column)
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
         if class_names is not None:
             validate_class_names(class_names, args.allow_duplicate_class_names)
             for name, dataset in datasets:
                 check_labels(dataset, name, args.label_column, len(class_names))
+        check_training_set(train_dataset, args.label_column)
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
         self._feature_cache: ImageFeatureCache | None = None

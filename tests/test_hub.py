@@ -206,3 +206,13 @@ def test_model_card_is_written_with_the_prompt(saved_run):
     with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
         assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))
+
+
+def test_pushed_card_loads_from_the_repo_id(tmp_path, hub, saved_run):
+    local = (saved_run / "README.md").read_text()
+    assert f'CalibratedCLIP.from_pretrained("{saved_run}")' in local  # saved: the line that works here
+    result = push(saved_run, tmp_path, hub.endpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = hub.repos[REPO].files["README.md"].decode()
+    assert f'CalibratedCLIP.from_pretrained("{REPO}")' in card and str(saved_run) not in card.split("## Use")[1]
+    assert (saved_run / "README.md").read_text() == local  # the local directory is only read

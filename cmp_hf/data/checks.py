@@ -48,8 +48,8 @@ def check_labels(dataset: Any, name: str, label_column: str, num_classes: int) -
         bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
         if len(bad):
             raise ValueError(
-                f"{name}'s labels ({label_column!r}) hold non-integer values ({labels[bad[0]]!r} at row {bad[0]}): "
-                "labels are class indices 0..C-1; fix the column or cast it with "
+                f"{name}'s labels ({label_column!r}) hold non-integer values ({float(labels[bad[0]]):g} at row "
+                f"{bad[0]}): labels are class indices 0..C-1; fix the column or cast it with "
                 f"dataset.cast_column({label_column!r}, ClassLabel(names=...))."
             )
     if labels.min() < 0 or labels.max() >= num_classes:
