@@ -68,7 +68,8 @@ def test_image_column_pointing_at_labels(tmp_path, train_set):
     ],
 )
 def test_bad_recipe_data_options(case, overrides, message, tmp_path, testbed):
-    path = quickstart_config(testbed, tmp_path, output_dir=str(tmp_path / "run"), **overrides)
+    # disable_tqdm false: the recipe's console set-up is process-wide, and later tests expect the bars on
+    path = quickstart_config(testbed, tmp_path, output_dir=str(tmp_path / "run"), disable_tqdm=False, **overrides)
     with pytest.raises(ValueError, match=message):
         run_recipe([str(path)])
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
