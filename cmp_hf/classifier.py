@@ -36,9 +36,12 @@ class CalibratedCLIP:
         device: str | torch.device | None = None,
         revision: str | None = None,
         token: str | None = None,
+        base_model: str | None = None,
     ) -> CalibratedCLIP:
-        """Load the prompt (JSON + safetensors only) and the base CLIP it names, unless ``clip`` is given."""
-        model = PromptTunedCLIP.from_pretrained(fetch_prompt(repo_or_dir, revision, token), clip, tokenizer)
+        """Load the prompt (JSON + safetensors only) and the base CLIP it names, unless ``clip`` is given;
+        ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere."""
+        prompt_dir = fetch_prompt(repo_or_dir, revision, token)
+        model = PromptTunedCLIP.from_pretrained(prompt_dir, clip, tokenizer, base_model=base_model)
         if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
             image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor)
@@ -54,14 +57,26 @@ class CalibratedCLIP:
 
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
-        """(N, C) logits for a PIL image, a list of images / arrays, or a ``pixel_values`` tensor (N, 3, H, W)."""
-        if isinstance(images, torch.Tensor):
-            pixel_values = images
-        else:
-            batch = images if isinstance(images, list | tuple) else [images]
-            pixel_values = self.image_processor(images=[to_rgb(i) for i in batch], return_tensors="pt")["pixel_values"]
+        """(N, C) logits for a PIL image, an image file's path, a list of images / arrays / paths, or a
+        ``pixel_values`` tensor (N, 3, H, W)."""
+        pixel_values = self._pixel_values(images)
         device = next(self.model.parameters()).device
         return self.model(pixel_values=pixel_values.to(device)).logits.float()
+
+    def _pixel_values(self, images: Any) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(
+                    f"A pixel_values tensor must be (N, 3, H, W), got shape {tuple(images.shape)}: for one image, "
+                    "add the batch dimension with .unsqueeze(0); or pass PIL images, which the processor prepares."
+                )
+            return images
+        if images is None:
+            raise TypeError("images is None: pass a PIL image, an image path, a list of them, or pixel_values.")
+        batch = list(images) if isinstance(images, list | tuple) else [images]
+        if not batch:
+            raise ValueError("No images given (an empty list): pass at least one image.")
+        return self.image_processor(images=[to_rgb(image) for image in batch], return_tensors="pt")["pixel_values"]
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """(N, C) class probabilities."""

@@ -206,6 +206,7 @@ class CMPConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        _check_numbers_are_numbers(self)
         self.loss_options()  # validates the loss fields now, before any model is loaded
         if self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")
@@ -238,6 +239,21 @@ class CMPConfig(TrainingArguments):
             maple_prompt_depth=self.maple_prompt_depth,
             proda_num_prompts=self.proda_num_prompts,
         )
+
+
+def _check_numbers_are_numbers(config: CMPConfig) -> None:
+    """Refuse a string where a number belongs (``CMPConfig(cmp_lambda="0.5")`` from Python; the command line
+    converts its strings), which would otherwise fail as a ``TypeError`` deep inside the loss or the optimizer."""
+    for f in fields(config):
+        value = getattr(config, f.name, None)
+        if isinstance(value, str) and f.type in _NUMBER_TYPES:
+            raise TypeError(
+                f"{f.name} must be a number, got the string {value!r}: pass {f.name}={value.strip()} without quotes "
+                f"(or convert it with {'int' if f.type in (int, 'int') else 'float'}(...))."
+            )
+
+
+_NUMBER_TYPES = (float, int, "float", "int")
 
 
 def _docstring() -> str:

@@ -5,6 +5,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAM
 from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401  (Trainer's; written last into a checkpoint)
 
 PROMPT_CONFIG_NAME = "prompt_config.json"  # the prompt's classes, template, context layout, learner, base model
+PROMPT_DIGEST_NAME = "prompt_digest.json"  # SHA-256 of the learned tensors of each weights file, checked on load
 CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (cmp_hf.posthoc)
 META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
 PRODA_CONTEXTS_NAME = "proda_contexts.safetensors"  # ProDA's contexts 1..K-1 (context 0 is the peft adapter's)

@@ -118,8 +118,12 @@ def push_output_dir(
     api = HfApi()
     with hub_errors(f"pushing {output_dir} to {repo_id}", retry=f"cmp-hf push {output_dir} {repo_id}"):
         api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        card = card_for_repo(output_dir, repo_id)  # the card's usage lines must name the repo, not this directory
         operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(output_dir, name))
+            CommitOperationAdd(
+                path_in_repo=name,
+                path_or_fileobj=card if name == MODEL_CARD_NAME and card else os.path.join(output_dir, name),
+            )
             for name in pushed_files(output_dir)
         ]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision)
@@ -193,6 +197,14 @@ def checkpoints_note(output_dir: str | os.PathLike) -> str | None:
         f"Checkpoints stay local (not pushed): {len(found)} {PREFIX_CHECKPOINT_DIR}-* directories in "
         f"{os.fspath(output_dir)} ({', '.join(found)}); resume from them with resume_from_checkpoint."
     )
+
+
+def card_for_repo(output_dir: str, repo_id: str) -> bytes | None:
+    """The saved card with the local directory it was saved in replaced by ``repo_id`` (``None`` if it names none),
+    so that its ``from_pretrained(...)`` lines work for a reader of the repo."""
+    card = Path(output_dir, MODEL_CARD_NAME).read_text(encoding="utf-8")
+    local = f'"{os.path.abspath(output_dir)}"'
+    return card.replace(local, f'"{repo_id}"').encode("utf-8") if local in card else None
 
 
 def fetch_prompt(repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> str:

@@ -18,14 +18,15 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, PromptTuningConfig
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .atomic import save_safetensors, staged_directory
-from .constants import ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME
+from .base_model import check_clip_source, portable_name
+from .constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PROMPT_CONFIG_NAME, PROMPT_FILES
 from .hub import fetch_prompt
+from .integrity import load_weights_file, verify_digests, write_digests
 from .learners import PromptLearner, learner_class
 from .posthoc import PostHocCalibration
 from .prompts.config import CoOpPromptConfig, initial_context
@@ -98,8 +99,9 @@ class PromptTunedCLIP(nn.Module):
         more compute), which the speed benchmark uses as its reference.
         """
         prompt_config = learner_class(prompt_config).resolve_config(prompt_config, tokenizer)
-        if prompt_config.base_model_name_or_path is None and clip.name_or_path:
-            prompt_config = replace(prompt_config, base_model_name_or_path=clip.name_or_path)
+        base = prompt_config.base_model_name_or_path or clip.name_or_path or None
+        if base is not None:  # a relative directory would only resolve from where this run started
+            prompt_config = replace(prompt_config, base_model_name_or_path=portable_name(base))
         text_config = clip.config.text_config
         peft_config = PromptTuningConfig(
             task_type=None,
@@ -121,22 +123,18 @@ class PromptTunedCLIP(nn.Module):
         prompt_path: str | os.PathLike,
         clip: CLIPModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        base_model: str | None = None,
     ) -> PromptTunedCLIP:
         """Load a prompt saved by :meth:`save_pretrained` (a directory or a Hub repo id) onto ``clip`` (default: the
-        base model it names). Only JSON and safetensors files are read."""
+        base model it names, or ``base_model`` when given: a Hub id or directory of the same CLIP elsewhere). Only
+        JSON and safetensors files are read, and the learned tensors are checked against their saved digests."""
         prompt_path = fetch_prompt(prompt_path)
-        for name in (PROMPT_CONFIG_NAME, ADAPTER_CONFIG_NAME):
-            if not os.path.isfile(os.path.join(prompt_path, name)):
-                raise FileNotFoundError(
-                    f"{prompt_path} has no {name}: it is not a prompt saved by cmp_hf (save_pretrained writes "
-                    f"{PROMPT_CONFIG_NAME} next to the peft adapter)."
-                )
-        prompt_config = CoOpPromptConfig.from_json_file(os.path.join(prompt_path, PROMPT_CONFIG_NAME))
+        prompt_config = read_prompt_files(prompt_path)
+        if base_model is not None:
+            prompt_config = replace(prompt_config, base_model_name_or_path=portable_name(base_model))
         base = prompt_config.base_model_name_or_path
-        if (clip is None or tokenizer is None) and not base:
-            raise ValueError(
-                f"{PROMPT_CONFIG_NAME} names no base model: pass clip= and tokenizer= for the CLIP it was trained on."
-            )
+        if clip is None or tokenizer is None:
+            _check_base_model(base, overridden=base_model is not None)
         clip = clip if clip is not None else CLIPModel.from_pretrained(base)
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
         _check_adapter_shape(prompt_path, prompt_config, clip)
@@ -153,7 +151,7 @@ class PromptTunedCLIP(nn.Module):
         path = os.path.join(prompt_path, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{prompt_path} holds a {self.learner.name} prompt but has no {name}.")
-        self.learner.load_extra_state_dict(load_file(path))
+        self.learner.load_extra_state_dict(load_weights_file(path))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the peft adapter (safetensors), ``prompt_config.json``, the learner's weights and the post-hoc
@@ -164,6 +162,7 @@ class PromptTunedCLIP(nn.Module):
             self.prompt_config.save_pretrained(staging)
             if self.learner.weights_name is not None:
                 save_safetensors(self.learner.extra_state_dict(), os.path.join(staging, self.learner.weights_name))
+            write_digests(staging, [ADAPTER_WEIGHTS_NAME, *filter(None, [self.learner.weights_name])])
         self.calibration.save_pretrained(save_directory)
 
     # ---- other classes ------------------------------------------------------------------------------------------
@@ -304,3 +303,37 @@ def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip
             f"{PROMPT_CONFIG_NAME} and the base CLIP need {expected}: the adapter was saved for another prompt "
             "configuration or another base model."
         )
+
+
+def read_prompt_files(prompt_path: str) -> CoOpPromptConfig:
+    """The prompt's config, after checking that every file of the prompt is there and its tensors match their
+    digests; each error names the file (a missing, corrupt or altered one)."""
+    missing = [name for name in PROMPT_FILES if not os.path.isfile(os.path.join(prompt_path, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{prompt_path} {', '.join(f'has no {name}' for name in missing)}: it is not a complete prompt saved by "
+            f"cmp_hf (save_pretrained writes {', '.join(PROMPT_FILES)}); save or download it again."
+        )
+    path = os.path.join(prompt_path, PROMPT_CONFIG_NAME)
+    try:
+        prompt_config = CoOpPromptConfig.from_json_file(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is corrupt ({error}): save or download the prompt again.") from error
+    verify_digests(prompt_path)
+    return prompt_config
+
+
+def _check_base_model(base: str | None, overridden: bool) -> None:
+    """Name the base CLIP that cannot be loaded, and how to point at another copy of it."""
+    if not base:
+        raise ValueError(
+            f"{PROMPT_CONFIG_NAME} names no base model: pass base_model= (or clip= and tokenizer=) for the CLIP it "
+            "was trained on."
+        )
+    source = "base_model" if overridden else f"the base model recorded in {PROMPT_CONFIG_NAME}"
+    try:
+        check_clip_source(base, option=source)
+    except (ValueError, OSError) as error:
+        raise type(error)(
+            f"{error} To load the prompt onto a copy of its CLIP elsewhere, pass base_model= (a Hub id or directory)."
+        ) from error

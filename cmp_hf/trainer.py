@@ -21,10 +21,19 @@ from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set
 
 from . import posthoc
 from .atomic import copy_file, staged_directory, write_text
+from .base_model import check_clip_source
 from .config import CMPConfig
-from .constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_NAME, MODEL_CARD_NAME, PROMPT_CONFIG_NAME, TRAINING_ARGS_NAME
+from .constants import (
+    ADAPTER_WEIGHTS_NAME,
+    CALIBRATION_NAME,
+    MODEL_CARD_NAME,
+    PROMPT_CONFIG_NAME,
+    PROMPT_DIGEST_NAME,
+    TRAINING_ARGS_NAME,
+)
 from .dashboards import EvalFiguresCallback
 from .data.augment import RandomResizedCropFlip
+from .data.checks import check_columns, check_labels, check_training_set
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
@@ -113,13 +122,14 @@ class CMPTrainer(Trainer):
             require_token(args.hub_token)
         datasets = _named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
-            _check_columns(dataset, name, args, needs_images=data_collator is None)
+            check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
         if class_names is not None:
             validate_class_names(class_names, args.allow_duplicate_class_names)
             for name, dataset in datasets:
-                _check_labels(dataset, name, args.label_column, len(class_names))
+                check_labels(dataset, name, args.label_column, len(class_names))
+        check_training_set(train_dataset, args.label_column)
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
@@ -432,7 +442,7 @@ class CMPTrainer(Trainer):
         )
         info = dict(
             model_name=model_name or repo_name(args.output_dir, args.hub_model_id).split("/")[-1],
-            repo_id=repo_name(args.output_dir, args.hub_model_id),
+            repo_id=self.hub_model_id or os.path.abspath(args.output_dir),  # what loads it: the repo once pushed
             base_model=prompt.base_model_name_or_path or "",
             learner=self.model.learner.title,
             learner_name=self.model.learner.name,
@@ -500,7 +510,7 @@ class CMPTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Trainer copies the adapter files of a checkpoint before pushing; the rest of the prompt travels with them.
         if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            for name in (PROMPT_CONFIG_NAME, self.model.learner.weights_name, CALIBRATION_NAME):
+            for name in (PROMPT_CONFIG_NAME, self.model.learner.weights_name, CALIBRATION_NAME, PROMPT_DIGEST_NAME):
                 if name is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
                     copy_file(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
@@ -566,6 +576,7 @@ def _prompt_model(
             raise ValueError("class_names differ from the class names of the PromptTunedCLIP passed as model.")
         source = model.prompt_config.base_model_name_or_path
     elif isinstance(model, str):
+        check_clip_source(model, option="model")
         source = model
     elif isinstance(model, CLIPModel):
         source = model.name_or_path or None
@@ -591,29 +602,3 @@ def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, An
     else:
         named.append(("eval_dataset", eval_dataset))
     return [(name, dataset) for name, dataset in named if dataset is not None]
-
-
-def _check_columns(dataset: Any, name: str, args: CMPConfig, needs_images: bool) -> None:
-    """Fail before any model is loaded when a dataset lacks the image or label column."""
-    columns = dataset.column_names
-    if columns is None:  # an IterableDataset of unknown schema: nothing to check up front
-        return
-    required = [args.image_column, args.label_column] if needs_images else [args.label_column]
-    missing = [column for column in required if column not in columns]
-    if missing:
-        raise ValueError(
-            f"{name} has no column {missing} (columns: {columns}). Set image_column / label_column in CMPConfig to "
-            "the columns holding the images and the integer labels."
-        )
-
-
-def _check_labels(dataset: Any, name: str, label_column: str, num_classes: int) -> None:
-    """Fail before any model is loaded when labels fall outside [0, C)."""
-    if not isinstance(dataset, Dataset) or len(dataset) == 0:
-        return
-    labels = np.asarray(dataset.with_format("numpy")[label_column])
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"{name} has labels in [{labels.min()}, {labels.max()}] but there are {num_classes} class names: labels "
-            f"must lie in [0, {num_classes})."
-        )

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -91,6 +92,36 @@ def test_damaged_cache_is_rebuilt(tiny_clip_dir, tmp_path, train_set, damage):
     rebuilt = np.array(again.cache.features(train_set).with_format("numpy")[FEATURES_COLUMN])
     assert again.calls == 2
     assert np.array_equal(rebuilt, good)
+
+
+def test_cache_entry_replaced_by_a_file_is_rebuilt(tiny_clip_dir, tmp_path, train_set):
+    counting = CountingCache(tiny_clip_dir, tmp_path / "cache")
+    good = np.array(counting.cache.features(train_set).with_format("numpy")[FEATURES_COLUMN])
+    (entry,) = os.listdir(tmp_path / "cache")
+    shutil.rmtree(tmp_path / "cache" / entry)
+    (tmp_path / "cache" / entry).write_text("not a cache entry")
+    again = CountingCache(tiny_clip_dir, tmp_path / "cache")
+    rebuilt = np.array(again.cache.features(train_set).with_format("numpy")[FEATURES_COLUMN])
+    assert again.calls == 2 and np.array_equal(rebuilt, good)
+    assert os.listdir(tmp_path / "cache") == [entry]  # a directory again, and no .tmp staging directory left
+    assert (tmp_path / "cache" / entry / MANIFEST_NAME).is_file()
+
+
+@pytest.mark.parametrize(
+    "change", [{"size": {"shortest_edge": 48}}, {"image_mean": [0.5] * 3},
+               {"image_std": [0.2] * 3}],
+)  # fmt: skip
+def test_changed_image_processor_misses_the_cache(tiny_clip_dir, tmp_path, train_set, change):
+    base = CountingCache(tiny_clip_dir, tmp_path / "cache")
+    before = np.array(base.cache.features(train_set).with_format("numpy")[FEATURES_COLUMN])
+    changed = CountingCache(tiny_clip_dir, tmp_path / "cache")
+    for key, value in change.items():
+        setattr(changed.cache.image_processor, key, value)
+    after = np.array(changed.cache.features(train_set).with_format("numpy")[FEATURES_COLUMN])
+    assert changed.calls == 2 and len(os.listdir(tmp_path / "cache")) == 2  # encoded again, into a new entry
+    pixels = CLIPImageCollator(changed.cache.image_processor)(list(train_set))["pixel_values"]
+    torch.testing.assert_close(torch.from_numpy(after), changed.model.image_features(pixels), atol=1e-6, rtol=0)
+    assert np.abs(after - before).max() > 1e-4  # the processor change does change the features
 
 
 def test_augmented_views_are_distinct_and_reproducible(tiny_clip_dir, tmp_path, train_set):

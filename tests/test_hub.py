@@ -237,7 +237,8 @@ def test_a_refused_recipe_push_comes_last_and_the_printed_command_pushes_everyth
     files = hub.repos[REPO].files
     assert sorted(files) == sorted(pushed_files(output_dir))  # in full: the prompt, its reports and metrics, the card
     assert {"metrics.json", "eval/val/metrics.json", "eval/test/risk_coverage.png", "README.md"} <= set(files)
-    assert all(files[name] == (output_dir / name).read_bytes() for name in files)
+    assert all(files[name] == (output_dir / name).read_bytes() for name in files if name != "README.md")
+    assert files["README.md"].decode() == (output_dir / "README.md").read_text().replace(str(output_dir), REPO)
     assert not [name for name in files if "checkpoint" in name or name.endswith((".pt", ".pth", ".bin"))]
     assert f"Checkpoints stay local (not pushed): 2 checkpoint-* directories in {output_dir}" in again.stdout
 
@@ -251,3 +252,13 @@ def test_pushed_files_leave_out_checkpoints_logs_and_staging(tmp_path):
         (tmp_path / name).write_text("x")
     top = ["README.md", "adapter_model.safetensors", "prompt_config.json"]
     assert pushed_files(tmp_path) == [*top, "eval/metrics.json", "eval/test/reliability.png"]
+
+
+def test_pushed_card_loads_from_the_repo_id(tmp_path, hub, saved_run):
+    local = (saved_run / "README.md").read_text()
+    assert f'CalibratedCLIP.from_pretrained("{saved_run}")' in local  # saved: the line that works here
+    result = push(saved_run, tmp_path, hub.endpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = hub.repos[REPO].files["README.md"].decode()
+    assert f'CalibratedCLIP.from_pretrained("{REPO}")' in card and str(saved_run) not in card.split("## Use")[1]
+    assert (saved_run / "README.md").read_text() == local  # the local directory is only read

@@ -2,6 +2,7 @@
 
 import argparse
 import gzip
+import json
 import os
 import pickle
 import re
@@ -184,3 +185,26 @@ def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
     trained = {(r["seed"], r["partition"]): r["accuracy"] for r in rows if (r["method"], r["eval_set"]) ==
                ("CoOp-CE", "base")}  # fmt: skip
     assert len(set(trained.values())) > 1  # each seed and partition trained its own prompt
+
+
+def test_readme_offline_notebook_snippet_runs(tmp_path):
+    """The README's offline notebook block, run as written from a directory holding the testbed and the micro-CLIP,
+    then its prompt loaded from another working directory (the base model is recorded as an absolute path)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"<!-- offline-notebook -->\n```python\n(.*?)```", readme, re.S).group(1)
+    subprocess.run(
+        [sys.executable, "recipes/make_testbed_data.py", str(tmp_path / "build/testbed")], check=True, cwd=ROOT
+    )
+    (tmp_path / "model_cards").symlink_to(ROOT / "model_cards")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval_test_ece_pct" in result.stdout
+    probabilities = np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    (tmp_path / "elsewhere").mkdir()
+    load = "from cmp_hf import CalibratedCLIP; CalibratedCLIP.from_pretrained('../build/notebook-prompt')"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load], cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]

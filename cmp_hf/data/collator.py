@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,12 +10,43 @@ import numpy as np
 import torch
 from PIL import Image
 
+_CONVERT_FLOATS = (
+    "pass uint8 pixels in [0, 255] (e.g. (image * 255).round().astype(np.uint8) for floats in [0, 1]) or PIL images"
+)
+
 
 def to_rgb(image: Any) -> Image.Image:
-    """PIL image in RGB from a PIL image (any mode) or an HxW / HxWxC uint8 array (grey digits, masks...)."""
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
+    """PIL image in RGB from a PIL image (any mode), an image file's path, or an HxW / HxWxC array of integer pixels
+    in [0, 255] (grey digits, masks...).
+
+    Float pixels are refused rather than guessed: PIL would clip [0, 1] floats to an all-black image.
+    """
+    if isinstance(image, str | os.PathLike):
+        with Image.open(image) as opened:  # FileNotFoundError / UnidentifiedImageError name the path
+            image = opened.convert("RGB")
+    elif not isinstance(image, Image.Image):
+        image = Image.fromarray(_pixel_array(image))
+    if image.mode == "F":
+        raise ValueError(f"Got a float image (PIL mode 'F'), whose pixels PIL clips to black: {_CONVERT_FLOATS}.")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pixel_array(image: Any) -> np.ndarray:
+    """An image array as uint8, refusing what would silently become a wrong image."""
+    if image is None:
+        raise TypeError("Got None instead of an image: pass a PIL image, an image path or an HxWxC uint8 array.")
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"Got an array of shape {array.shape} as an image: one image is HxW or HxWxC with C in 1, 3, 4 (pixels "
+            "last; for channels-first data use np.moveaxis(image, 0, -1))."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"Got an image array of dtype {array.dtype}: {_CONVERT_FLOATS}.")
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 255:
+        raise ValueError(f"Got an image array of dtype {array.dtype} with values outside [0, 255]: {_CONVERT_FLOATS}.")
+    array = array.astype(np.uint8, copy=False)
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
 
 
 @dataclass

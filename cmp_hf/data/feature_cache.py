@@ -64,6 +64,14 @@ def _digest_files(directory: str) -> dict[str, str]:
     return digests
 
 
+def _remove(path: str) -> None:
+    """Remove a cache entry, be it a directory or something else left in its place (a file, a link)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def image_tower_digest(model: ImageEncoder) -> str:
     """Digest of the weights that produce image features (vision tower + projection)."""
     h = hashlib.blake2b(digest_size=16)
@@ -128,12 +136,27 @@ class ImageFeatureCache:
         crop = RandomResizedCropFlip(self._image_size())
         images = dataset.select_columns([self.image_column])
         for start in range(0, len(images), self.batch_size):
-            for offset, image in enumerate(images[start : start + self.batch_size][self.image_column]):
-                image = to_rgb(image)
+            rows = range(start, min(start + self.batch_size, len(images)))
+            for row, image in zip(rows, self._decoded(images, rows), strict=True):
                 if not views:
                     yield image
                 for k in range(views):
-                    yield crop(image, np.random.default_rng([self.seed, start + offset, k]))
+                    yield crop(image, np.random.default_rng([self.seed, row, k]))
+
+    def _decoded(self, images: Dataset, rows: range) -> list[Any]:
+        """The rows' images in RGB; an image that cannot be read is named by its row and column."""
+        try:
+            return [to_rgb(image) for image in images[rows.start : rows.stop][self.image_column]]
+        except Exception:  # find the row: decoding the batch names neither the row nor the column
+            for row in rows:
+                try:
+                    to_rgb(images[row][self.image_column])
+                except Exception as error:
+                    raise ValueError(
+                        f"Cannot read the image in row {row} of column {self.image_column!r} ({type(error).__name__}: "
+                        f"{error}): fix or drop that row (dataset.select / dataset.filter) and run again."
+                    ) from error
+            raise
 
     @torch.no_grad()
     def _encode(self, dataset: Dataset, views: int) -> Dataset:
@@ -172,21 +195,25 @@ class ImageFeatureCache:
     def _write(self, encoded: Dataset, path: str, key: str) -> None:
         staging = f"{path}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        encoded.save_to_disk(staging)
-        manifest = {"key": key, "num_rows": len(encoded), "files": _digest_files(staging)}
-        with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
-            json.dump(manifest, f)
-        shutil.rmtree(path, ignore_errors=True)
         try:
-            os.replace(staging, path)
-        except OSError:  # another process (a parallel sweep job on the same data) wrote this entry meanwhile
-            shutil.rmtree(staging, ignore_errors=True)
-            if not os.path.isdir(path):
-                raise
+            encoded.save_to_disk(staging)
+            manifest = {"key": key, "num_rows": len(encoded), "files": _digest_files(staging)}
+            with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
+                json.dump(manifest, f)
+            _remove(path)
+            try:
+                os.replace(staging, path)
+            except OSError:  # another process (a parallel sweep job on the same data) wrote this entry meanwhile
+                if not os.path.isdir(path):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; left over only after a failure
 
     def _load(self, path: str, key: str) -> Dataset | None:
         manifest_path = os.path.join(path, MANIFEST_NAME)
         if not os.path.isdir(path):
+            if os.path.lexists(path):
+                logger.warning("Image-feature cache %s is not a directory: rebuilding it.", path)
             return None
         try:
             with open(manifest_path, encoding="utf-8") as f:

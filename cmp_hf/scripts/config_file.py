@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import yaml
 from transformers import HfArgumentParser
 
+CONFIG_EXTENSIONS = (".yaml", ".yml")
+
 
 def parse_config_and_overrides(parser: HfArgumentParser, argv: Sequence[str]) -> tuple:
     """Parse ``[config.yaml] [--key value ...]`` into the parser's dataclasses; the command line wins over the YAML,
@@ -17,7 +19,13 @@ def parse_config_and_overrides(parser: HfArgumentParser, argv: Sequence[str]) ->
     Unknown YAML keys are an error (a typo would otherwise silently fall back to a default).
     """
     argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(CONFIG_EXTENSIONS):
+        raise ValueError(
+            f"{argv[0]!r} is not a YAML config file: the first argument, unless it is an --option, must be a "
+            f"{' or '.join(CONFIG_EXTENSIONS)} file of `option: value` lines (a JSON config is valid YAML: rename it "
+            "to .yaml)."
+        )
+    if argv and argv[0].endswith(CONFIG_EXTENSIONS):
         values = read_config(argv.pop(0))
         known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
         unknown = sorted(set(values) - known)
@@ -31,6 +39,11 @@ def read_config(path: str) -> dict:
     """A YAML config; ``include: other.yaml`` (relative to this file) is read first and overridden by this one."""
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{path} holds a YAML {type(values).__name__}, not a mapping: write one `option: value` per line (e.g. "
+            "`model_name_or_path: openai/clip-vit-base-patch16`), not a list or a bare value."
+        )
     include = values.pop("include", None)
     if include is None:
         return values

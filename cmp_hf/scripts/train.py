@@ -30,6 +30,7 @@ from datasets import Dataset
 from transformers import HfArgumentParser
 
 from ..atomic import write_json
+from ..base_model import check_clip_source
 from ..config import CMPConfig
 from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
@@ -40,6 +41,7 @@ from ..data import (
     load_suite_dataset,
     subset_classes,
 )
+from ..data.checks import check_labels
 from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
@@ -74,6 +76,13 @@ class ScriptArguments:
         default=False, metadata={"help": "Also evaluate the untrained ctx_init prompt: CLIP's hand-crafted zero-shot."}
     )
 
+    def __post_init__(self) -> None:
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(
+                f"shots is {self.shots}: set it to the number of training examples per class (>= 1), or leave it "
+                "unset to train on the whole training split."
+            )
+
 
 @dataclass
 class RunData:
@@ -104,6 +113,8 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         pool = dataset[script_args.train_split]
         test = {split: dataset[split] for split in script_args.eval_splits}
         names = script_args.class_names or class_names_from_features(pool, config.label_column)
+        for split, dataset in {script_args.train_split: pool, **test}.items():  # before any split by class
+            check_labels(dataset, f"split {split!r}", config.label_column, len(names))
     data = RunData(train=pool, class_names=list(names), evals=dict(test))
     if script_args.base_to_novel:
         base, novel = base_novel_classes(len(names))
@@ -167,6 +178,7 @@ def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str,
     overwriting it; locked meanwhile), then push when asked: a failed push leaves the finished directory."""
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
+    check_clip_source(script_args.model_name_or_path)  # before any data is loaded
     quiet_console(config)
     # a missing checkpoint fails here, before any data is loaded; another run's, once the prompt is built
     checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
