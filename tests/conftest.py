@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_modules_")
 os.environ["HF_METRICS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_metrics_")
 
+import datasets  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -25,6 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]
+
+
+@pytest.fixture(autouse=True)
+def progress_bars_restored():
+    """A recipe run in-process switches the datasets progress bars globally (``quiet_console``): undo it after each
+    test, so that a later test sees the default."""
+    enabled = datasets.is_progress_bar_enabled()
+    yield
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
 
 
 @pytest.fixture(scope="session")
