@@ -19,3 +19,6 @@ RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)
 
 PROMPT_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, PROMPT_CONFIG_NAME)  # the minimum a saved prompt holds
+
+# Text encoding of class prompts (cmp_hf.prompts.shared_prefix)
+TEXT_LENGTH_BUCKETS = 4  # class suffixes run in at most this many length groups (padding vs. per-group overhead)
