@@ -199,7 +199,9 @@ def _attend(
     scores = query @ key.transpose(-1, -2)
     future = torch.arange(key.shape[-2], device=key.device) > query_positions[..., None]  # (G, Lq, L)
     scores = scores.masked_fill(future, float("-inf"))
-    weights = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
+    scores = torch.cat([prefix_scores, scores], dim=-1)
+    # in at least fp32, as Hugging Face's eager attention does
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     n_prefix = prefix_key.shape[-2]
     from_prefix = weights[..., :n_prefix].reshape(batch, heads, groups * queries, n_prefix) @ prefix_value
     out = from_prefix.view(batch, heads, groups, queries, dim) + weights[..., n_prefix:] @ value
