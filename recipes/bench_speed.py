@@ -99,7 +99,9 @@ def prompt_model(args, clip_dir: str, names: list[str], variant: str, **prompt) 
     _, padded, shared = VARIANTS[variant]
     processor = CLIPProcessor.from_pretrained(clip_dir)
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    config = CoOpPromptConfig(class_names=names, allow_duplicate_names=True, base_model_name_or_path=clip_dir, **prompt)
+    config = CoOpPromptConfig(
+        class_names=names, allow_duplicate_names=True, base_model_name_or_path=clip_dir, **prompt
+    )
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, config, pad_prompts_to=77 if padded else None)
     model.learner.shares_prefix = shared
     return model.to(args.device)
@@ -210,9 +212,9 @@ def epoch_section(args, clip_dir: str, size: int, image_processor) -> dict:
         ["loss after the epoch", *(f"{after[v]:.7f}" for v in VARIANTS)],
         ["peak memory above start (MiB)", *(f"{r['peak_mib']:.0f}" for r in (a, b, c))],
     ])  # fmt: skip
-    print(f"\nspeed-up per epoch: (a)/(c) {a['epoch_s'] / c['epoch_s']:.1f}x, (a)/(b) {a['epoch_s'] / b['epoch_s']:.1f}x, "
-          f"(b)/(c) {b['epoch_s'] / c['epoch_s']:.1f}x; epoch + cache build (a)/(c): "
-          f"{a['epoch_s'] / (c['epoch_s'] + c['cache_s']):.2f}x")  # fmt: skip
+    print(f"\nspeed-up per epoch: (a)/(c) {a['epoch_s'] / c['epoch_s']:.1f}x, "
+          f"(a)/(b) {a['epoch_s'] / b['epoch_s']:.1f}x, (b)/(c) {b['epoch_s'] / c['epoch_s']:.1f}x; "
+          f"epoch + cache build (a)/(c): {a['epoch_s'] / (c['epoch_s'] + c['cache_s']):.2f}x")  # fmt: skip
     gaps = {
         "loss_gap": max(abs(after[v] - after["reference"]) for v in VARIANTS),
         "train_loss_gap": max(abs(r["train_loss"] - a["train_loss"]) for r in (b, c)),
@@ -230,7 +232,9 @@ def step_section(args, clip_dir: str, size: int) -> dict:
         for n_ctx in args.n_ctx:
             steps = max(1, min(args.steps, 3000 // classes))
             variants = [v for v in VARIANTS if v != "reference" or classes <= args.reference_max_classes]
-            r = {v: measure_step(args, clip_dir, names, v, size, args.batch_size, steps, n_ctx=n_ctx) for v in variants}
+            r = {
+                v: measure_step(args, clip_dir, names, v, size, args.batch_size, steps, n_ctx=n_ctx) for v in variants
+            }
             ref = r.get("reference")
             b, c = r["full text"], r["shared prefix"]
             rows.append([
@@ -304,11 +308,17 @@ def main(args: argparse.Namespace) -> dict:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="vit-b16")
-    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000], help="class counts of the step table")
+    parser.add_argument(
+        "--classes", type=int, nargs="+", default=[10, 100, 1000], help="class counts of the step table"
+    )
     parser.add_argument("--n_ctx", type=int, nargs="+", default=[16, 4], help="context lengths of the step table")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per step-table entry (fewer when large)")
-    parser.add_argument("--reference_max_classes", type=int, default=100,
-                        help="largest class count at which the 77-token reference step is timed (it is slow)")
+    parser.add_argument(
+        "--reference_max_classes",
+        type=int,
+        default=100,
+        help="largest class count at which the 77-token reference step is timed (it is slow)",
+    )
     parser.add_argument("--epoch_classes", type=int, default=100, help="classes of the epoch table (0: skip it)")
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)

@@ -182,7 +182,7 @@ def test_length_buckets_minimise_padding_like_brute_force():
         lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 15))]
         values = sorted(set(lengths))
 
-        def padded(uppers):
+        def padded(uppers, lengths=lengths):
             return sum(min(u for u in uppers if u >= n) for n in lengths)
 
         best = min(
@@ -207,7 +207,10 @@ def test_prompts_are_tokenized_as_one_string_like_coop(bpe):
     for c, name in enumerate(names):
         whole = bpe("X X X X " + name + ".")["input_ids"]
         assert ids[c, : len(whole)].tolist() == whole, name
-        name_then_dot = bpe(name, add_special_tokens=False)["input_ids"] + bpe(".", add_special_tokens=False)["input_ids"]
+        name_then_dot = [
+            *bpe(name, add_special_tokens=False)["input_ids"],
+            *bpe(".", add_special_tokens=False)["input_ids"],
+        ]
         separate += whole[5:-1] != name_then_dot
     assert separate > 0  # names ending in punctuation ("kite (bird of prey)") tokenize differently apart
 

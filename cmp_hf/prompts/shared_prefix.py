@@ -160,9 +160,7 @@ def _heads(x: torch.Tensor, attn: CLIPAttention) -> torch.Tensor:
     return x.movedim(-2, 1)
 
 
-def _prefix_keys_values(
-    text_model: CLIPTextModel, embeds: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _prefix_keys_values(text_model: CLIPTextModel, embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of the shared prefix (B, L_p, width) in every layer; the prefix's own causal attention
     through ``scaled_dot_product_attention``."""
     layers = text_model.encoder.layers
@@ -175,7 +173,9 @@ def _prefix_keys_values(
         keys_values.append((key, value))
         if i == len(layers) - 1:  # the last layer's prefix outputs are never pooled
             break
-        out = F.scaled_dot_product_attention(_heads(attn.q_proj(x), attn), key, value, is_causal=True, scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            _heads(attn.q_proj(x), attn), key, value, is_causal=True, scale=attn.scale
+        )
         hidden = hidden + attn.out_proj(out.movedim(1, -2).flatten(-2))
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     return keys_values
