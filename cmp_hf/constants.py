@@ -34,3 +34,6 @@ RUN_IDENTITY_FIELDS = (
     "label_smoothing_factor", "focal_gamma", "mbls_weight", "mbls_margin", "kgcoop_weight", "kgcoop_template",
     "augment", "augmented_views",
 )  # fmt: skip
+
+# Text encoding of class prompts (cmp_hf.prompts.shared_prefix)
+TEXT_LENGTH_BUCKETS = 4  # class suffixes run in at most this many length groups (padding vs. per-group overhead)

@@ -165,6 +165,23 @@ class PromptTunedCLIP(nn.Module):
             write_digests(staging, [ADAPTER_WEIGHTS_NAME, *filter(None, [self.learner.weights_name])])
         self.calibration.save_pretrained(save_directory)
 
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+        text_chunk_classes: int | None = None,
+    ) -> None:
+        """What ``Trainer`` calls for ``gradient_checkpointing=True`` / ``activation_checkpointing=True``: the
+        class prompts' text encoding (the activations that grow with the number of classes; the image tower is
+        frozen and keeps none) is recomputed in the backward, ``text_chunk_classes`` classes at a time at most
+        (``None``: one length bucket at a time). Applies to the shared-prefix path; prompts that take Hugging
+        Face's full forward keep their activations. Trainer's other options have nothing to act on here."""
+        self.learner.checkpoint_text, self.learner.text_chunk_classes = True, text_chunk_classes
+
+    def activation_checkpointing_disable(self) -> None:
+        self.learner.checkpoint_text = False
+
     # ---- other classes ------------------------------------------------------------------------------------------
 
     def for_classes(self, class_names: list[str]) -> PromptTunedCLIP:

@@ -180,6 +180,7 @@ def test_proda_with_one_prompt_is_coop(tiny_clip_dir, tokenizer, class_names):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     proda = prompt_model(clip, tokenizer, class_names, n_ctx=3, learner="proda", proda_num_prompts=1)
     coop = prompt_model(clip, tokenizer, class_names, n_ctx=3)
+    coop.learner.shares_prefix = False  # the same full forward as ProDA's (the shared prefix: test_shared_prefix)
     with torch.no_grad():
         coop.context.copy_(proda.context)
     x, labels = pixels(6), torch.tensor([0, 1, 2, 3, 0, 1])

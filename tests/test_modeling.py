@@ -204,7 +204,8 @@ def test_cocoop_with_a_silent_meta_net_is_coop(cocoop, tiny_clip_dir, class_name
     with torch.no_grad():
         coop.context.copy_(cocoop.context)
     x = pixels()
-    torch.testing.assert_close(cocoop(pixel_values=x).logits, coop(pixel_values=x).logits, atol=1e-5, rtol=0)
+    # logits are 100 x cosines, and a batch of contexts rounds differently in fp32 than one: relative 1e-5
+    torch.testing.assert_close(cocoop(pixel_values=x).logits, coop(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_cocoop_save_load_and_transfer(cocoop, tmp_path):

@@ -86,12 +86,16 @@ def test_shipped_configs_parse():
         assert script.model_name_or_path and script.dataset_name, path
 
 
-def test_speed_benchmark_runs_and_both_formulations_agree(capsys):
-    options = dict(size="tiny", classes=4, shots=4, batch_size=4, seed=1, device="cpu", bf16=False)
-    figures = bench_speed.main(argparse.Namespace(**options))
-    assert figures["loss_gap"] <= 1e-5 and figures["train_loss_gap"] <= 1e-5
+def test_speed_benchmark_runs_and_the_formulations_agree(capsys):
+    args = bench_speed.make_parser().parse_args([
+        "--size", "tiny", "--classes", "4", "--n_ctx", "4", "--epoch_classes", "4", "--shots", "4",
+        "--batch_size", "4", "--steps", "1", "--cocoop_classes", "4", "--text_chunk_classes", "2", "--device", "cpu",
+    ])  # fmt: skip
+    figures = bench_speed.main(args)
+    assert figures["loss_gap"] <= 1e-5 and figures["train_loss_gap"] <= 1e-5 and figures["prompt_gap"] <= 1e-5
     printed = capsys.readouterr().out
-    assert "| seconds per epoch |" in printed and "speed-up per epoch (a)/(b)" in printed
+    assert "| seconds per epoch |" in printed and "speed-up per epoch: (a)/(c)" in printed
+    assert "| 4 | 4 | 1 |" in printed and "CoCoOp step" in printed and "Activation checkpointing" in printed
 
 
 def test_suite_configs_parse_and_name_registry_entries():

@@ -39,6 +39,16 @@ class PromptLearner(nn.Module):
         conditional: whether class text features depend on the image (then ``text_features`` returns one set per
             image, (B, C, D), and evaluation cannot compute them once for all images).
         weights_name: file, beside the peft adapter, holding :meth:`extra_state_dict` (``None``: nothing to save).
+        shares_prefix: whether the learner's text encoding admits the exact shared-prefix path
+            (``cmp_hf.prompts.shared_prefix``) where its prompts share a prefix. A learner that alters the text
+            encoder's hidden states inside the layers (MaPLe's deep prompts) or encodes its prompts itself (ProDA)
+            says ``False`` and keeps Hugging Face's full forward.
+
+    Instance attributes (set by ``PromptTunedCLIP.activation_checkpointing_enable``, carried by
+    :meth:`for_classes`):
+        checkpoint_text: recompute the class prompts' activations in the backward instead of keeping them.
+        text_chunk_classes: with ``checkpoint_text``, at most this many classes per recomputed group (``None``:
+            one group per length bucket); smaller groups lower the peak memory of the backward.
     """
 
     name: ClassVar[str]
@@ -46,6 +56,9 @@ class PromptLearner(nn.Module):
     caches_image_features: ClassVar[bool] = True
     conditional: ClassVar[bool] = False
     weights_name: ClassVar[str | None] = None
+    shares_prefix: ClassVar[bool] = False
+    checkpoint_text: bool = False
+    text_chunk_classes: int | None = None
 
     @classmethod
     def check_config(cls, config: CoOpPromptConfig) -> None:
@@ -103,4 +116,5 @@ class PromptLearner(nn.Module):
         """The same learner for ``config``'s classes, carrying this one's weights (a transfer to new classes)."""
         other = type(self)(clip, tokenizer, config)
         other.load_extra_state_dict(self.extra_state_dict())
+        other.checkpoint_text, other.text_chunk_classes = self.checkpoint_text, self.text_chunk_classes
         return other.to(clip.device)

@@ -42,13 +42,8 @@ class CoCoOpLearner(CoOpLearner):
     ) -> torch.Tensor:
         if image_features is None:  # image-independent uses (DAC's distances): the shared context alone
             return super().text_features(clip, context)
-        batch, n_ctx = len(image_features), context.shape[0]
         vectors = context[None] + self.meta_net(image_features.to(context.dtype))[:, None, :]
-        index = self.prompt_context_index[None] + torch.arange(batch, device=context.device)[:, None, None] * n_ctx
-        index = torch.where(self.prompt_context_index[None] >= 0, index, -1)
-        ids = self.prompt_input_ids.repeat(batch, 1)
-        features = self.encode_prompts(clip, vectors.reshape(-1, vectors.shape[-1]), ids, index.reshape(len(ids), -1))
-        return features.reshape(batch, len(self.prompt_input_ids), -1)
+        return self.class_features(clip, vectors)
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         return {key: value.detach().contiguous() for key, value in self.meta_net.state_dict().items()}

@@ -52,6 +52,7 @@ class MaPLeLearner(CoOpLearner):
     title = "MaPLe"
     caches_image_features = False
     weights_name = MAPLE_PROMPTS_NAME
+    shares_prefix = False
 
     def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
         depth = prompt_depth(clip, config)

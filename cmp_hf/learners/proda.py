@@ -45,6 +45,7 @@ class ProDALearner(CoOpLearner):
     name = "proda"
     title = "ProDA"
     weights_name = PRODA_CONTEXTS_NAME
+    shares_prefix = False
 
     def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
         num_prompts, max_positions = config.proda_num_prompts, clip.config.text_config.max_position_embeddings

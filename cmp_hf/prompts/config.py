@@ -151,7 +151,6 @@ def tokenize_prompts(
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer needs BOS and EOS tokens (CLIP's <|startoftext|> and <|endoftext|>).")
     prefix, suffix = config.template.split("{}")
-    suffix_ids = _text_ids(tokenizer, suffix)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     m = config.n_ctx
@@ -159,14 +158,20 @@ def tokenize_prompts(
     for c, name in enumerate(config.class_names):
         first = c * m if config.class_specific_context else 0
         ctx = [(bos, first + i) for i in range(m)]
-        name_part = [(t, -1) for t in _text_ids(tokenizer, prefix + name.replace("_", " "))]
+        name = name.replace("_", " ")
+        # The whole text in one call, as CoOp tokenizes its prompts: BPE merges across the name's end
+        # ("prey)." gives one ")." token, not ")" + ".").
+        text = [(t, -1) for t in _text_ids(tokenizer, prefix + name + suffix)]
         if config.class_token_position == "end":
-            body = ctx + name_part
-        elif config.class_token_position == "middle":
-            body = ctx[: m // 2] + name_part + ctx[m // 2 :]
-        else:
-            body = name_part + ctx
-        row = [(bos, -1)] + body + [(t, -1) for t in suffix_ids] + [(eos, -1)]
+            body = ctx + text
+        else:  # CoOp's split: the name's own token count goes before the (second half of the) context
+            name_len = len(_text_ids(tokenizer, prefix + name))
+            name_part, rest = text[:name_len], text[name_len:]
+            if config.class_token_position == "middle":
+                body = ctx[: m // 2] + name_part + ctx[m // 2 :] + rest
+            else:
+                body = name_part + ctx + rest
+        row = [(bos, -1)] + body + [(eos, -1)]
         if len(row) > max_positions:
             raise ValueError(
                 f"The prompt for class {name!r} needs {len(row)} tokens ({m} context vectors included) but the text "
