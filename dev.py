@@ -44,7 +44,7 @@ def ensure_environment() -> None:
 def quickstart() -> None:
     run(PYTHON, "recipes/make_testbed_data.py", "build/testbed")
     run(
-        BIN / "accelerate", "launch", "--config_file", "recipes/accelerate/single_process.yaml",
+        BIN / "accelerate", "launch", "--quiet", "--config_file", "recipes/accelerate/single_process.yaml",
         "recipes/train.py", "recipes/configs/quickstart.yaml",
     )  # fmt: skip
 

@@ -58,6 +58,21 @@ def test_accelerate_launch_trains_evaluates_and_saves(tmp_path, testbed):
     assert "eval/test_ece_pct" in events.Tags()["scalars"]
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_bad_config_under_accelerate_launch_prints_its_error_once(tmp_path, testbed, quiet):
+    """``accelerate launch --quiet`` (the README's commands) shows the recipe's error once; without it, accelerate
+    adds its own CalledProcessError traceback for the same failure."""
+    config = write_config(tmp_path, testbed, cmp_lambda=float("nan"))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", *(["--quiet"] if quiet else []), "--config_file",
+        str(ROOT / "recipes/accelerate/single_process.yaml"), str(ROOT / "recipes/train.py"), str(config),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ))
+    assert result.returncode != 0
+    assert result.stderr.count("ValueError: Loss weights must be finite numbers") == 1
+    assert ("CalledProcessError" in result.stderr) is not quiet
+
+
 def test_command_line_overrides_the_yaml(tmp_path, testbed):
     config = write_config(tmp_path, testbed, seed=1, cmp_form="ratio")
     script, cmp = parse_config_and_overrides(train.make_parser(), [str(config), "--seed", "5", "--shots", "2"])
