@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
-from cmp_hf.constants import PROMPT_FILES
+from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES
 from cmp_hf.hub import pushed_files
 
 REPO = "tester/tiny-prompt"
@@ -114,6 +114,24 @@ def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub
     np.testing.assert_allclose(pulled["proba"].sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(pulled["vectors"], local.model.context.detach().numpy())
     assert list(pulled["names"]) == local.class_names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("learner", "weights", "options"), [
+    ("maple", MAPLE_PROMPTS_NAME, {"n_ctx": 2, "per_device_train_batch_size": 4}),
+    ("proda", PRODA_CONTEXTS_NAME, {"ctx_init": None, "n_ctx": 4, "proda_num_prompts": 2}),
+])  # fmt: skip
+def test_maple_and_proda_with_cmp_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner, weights,
+                                                                          options):  # fmt: skip
+    output_dir = train_and_push(tmp_path, testbed, hub, prompt_learner=learner, cmp_lambda=1.0, **options)
+    files = hub.repos[REPO].files
+    assert files[weights] == (output_dir / weights).read_bytes()  # the learner's own tensors travel with the adapter
+    assert f"(`{learner}`)" in files["README.md"].decode()  # the card says which learner it is
+    result = run([sys.executable, "-c", PULL, REPO, str(tmp_path / "pulled.npz")], hub_env(tmp_path, hub.endpoint))
+    assert result.returncode == 0, result.stderr[-5000:]
+    local = CalibratedCLIP.from_pretrained(output_dir)
+    assert local.model.learner.name == learner
+    np.testing.assert_array_equal(np.load(tmp_path / "pulled.npz")["logits"], local.logits(probe_images()).numpy())
 
 
 def tree_digest(directory: Path) -> dict[str, str]:
