@@ -21,6 +21,9 @@ import torch
 from safetensors.torch import save_file
 
 STAGING_PREFIX = ".cmp_hf-staging-"  # temporary files and directories; a crash can leave one, never a target
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp's 0600 would make shared outputs owner-only
 
 
 @contextmanager
@@ -31,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.", dir=directory)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         yield tmp
@@ -56,12 +60,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """``safetensors.torch.save_file`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-
-
-def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Copy ``source`` over ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)
 
 
 @contextmanager

@@ -20,15 +20,13 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
 
 from . import posthoc
-from .atomic import copy_file, staged_directory, write_text
+from .atomic import staged_directory, write_text
 from .base_model import check_clip_source
 from .config import CMPConfig
 from .constants import (
     ADAPTER_WEIGHTS_NAME,
-    CALIBRATION_NAME,
     MODEL_CARD_NAME,
     PROMPT_CONFIG_NAME,
-    PROMPT_DIGEST_NAME,
     TRAINING_ARGS_NAME,
 )
 from .dashboards import EvalFiguresCallback
@@ -37,7 +35,7 @@ from .data.checks import check_columns, check_labels, check_training_set
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
-from .hub import hub_errors, model_card, push_output_dir, repo_name, require_token
+from .hub import HubError, hub_errors, model_card, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
@@ -418,6 +416,7 @@ class CMPTrainer(Trainer):
             for report in self.eval_reports.values():
                 report.save(staging)
             write_text(os.path.join(staging, MODEL_CARD_NAME), str(self._model_card()))
+        self.model.calibration.save_pretrained(output_dir)  # removes a stale calibration.json, which staging cannot
 
     # ---- Hub ----------------------------------------------------------------------------------------------------
 
@@ -508,12 +507,21 @@ class CMPTrainer(Trainer):
         )  # fmt: skip
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Trainer copies the adapter files of a checkpoint before pushing; the rest of the prompt travels with them.
-        if self.is_world_process_zero() and self.args.hub_strategy != "end":
-            for name in (PROMPT_CONFIG_NAME, self.model.learner.weights_name, CALIBRATION_NAME, PROMPT_DIGEST_NAME):
-                if name is not None and os.path.isfile(os.path.join(checkpoint_folder, name)):
-                    copy_file(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
-        super()._push_from_checkpoint(checkpoint_folder)
+        """Intermediate pushes (``hub_strategy`` other than "end") upload what the final push does, taken from the
+        checkpoint: the prompt, its reports and card (:func:`~cmp_hf.hub.pushed_files`), never optimizer or RNG
+        state. Trainer's own version copies the prompt into ``output_dir`` (which would make an unfinished run look
+        finished) and uploads the whole directory. A failed intermediate push is logged, not fatal: the final push
+        uploads the finished run."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        try:
+            push_output_dir(
+                checkpoint_folder, self.hub_model_id, token=self.args.hub_token, revision=self.args.hub_revision,
+                commit_message=f"Training in progress, step {self.state.global_step}",
+            )  # fmt: skip
+        except HubError as error:
+            logger.warning("Intermediate push of %s failed (the final push will upload the run): %s",
+                           checkpoint_folder, error)  # fmt: skip
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         _load_prompt_weights(model if model is not None else self.model, resume_from_checkpoint)

@@ -12,7 +12,8 @@ from datasets import Dataset
 from transformers import CLIPConfig
 
 from cmp_hf import CMPConfig, CMPTrainer
-from cmp_hf.atomic import STAGING_PREFIX, staged_directory, write_json
+from cmp_hf.atomic import STAGING_PREFIX, staged_directory, write_json, write_text
+from cmp_hf.constants import CALIBRATION_NAME
 from cmp_hf.data.collator import ImageFeatureCollator
 from cmp_hf.reports import EvalReport
 
@@ -51,6 +52,15 @@ def test_a_staged_directory_changes_nothing_when_the_block_fails(tmp_path):
         os.makedirs(os.path.join(staging, "eval", "test"))
         Path(staging, "eval", "test", "m.json").write_text("1")
     assert (tmp_path / "eval" / "test" / "m.json").read_text() == "1" and not leftovers(tmp_path)
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path):
+    (tmp_path / "plain.txt").write_text("x")  # open() under this process's umask
+    write_text(tmp_path / "atomic.txt", "x")
+    write_json(tmp_path / "atomic.json", {"a": 1})
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain  # not mkstemp's owner-only 0600
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == plain
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:
@@ -120,3 +130,14 @@ def test_evaluating_non_finite_images_names_the_set_and_rows(tmp_path, tiny_clip
     with pytest.raises(ValueError, match=r"Eval set 'test' gives non-finite logits for 1 rows \(first: \[3\]\)"):
         trainer.evaluate({"test": feature_set(tiny_clip_dir, bad_row=3)})
     assert "test" not in trainer.eval_reports
+
+
+def test_saving_an_uncalibrated_prompt_removes_a_stale_calibration(tmp_path, tiny_clip_dir, train_set):
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
+    trainer.model.calibration.temperature = 1.5
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert json.loads((out / CALIBRATION_NAME).read_text())["temperature"] == 1.5
+    trainer.model.calibration.temperature = 1.0  # the same directory, now an uncalibrated prompt
+    trainer.save_model()
+    assert not (out / CALIBRATION_NAME).exists() and not leftovers(out)

@@ -193,11 +193,16 @@ def test_push_of_an_incomplete_directory_is_refused_before_the_network(tmp_path,
 
 @pytest.mark.slow
 def test_hub_strategy_every_save_pushes_during_training(tmp_path, testbed, hub):
-    train_and_push(tmp_path, testbed, hub, save_strategy="steps", save_steps=1, hub_strategy="every_save")
+    output_dir = train_and_push(tmp_path, testbed, hub, save_strategy="steps", save_steps=1,
+                                hub_strategy="every_save")  # fmt: skip
     summaries = [summary for _, summary in hub.repos[REPO].commits]
     assert any(summary.startswith("Training in progress") for summary in summaries), summaries
     assert summaries[-1] == "End of training"
-    assert "prompt_config.json" in hub.repos[REPO].files
+    # every push, intermediate ones included, uploads the prompt and its reports only: no optimizer or RNG state,
+    # no lock, no pickled training arguments
+    files = hub.repos[REPO].files
+    assert "prompt_config.json" in files and set(pushed_files(output_dir)) <= set(files)
+    assert not [name for name in files if name.endswith((".pt", ".pth", ".bin", ".lock")) or "checkpoint" in name]
 
 
 def test_pulling_a_repo_without_prompt_config_names_the_file(tmp_path, hub, saved_run):
