@@ -214,13 +214,15 @@ def unlock_output_dir(output_dir: str) -> None:
 
 @contextlib.contextmanager
 def output_dir_of_run(output_dir: str, overwrite: bool, resuming: bool, is_main_process: bool) -> Iterator[None]:
-    """Check that ``output_dir`` may be trained into and, on the main process, hold its lock inside the block."""
-    check_output_dir_is_free(output_dir, overwrite, resuming)
+    """On the main process, hold ``output_dir``'s lock inside the block; check, once it is held (so that no run
+    finishes there between the check and the lock), that the directory may be trained into."""
     if not is_main_process:
+        check_output_dir_is_free(output_dir, overwrite, resuming)
         yield
         return
     lock_output_dir(output_dir)
     try:
+        check_output_dir_is_free(output_dir, overwrite, resuming)
         yield
     finally:
         unlock_output_dir(output_dir)

@@ -29,10 +29,10 @@ import numpy as np
 from .atomic import write_text
 from .constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from .data import DOMAIN_SHIFTS
+from .learners import LEARNERS
 from .reports import harmonic_mean
 
 METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}  # all in percent
-LEARNER_NAMES = {"coop": "CoOp", "cocoop": "CoCoOp", "maple": "MaPLe", "proda": "ProDA"}
 DEFAULT_CMP = ("log_ratio", "all", 1.0)  # the CMP options the method column calls plain "CMP"
 
 
@@ -66,7 +66,8 @@ class RunResult:
 
 
 def learner_name(run: dict[str, Any]) -> str:
-    name = LEARNER_NAMES.get(run.get("prompt_learner", "coop"), run.get("prompt_learner"))
+    learner = run.get("prompt_learner", "coop")
+    name = LEARNERS[learner].title if learner in LEARNERS else learner
     if run.get("kgcoop_weight"):
         return "KgCoOp" if name == "CoOp" else f"{name} + KgCoOp"
     return name
