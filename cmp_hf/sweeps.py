@@ -29,7 +29,7 @@ import yaml
 
 from .atomic import write_json, write_text
 from .constants import PROMPT_FILES, RUN_METRICS_NAME, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
-from .runs import last_checkpoint
+from .runs import last_checkpoint, lock_output_dir, unlock_output_dir
 from .schedulers import COOP_EPOCHS_BY_SHOTS
 from .scripts.config_file import read_config
 
@@ -176,9 +176,20 @@ class TrainRun(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         output_dir = Path(self.run.output_dir)
+        try:  # a job of this run still running (a re-submission meanwhile): leave it and its records alone
+            lock_output_dir(str(output_dir))
+        except RuntimeError as busy:
+            return {"output_dir": str(output_dir), "skipped": True, "resumed_from": None, "busy": str(busy)}
+        try:
+            return self._train(output_dir)
+        finally:
+            unlock_output_dir(str(output_dir))
+
+    def _train(self, output_dir: Path) -> dict[str, Any]:
+        """The job, with the run's lock held (released before a multi-process launch, whose main process takes
+        it)."""
         if is_finished(output_dir):
             return {"output_dir": str(output_dir), "skipped": True, "resumed_from": None}
-        output_dir.mkdir(parents=True, exist_ok=True)
         config_path = str(output_dir / SWEEP_CONFIG_NAME)
         write_text(config_path, yaml.safe_dump(_recipe_config(self.run.config), sort_keys=False))
         resume = last_checkpoint(output_dir)
@@ -193,6 +204,7 @@ class TrainRun(submitit.helpers.Checkpointable):
         write_json(output_dir / SWEEP_JOB_NAME, record, indent=2)
         try:
             if self.num_processes > 1:
+                unlock_output_dir(str(output_dir))
                 launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.num_processes)]
                 subprocess.run([*launch, "-m", "cmp_hf.scripts.train", *argv], check=True)
             else:
