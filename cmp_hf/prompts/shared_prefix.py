@@ -272,6 +272,33 @@ def _attend(
     return out.transpose(1, 2).reshape(batch, groups * queries, width)
 
 
+def _bucketed_attention(
+    attn: CLIPAttention,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    chunk: SuffixChunk,
+    last: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """Attention outputs (B, T, width) of the packed suffix tokens (B, T, width) of ``chunk``, bucket by bucket
+    (``last``: ``query`` holds the pooled rows only, and so does the output). Run under checkpointing, so that the
+    backward keeps the packed q/k/v instead of the padded per-bucket copies with the prefix's keys/values (most
+    of the activation memory otherwise) and recomputes those: a few per cent of a step."""
+    outs, first = [], 0
+    for bucket in chunk.buckets:
+        if last:
+            bucket_query = query[:, first : first + bucket.size, None]
+            first += bucket.size
+        else:
+            bucket_query = query[:, bucket.rows].unflatten(1, (bucket.size, bucket.length))
+        bucket_key, bucket_value = (y[:, bucket.rows].unflatten(1, (bucket.size, bucket.length)) for y in (key, value))
+        mask = bucket.pooled_mask if last else bucket.mask
+        outs.append(_attend(attn, prefix, bucket_query, bucket_key, bucket_value, mask))
+    out = torch.cat(outs, dim=1)
+    return out if last else out[:, chunk.unpad]
+
+
 def _suffix_features(
     text_model: CLIPTextModel, prefix: list[tuple[torch.Tensor, torch.Tensor]], chunk: SuffixChunk
 ) -> torch.Tensor:
@@ -285,25 +312,14 @@ def _suffix_features(
     for i, layer in enumerate(layers):
         attn, last = layer.self_attn, i == len(layers) - 1
         x = layer.layer_norm1(hidden)
-        key, value = attn.k_proj(x), attn.v_proj(x)
         query = attn.q_proj(x[:, chunk.pooled] if last else x)
-        outs, first = [], 0
-        for bucket in chunk.buckets:
-            if last:
-                bucket_query = query[:, first : first + bucket.size, None]
-                first += bucket.size
-            else:
-                bucket_query = query[:, bucket.rows].unflatten(1, (bucket.size, bucket.length))
-            bucket_key, bucket_value = (
-                y[:, bucket.rows].unflatten(1, (bucket.size, bucket.length)) for y in (key, value)
-            )
-            mask = bucket.pooled_mask if last else bucket.mask
-            outs.append(_attend(attn, prefix[i], bucket_query, bucket_key, bucket_value, mask))
-        out = torch.cat(outs, dim=1)
+        args = (attn, prefix[i], chunk, last, query, attn.k_proj(x), attn.v_proj(x))
+        if torch.is_grad_enabled():  # keep the packed q/k/v, not the per-bucket copies with the prefix's
+            out = checkpoint(_bucketed_attention, *args, use_reentrant=False)
+        else:
+            out = _bucketed_attention(*args)
         if last:
             hidden = hidden[:, chunk.pooled]
-        else:
-            out = out[:, chunk.unpad]
         hidden = hidden + attn.out_proj(out)
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     return text_model.final_layer_norm(hidden)
