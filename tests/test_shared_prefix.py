@@ -94,6 +94,23 @@ def test_coop_features_and_context_gradients_equal_the_full_forward(bpe, bpe_cli
     assert_same_as_full_forward(model, kgcoop=n_ctx == 4)
 
 
+def test_suffixes_are_packed_without_padding(bpe, bpe_clip):
+    """The packed tokens are exactly each class's suffix up to EOS; the buckets' padded rows map back onto them."""
+    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    plan = model.learner.shared_prefix_plan(model.clip)
+    (chunk,) = plan.chunks
+    ids, n_prefix = model.learner.prompt_input_ids, len(plan.prefix_ids)
+    ends = (ids == bpe.eos_token_id).int().argmax(dim=-1) + 1
+    sorted_classes = torch.argsort(plan.restore)
+    expected = torch.cat([ids[c, n_prefix : ends[c]] for c in sorted_classes.tolist()])
+    torch.testing.assert_close(chunk.ids, expected, atol=0, rtol=0)
+    assert int((chunk.positions == n_prefix).sum()) == len(ids)  # each class's suffix starts after the prefix
+    assert bool((chunk.ids[chunk.pooled] == bpe.eos_token_id).all())
+    padded = torch.cat([chunk.ids[bucket.rows] for bucket in chunk.buckets])
+    assert len(padded) > len(chunk.ids)  # mixed lengths: the buckets pad, the packed tokens do not
+    torch.testing.assert_close(padded[chunk.unpad], chunk.ids, atol=0, rtol=0)
+
+
 def test_float64_shows_the_difference_is_rounding_only(bpe, bpe_clip):
     clip = CLIPModel(bpe_clip.config).eval()
     clip.load_state_dict(bpe_clip.state_dict())

@@ -87,10 +87,11 @@ class CoOpLearner(PromptLearner):
                 self._fallback_logged = True
             return None
         ids = self.prompt_input_ids
-        key = (clip.text_model.eos_token_id, ids.device, self.text_chunk_classes if self.checkpoint_text else None)
+        chunk = self.text_chunk_classes if self.checkpoint_text else None
+        key = (clip.text_model.eos_token_id, ids.device, self.checkpoint_text, chunk)
         if key not in self._plans:
             tokens = PromptTokens(ids, self.prompt_attention_mask, self.prompt_context_index)
-            self._plans[key] = plan_shared_prefix(tokens, key[0], key[2])
+            self._plans[key] = plan_shared_prefix(tokens, key[0], self.checkpoint_text, chunk)
         return self._plans[key]
 
     def encode_prompts(

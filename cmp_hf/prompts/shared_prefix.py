@@ -9,16 +9,18 @@ attending to the prefix's keys/values and to its own causal past: the same sums 
 pooled features and the gradients into the context (which reach it through the prefix keys/values) are the same up
 to floating-point rounding. Tokens after the pooled one are never seen by it, so a suffix stops at EOS; suffixes
 are grouped into a few length buckets (:data:`~cmp_hf.constants.TEXT_LENGTH_BUCKETS`) so that padding costs
-little; in the last layer only the pooled rows need attention queries, the MLP and the final layer norm.
+little. Layer norms, projections and MLPs run on all suffix tokens packed without padding (one call per layer);
+only attention goes bucket by bucket, through ``scaled_dot_product_attention``. In the last layer only the pooled
+rows need attention queries, the MLP and the final layer norm.
 
 Everything uses the CLIP layers' own modules (layer norms, q/k/v/out projections, MLP, final layer norm). Where the
 text tower is not the structure this relies on (another layer class, hooks on its modules, attention dropout in
 training), :func:`shared_prefix_unsupported` says why and the learner falls back to Hugging Face's forward, with
 one log line.
 
-With activation checkpointing on, each group of classes (a bucket, cut into chunks of at most ``chunk_classes``)
-runs under ``torch.utils.checkpoint``: only the prefix's keys/values and each class's pooled feature stay in memory,
-and the backward recomputes one group at a time.
+With activation checkpointing on, the suffixes run bucket by bucket (each cut into chunks of at most
+``chunk_classes`` classes), each under ``torch.utils.checkpoint``: only the prefix's keys/values and each class's
+pooled feature stay in memory, and the backward recomputes one group at a time.
 """
 
 from __future__ import annotations
@@ -46,20 +48,46 @@ LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773 pool at th
 
 
 @dataclass
+class SuffixBucket:
+    """Classes of one length bucket inside a :class:`SuffixChunk`, laid out for attention: ``rows`` (size x
+    length) picks each class's tokens from the chunk's packed tokens, padded with the class's last token (which
+    the mask hides); ``mask``/``pooled_mask``: which prefix + suffix keys the (all / pooled) query rows see."""
+
+    size: int
+    length: int
+    rows: torch.Tensor
+    mask: torch.Tensor
+    pooled_mask: torch.Tensor
+
+
+@dataclass
+class SuffixChunk:
+    """Class suffixes that run through the layers together, packed without padding: ``ids``/``positions`` per
+    token (classes one after another), ``buckets`` for attention, ``unpad`` (the packed tokens' rows in the
+    buckets' padded outputs, concatenated), ``pooled`` (each class's pooled token in the packed tokens)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    buckets: list[SuffixBucket]
+    unpad: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass
 class SharedPrefixPlan:
     """How the class prompts split into one shared prefix and per-class suffixes, grouped by length.
 
     ``prefix_ids``/``prefix_index``: the ``1 + M`` shared positions (token ids; context vector per position, -1:
-    none). ``suffix_ids``: each class's tokens after the prefix up to its pooled token, classes sorted by that
-    length, right-padded. ``pooled``: the pooled token's position in its suffix. ``groups``: (first, end, length)
-    ranges of the sorted classes that run together. ``restore``: sorted position of each class in label order.
+    none). ``groups``: (first, end, length) ranges of the classes, sorted by suffix length (tokens after the
+    prefix up to the pooled one), that share a length bucket. ``chunks``: the groups that run through the layers
+    together (all of them; one group each with activation checkpointing). ``restore``: sorted position of each
+    class in label order.
     """
 
     prefix_ids: torch.Tensor
     prefix_index: torch.Tensor
-    suffix_ids: torch.Tensor
-    pooled: torch.Tensor
     groups: list[tuple[int, int, int]]
+    chunks: list[SuffixChunk]
     restore: torch.Tensor
 
 
@@ -98,10 +126,11 @@ def length_buckets(lengths: list[int], max_buckets: int) -> list[int]:
 
 
 def plan_shared_prefix(
-    tokens: PromptTokens, eos_token_id: int, chunk_classes: int | None = None
+    tokens: PromptTokens, eos_token_id: int, checkpointed: bool = False, chunk_classes: int | None = None
 ) -> SharedPrefixPlan | None:
     """The shared-prefix split of ``tokens``, or ``None`` where the prompts share no prefix holding every context
-    position (class-specific contexts, class name in the middle or front): those keep the full forward."""
+    position (class-specific contexts, class name in the middle or front): those keep the full forward.
+    ``checkpointed``: one chunk per length bucket, cut into at most ``chunk_classes`` classes each."""
     ids, index = tokens.input_ids, tokens.context_index
     context_positions = (index[0] >= 0).nonzero().flatten()
     if len(context_positions) == 0:
@@ -124,18 +153,44 @@ def plan_shared_prefix(
         end = first
         while end < len(order) and sorted_lengths[end] <= upper:
             end += 1
-        step = chunk_classes or end - first
+        step = (chunk_classes if checkpointed else None) or end - first
         groups += [(start, min(start + step, end), upper) for start in range(first, end, step)]
         first = end
+    suffixes = [ids[c, length : length + n] for c, n in zip(order, sorted_lengths, strict=True)]
+    chunk_groups = [[group] for group in groups] if checkpointed else [groups]
+    chunks = [_suffix_chunk(suffixes, chunk, length) for chunk in chunk_groups]
     order_t = torch.tensor(order, device=ids.device)
     return SharedPrefixPlan(
         prefix_ids=ids[0, :length],
         prefix_index=index[0, :length],
-        suffix_ids=ids[order_t, length : length + max(suffix_lengths)],
-        pooled=pooled[order_t] - length,
         groups=groups,
+        chunks=chunks,
         restore=torch.argsort(order_t),
     )
+
+
+def _suffix_chunk(suffixes: list[torch.Tensor], groups: list[tuple[int, int, int]], n_prefix: int) -> SuffixChunk:
+    """The packed layout of the classes in ``groups`` (their ``suffixes``: token ids up to the pooled token)."""
+    classes = suffixes[groups[0][0] : groups[-1][1]]
+    device = classes[0].device
+    lengths = torch.tensor([len(x) for x in classes], device=device)
+    starts = lengths.cumsum(0) - lengths  # each class's first packed token
+    buckets, unpad, padded_rows = [], [], 0
+    for first, end, length in groups:
+        first, end = first - groups[0][0], end - groups[0][0]
+        steps = torch.arange(length, device=device)
+        last = lengths[first:end, None] - 1
+        rows = starts[first:end, None] + torch.minimum(steps, last)  # padded with the class's last token
+        mask = torch.ones(length, n_prefix + length, dtype=torch.bool, device=device)
+        mask[:, n_prefix:] = steps <= steps[:, None]  # causal within the suffix
+        pooled_mask = torch.ones(end - first, 1, 1, n_prefix + length, dtype=torch.bool, device=device)
+        pooled_mask[:, 0, 0, n_prefix:] = steps <= last
+        buckets.append(SuffixBucket(end - first, length, rows.flatten(), mask[None, None], pooled_mask))
+        unpad.append(padded_rows + (torch.arange(end - first, device=device)[:, None] * length + steps)[steps <= last])
+        padded_rows += (end - first) * length
+    ids = torch.cat(classes)
+    positions = n_prefix + torch.cat([torch.arange(len(x), device=device) for x in classes])
+    return SuffixChunk(ids, positions, buckets, torch.cat(unpad), starts + lengths - 1)
 
 
 def shared_prefix_unsupported(text_model: nn.Module) -> str | None:
@@ -182,58 +237,92 @@ def _prefix_keys_values(text_model: CLIPTextModel, embeds: torch.Tensor) -> list
 
 
 def _attend(
-    query: torch.Tensor,
+    attn: CLIPAttention,
     prefix: tuple[torch.Tensor, torch.Tensor],
+    query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    query_positions: torch.Tensor,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Softmax attention of suffix queries (B, H, G, Lq, d), already scaled, over the shared prefix's keys (B, H,
-    L_p, d), which every class sees whole, and their own suffix's keys (B, H, G, L, d) up to the query's position.
-    The prefix scores are one matrix product for all classes, so the prefix keys/values are never copied per
-    class (which attending through ``scaled_dot_product_attention`` would need)."""
-    batch, heads, groups, queries, dim = query.shape
+    """Attention of one bucket's suffix queries (B, G, Lq, width) over the shared prefix's keys/values (B, heads,
+    L_p, head_dim), which every class sees whole, and their own suffix's keys and values (B, G, L, width), as
+    ``mask`` ((1, 1, Lq, L_p + L) for all, or (G, 1, Lq, L_p + L) per class) allows, through one
+    ``scaled_dot_product_attention`` call over all B x G prompts: its fused kernel (fp32 accumulation, a backward
+    that keeps no score matrices) beats per-class score products by far; the price is a copy of the prefix
+    keys/values per prompt, the size the full forward holds anyway. Returns (B, G x Lq, width)."""
+    batch, groups, queries, width = query.shape
     prefix_key, prefix_value = prefix
-    flat = query.reshape(batch, heads, groups * queries, dim)
-    prefix_scores = (flat @ prefix_key.transpose(-1, -2)).view(batch, heads, groups, queries, -1)
-    scores = query @ key.transpose(-1, -2)
-    future = torch.arange(key.shape[-2], device=key.device) > query_positions[..., None]  # (G, Lq, L)
-    scores = scores.masked_fill(future, float("-inf"))
-    scores = torch.cat([prefix_scores, scores], dim=-1)
-    # in at least fp32, as Hugging Face's eager attention does
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
-    n_prefix = prefix_key.shape[-2]
-    from_prefix = weights[..., :n_prefix].reshape(batch, heads, groups * queries, n_prefix) @ prefix_value
-    out = from_prefix.view(batch, heads, groups, queries, dim) + weights[..., n_prefix:] @ value
-    return out.movedim(1, -2).flatten(-2)  # (B, G, Lq, width)
+    heads, n_prefix, dim = prefix_key.shape[1:]
+    prompts = batch * groups
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, G, T, width) -> (B * G, heads, T, head_dim)
+        return x.reshape(prompts, x.shape[2], heads, dim).transpose(1, 2)
+
+    def with_prefix(prefix_part: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        shared = (
+            prefix_part[:, None].expand(batch, groups, heads, n_prefix, dim).reshape(prompts, heads, n_prefix, dim)
+        )
+        return torch.cat([shared, split(own)], dim=2)
+
+    if mask.shape[0] > 1:
+        mask = mask.repeat(batch, 1, 1, 1)
+    out = F.scaled_dot_product_attention(
+        split(query), with_prefix(prefix_key, key), with_prefix(prefix_value, value), attn_mask=mask, scale=attn.scale
+    )
+    return out.transpose(1, 2).reshape(batch, groups * queries, width)
+
+
+def _bucketed_attention(
+    attn: CLIPAttention,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    chunk: SuffixChunk,
+    last: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """Attention outputs (B, T, width) of the packed suffix tokens (B, T, width) of ``chunk``, bucket by bucket
+    (``last``: ``query`` holds the pooled rows only, and so does the output). Run under checkpointing, so that the
+    backward keeps the packed q/k/v instead of the padded per-bucket copies with the prefix's keys/values (most
+    of the activation memory otherwise) and recomputes those: a few per cent of a step."""
+    outs, first = [], 0
+    for bucket in chunk.buckets:
+        if last:
+            bucket_query = query[:, first : first + bucket.size, None]
+            first += bucket.size
+        else:
+            bucket_query = query[:, bucket.rows].unflatten(1, (bucket.size, bucket.length))
+        bucket_key, bucket_value = (y[:, bucket.rows].unflatten(1, (bucket.size, bucket.length)) for y in (key, value))
+        mask = bucket.pooled_mask if last else bucket.mask
+        outs.append(_attend(attn, prefix, bucket_query, bucket_key, bucket_value, mask))
+    out = torch.cat(outs, dim=1)
+    return out if last else out[:, chunk.unpad]
 
 
 def _suffix_features(
-    text_model: CLIPTextModel,
-    prefix: list[tuple[torch.Tensor, torch.Tensor]],
-    input_ids: torch.Tensor,
-    pooled: torch.Tensor,
+    text_model: CLIPTextModel, prefix: list[tuple[torch.Tensor, torch.Tensor]], chunk: SuffixChunk
 ) -> torch.Tensor:
-    """Final-layer-normed pooled states (B, G, width) of G class suffixes ``input_ids`` (G, L) after the prefix
-    whose keys/values are ``prefix``."""
+    """Final-layer-normed pooled states (B, G, width) of the G class suffixes of ``chunk`` after the prefix whose
+    keys/values are ``prefix``. Layer norms, projections and MLPs run on the packed tokens (no padding, one call
+    per layer); attention runs per length bucket. In the last layer only the pooled rows get queries and MLP."""
     embeddings, layers = text_model.embeddings, text_model.encoder.layers
-    batch, n_prefix = prefix[0][0].shape[0], prefix[0][0].shape[-2]
-    length = input_ids.shape[1]
-    hidden = embeddings.token_embedding(input_ids)
-    hidden = hidden + embeddings.position_embedding.weight[n_prefix : n_prefix + length]
-    hidden = hidden.expand(batch, -1, -1, -1)  # (B, G, L, width)
-    positions = torch.arange(length, device=input_ids.device).expand(len(input_ids), -1)
+    batch = prefix[0][0].shape[0]
+    hidden = embeddings.token_embedding(chunk.ids) + embeddings.position_embedding(chunk.positions)
+    hidden = hidden.expand(batch, -1, -1)  # (B, T, width)
     for i, layer in enumerate(layers):
-        attn = layer.self_attn
+        attn, last = layer.self_attn, i == len(layers) - 1
         x = layer.layer_norm1(hidden)
-        key, value = _heads(attn.k_proj(x), attn), _heads(attn.v_proj(x), attn)
-        if i == len(layers) - 1:  # only the pooled rows go on
-            rows = pooled[None, :, None, None].expand(batch, -1, 1, x.shape[-1])
-            hidden, x, positions = hidden.gather(2, rows), x.gather(2, rows), pooled[:, None]
-        query = _heads(attn.q_proj(x), attn) * attn.scale
-        hidden = hidden + attn.out_proj(_attend(query, prefix[i], key, value, positions))
+        query = attn.q_proj(x[:, chunk.pooled] if last else x)
+        args = (attn, prefix[i], chunk, last, query, attn.k_proj(x), attn.v_proj(x))
+        if torch.is_grad_enabled():  # keep the packed q/k/v, not the per-bucket copies with the prefix's
+            out = checkpoint(_bucketed_attention, *args, use_reentrant=False)
+        else:
+            out = _bucketed_attention(*args)
+        if last:
+            hidden = hidden[:, chunk.pooled]
+        hidden = hidden + attn.out_proj(out)
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-    return text_model.final_layer_norm(hidden[:, :, 0])
+    return text_model.final_layer_norm(hidden)
 
 
 def encode_with_shared_prefix(
@@ -249,10 +338,9 @@ def encode_with_shared_prefix(
     learned = contexts[:, index.clamp(min=0)].to(token_embeds.dtype)
     prefix = _prefix_keys_values(text_model, torch.where((index >= 0)[:, None], learned, token_embeds))
     features = []
-    for first, end, length in plan.groups:
-        args = (text_model, prefix, plan.suffix_ids[first:end, :length], plan.pooled[first:end])
+    for chunk in plan.chunks:
         if checkpointed and torch.is_grad_enabled():
-            features.append(checkpoint(_suffix_features, *args, use_reentrant=False))
+            features.append(checkpoint(_suffix_features, text_model, prefix, chunk, use_reentrant=False))
         else:
-            features.append(_suffix_features(*args))
+            features.append(_suffix_features(text_model, prefix, chunk))
     return torch.cat(features, dim=1)[:, plan.restore]
