@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]
+
+
+HOLD_LOCK = "import sys, time; from cmp_hf.runs import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"  # noqa: E501
+
+
+@pytest.fixture
+def lock_holder():
+    """Start another process that holds a directory's output_dir lock, as a run in progress does; killed at the
+    end of the test (a test may kill it earlier)."""
+    processes = []
+
+    def hold(output_dir) -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(output_dir)], stdout=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        assert process.stdout.readline().strip() == "locked"
+        return process
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(autouse=True)

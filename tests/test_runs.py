@@ -112,20 +112,16 @@ def test_a_second_recipe_run_into_a_finished_output_dir_is_refused_before_loadin
     assert not (tmp_path / "run" / OUTPUT_DIR_LOCK_NAME).exists()  # the finished run gave its lock back
 
 
-HOLD_LOCK = "import sys, time; from cmp_hf.runs import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"  # noqa: E501
-
-
-def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_over(tmp_path, tiny_clip_dir, train_set):
+def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_over(
+    tmp_path, tiny_clip_dir, train_set, lock_holder
+):
     output_dir = tmp_path / "run"
-    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(output_dir)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "locked"
-        lock = output_dir / OUTPUT_DIR_LOCK_NAME
-        with pytest.raises(RuntimeError, match=rf"run is in use by another run \(pid {other.pid} on .*{lock}\)"):
-            small_run(tmp_path, tiny_clip_dir, train_set).train()
-    finally:
-        other.send_signal(signal.SIGKILL)
-        other.wait()
+    other = lock_holder(output_dir)
+    lock = output_dir / OUTPUT_DIR_LOCK_NAME
+    with pytest.raises(RuntimeError, match=rf"run is in use by another run \(pid {other.pid} on .*{lock}\)"):
+        small_run(tmp_path, tiny_clip_dir, train_set).train()
+    other.send_signal(signal.SIGKILL)
+    other.wait()
     assert f"pid {other.pid} " in lock.read_text()  # a killed run leaves its lock file behind ...
     trainer = small_run(tmp_path, tiny_clip_dir, train_set)
     trainer.train()  # ... which the next run takes over

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import yaml
 from conftest import quickstart_config
 from submitit.core.utils import DelayedSubmission
 
+from cmp_hf.constants import SWEEP_JOB_NAME
 from cmp_hf.runs import last_checkpoint
 from cmp_hf.sweeps import GridSpec, TrainRun, is_finished, plan, validate
 from recipes import report, sweep
@@ -113,21 +112,15 @@ def test_killed_job_resumes_and_failed_job_is_reported(tmp_path, testbed):
     assert [(s.state, s.error) for s in status] == [("done", None), ("failed", failure.error)]
 
 
-def test_a_job_whose_run_is_still_running_leaves_it_alone(tmp_path, testbed):
+def test_a_job_whose_run_is_still_running_leaves_it_alone(tmp_path, testbed, lock_holder):
     """Re-submitting while a job of the same run still runs: the new job neither trains nor rewrites its records."""
     spec = GridSpec(configs=[write_config(testbed, tmp_path)], learners={"coop": {}}, losses=["ce"],
                     settings=["few_shot"], seeds=[1], runs_dir=str(tmp_path / "runs"))  # fmt: skip
     (run,) = plan(spec)
-    hold = "import sys, time; from cmp_hf.runs import lock_output_dir; lock_output_dir(sys.argv[1]); print(1, flush=True); time.sleep(600)"  # noqa: E501
-    other = subprocess.Popen([sys.executable, "-c", hold, run.output_dir], stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "1"
-        result = TrainRun(run)()
-        assert result["skipped"] and f"pid {other.pid}" in result["busy"]
-        assert not (Path(run.output_dir) / "sweep_job.json").exists()  # the running job's record is untouched
-    finally:
-        other.kill()
-        other.wait()
+    other = lock_holder(run.output_dir)
+    result = TrainRun(run)()
+    assert result["skipped"] and f"pid {other.pid}" in result["busy"]
+    assert not (Path(run.output_dir) / SWEEP_JOB_NAME).exists()  # the running job's record is untouched
 
 
 def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path, testbed):
