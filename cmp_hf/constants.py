@@ -7,6 +7,7 @@ from transformers.trainer import TRAINER_STATE_NAME  # noqa: F401  (Trainer's; w
 PROMPT_CONFIG_NAME = "prompt_config.json"  # the prompt's classes, template, context layout, learner, base model
 PROMPT_DIGEST_NAME = "prompt_digest.json"  # SHA-256 of the learned tensors of each weights file, checked on load
 CALIBRATION_NAME = "calibration.json"  # post-hoc calibration fitted after training (cmp_hf.posthoc)
+CALIBRATION_FEATURES_NAME = "calibration.safetensors"  # the training images' features of the shift-aware temperature
 META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
 PRODA_CONTEXTS_NAME = "proda_contexts.safetensors"  # ProDA's contexts 1..K-1 (context 0 is the peft adapter's)
 MAPLE_PROMPTS_NAME = "maple_prompts.safetensors"  # MaPLe's deep text prompts and text-to-vision coupling maps
@@ -37,3 +38,14 @@ RUN_IDENTITY_FIELDS = (
 
 # Text encoding of class prompts (cmp_hf.prompts.shared_prefix)
 TEXT_LENGTH_BUCKETS = 4  # class suffixes run in at most this many length groups (padding vs. per-group overhead)
+
+# Named recipes (CMPConfig(preset=...), recipe YAMLs, the sweep's --losses): CMPConfig options each one sets.
+# "calibrated": chosen on the micro-CLIP benchmark (README, "Calibrated by default"; recipes/bench_calibration.py).
+PRESETS = {
+    "calibrated": {
+        "cmp_lambda": 0.0,
+        "shift_strength": 0.3,
+        "zero_shot_weight": 0.3,
+        "transfer_zero_shot_weight": 0.5,
+    },
+}

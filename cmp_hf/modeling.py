@@ -28,7 +28,7 @@ from .constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PROMPT_CONFIG_
 from .hub import fetch_prompt
 from .integrity import load_weights_file, verify_digests, write_digests
 from .learners import PromptLearner, learner_class
-from .posthoc import PostHocCalibration
+from .posthoc import PostHocCalibration, distance_aware_scales
 from .prompts.config import CoOpPromptConfig, initial_context
 
 
@@ -211,15 +211,17 @@ class PromptTunedCLIP(nn.Module):
             raise ValueError("A class-specific context (CSC) has no vectors for new classes: it cannot transfer.")
         config = replace(self.prompt_config, class_names=list(class_names), ctx_init=None)
         learner = self.learner.for_classes(self.clip, self.tokenizer, config)
-        calibration = self.calibration
-        if calibration.dac_k is not None:  # DAC compares the classes' text features with the base classes'
+        scales = None
+        if self.calibration.dac_k is not None:  # DAC compares the classes' text features with the base classes'
             with torch.no_grad():
-                calibration = calibration.transferred(
+                scales = distance_aware_scales(
                     self.hand_crafted_text_features(),
                     hand_crafted_text_features(self.clip, self.tokenizer, config.class_names),
                     self.text_features(),
                     learner.text_features(self.clip, self.context),
+                    k=self.calibration.dac_k,
                 )
+        calibration = self.calibration.to_new_classes(scales)
         return learner, config, calibration
 
     # ---- forward ------------------------------------------------------------------------------------------------
@@ -288,11 +290,22 @@ class PromptTunedCLIP(nn.Module):
         else:
             logits = scale * image_features.to(text.dtype) @ text.t()
         return PromptTunedCLIPOutput(
-            logits=self.calibration.apply(logits),
+            logits=self.calibration.apply(logits, image_features, self._zero_shot_logits(image_features, scale)),
             image_features=image_features,
             text_features=text,
             text_spread=None if spread is None else scale * spread,
         )
+
+    def _zero_shot_logits(self, image_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """Zero-shot CLIP's logits over the current classes when the calibration anchors to them (its class
+        features are computed once per set of classes and kept with the calibration)."""
+        calibration = self.calibration
+        if calibration.anchor_weight == 0:
+            return None
+        if calibration.zero_shot_text_features is None:
+            calibration.zero_shot_text_features = self.hand_crafted_text_features()
+        zero_shot = calibration.zero_shot_text_features.to(image_features.device)
+        return scale * image_features.to(zero_shot.dtype) @ zero_shot.t()
 
 
 def hand_crafted_text_features(

@@ -8,7 +8,7 @@ import os
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -132,6 +132,7 @@ class CMPTrainer(Trainer):
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         self._feature_cache: ImageFeatureCache | None = None
+        self._train_images = train_dataset  # the un-augmented training images (the shift-aware temperature's)
         if data_collator is None:
             data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
             train_dataset = self._model_inputs(
@@ -268,9 +269,12 @@ class CMPTrainer(Trainer):
             self._locked_output_dir = self.args.output_dir
             lock_output_dir(self._locked_output_dir)
             weakref.finalize(self, unlock_output_dir, self._locked_output_dir)
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
+        if self.args.posthoc_requested:
+            self.fit_posthoc_calibration()
+        return output
 
     # ---- loss and logging ---------------------------------------------------------------------------------------
 
@@ -378,6 +382,37 @@ class CMPTrainer(Trainer):
         logits, labels = torch.from_numpy(output.predictions), torch.from_numpy(output.label_ids)
         calibration.temperature = posthoc.fit_temperature(logits, labels)
         return calibration.temperature
+
+    def fit_posthoc_calibration(self) -> None:
+        """Set the post-hoc options of ``args`` on the prompt (run at the end of :meth:`train`): the zero-shot
+        anchoring weights, and for the shift-aware temperature the training images' features, encoded as the
+        learner encodes images (un-augmented)."""
+        args = self.args
+        self.model.calibration = replace(
+            self.model.calibration,
+            zero_shot_weight=args.zero_shot_weight,
+            transfer_zero_shot_weight=args.transfer_zero_shot_weight,
+            shift_strength=args.shift_strength,
+            shift_neighbours=args.shift_neighbours,
+            reference_features=self.image_features(self._train_images) if args.shift_strength else None,
+            zero_shot_text_features=None,
+        )
+
+    @torch.no_grad()
+    def image_features(self, dataset: Dataset) -> torch.Tensor:
+        """The (L2-normalised) image features of ``dataset``'s images, from the feature cache when there is one,
+        gathered over processes in the dataset's order."""
+        if not isinstance(dataset, Dataset) or len(dataset) < 2:
+            raise ValueError("The shift-aware temperature needs a training set (a datasets.Dataset of 2+ images).")
+        self.model.eval()
+        found = []
+        for batch in self.get_test_dataloader(self._model_inputs(dataset)):
+            batch = self._prepare_inputs(batch)
+            features = batch.get(FEATURES_COLUMN)
+            if features is None:
+                features = self.model.image_features(batch["pixel_values"])
+            found.append(self.accelerator.gather_for_metrics(features.float()).cpu())
+        return torch.cat(found)
 
     # ---- schedule -----------------------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
-from cmp_hf.posthoc import PostHocCalibration, apply_class_scales, distance_aware_scales, fit_temperature
+from cmp_hf import CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
+from cmp_hf.posthoc import PostHocCalibration, apply_class_scales, distance_aware_scales, fit_temperature, proximity
 
 
 def overconfident(seed: int = 0, n: int = 400, classes: int = 5, scale: float = 8.0):
@@ -20,7 +20,7 @@ def overconfident(seed: int = 0, n: int = 400, classes: int = 5, scale: float = 
 
 def test_temperature_reduces_nll_and_is_the_minimum():
     logits, labels = overconfident()
-    t = fit_temperature(logits, labels)
+    t = fit_temperature(logits, labels, prior_std=None)  # maximum likelihood (Guo et al.)
     assert t > 1.5  # over-confident logits need cooling
     nll = [F.cross_entropy(logits / s, labels).item() for s in np.linspace(0.5, 20, 400)]
     best = np.linspace(0.5, 20, 400)[int(np.argmin(nll))]
@@ -50,15 +50,47 @@ def test_temperature_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
     )
 
 
-def test_a_separable_set_is_flagged(caplog):
-    logits = torch.tensor([[5.0, 0.0], [0.0, 4.0], [3.0, 1.0]])
-    with caplog.at_level("WARNING", logger="cmp_hf.posthoc"):
-        t = fit_temperature(logits, torch.tensor([0, 1, 0]))
-    assert "no minimum" in caplog.text and t < 0.5  # pushed towards 0, as the NLL keeps falling
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="cmp_hf.posthoc"):
-        fit_temperature(logits, torch.tensor([0, 1, 1]))
-    assert "no minimum" not in caplog.text
+def test_a_fully_correct_validation_set_keeps_t_1(caplog):
+    """Four validation images per class, all classified correctly, from an over-confident prompt: maximum likelihood
+    would run T towards 0 (sharper, worse); the fit keeps T = 1 and says why, so test ECE is no worse than no TS."""
+    logits, labels = overconfident(seed=3, n=2000)
+    rows = np.flatnonzero((logits.argmax(1) == labels).numpy())
+    per_class = [rows[labels[rows].numpy() == c][:4] for c in range(5)]
+    val = torch.as_tensor(np.concatenate(per_class))
+    with caplog.at_level("INFO", logger="cmp_hf.posthoc"):
+        t = fit_temperature(logits[val], labels[val])
+    assert t == 1.0 and "classified correctly" in caplog.text
+    test = torch.as_tensor(np.setdiff1d(np.arange(2000), val.numpy()))
+    no_ts = calibration_metrics(labels[test].numpy(), logits=logits[test].numpy())["ece"]
+    with_ts = calibration_metrics(labels[test].numpy(), logits=(logits[test] / t).numpy())["ece"]
+    assert with_ts <= no_ts
+    unguarded = _nll_minimiser(logits[val], labels[val], prior_std=None)  # what an unguarded fit would do
+    assert unguarded < 0.3 and calibration_metrics(
+        labels[test].numpy(), logits=(logits[test] / unguarded).numpy()
+    )["ece"] > no_ts
+
+
+def _nll_minimiser(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None) -> float:
+    """Brute force over a grid of log T: summed NLL plus the Gaussian prior on log T."""
+    grid = np.linspace(-4, 4, 8001)
+    losses = [
+        F.cross_entropy(logits.double() / np.exp(g), labels, reduction="sum").item()
+        + (0 if prior_std is None else 0.5 * (g / prior_std) ** 2)
+        for g in grid
+    ]
+    return float(np.exp(grid[int(np.argmin(losses))]))
+
+
+@pytest.mark.parametrize("n", [12, 400])
+def test_the_prior_on_log_t_is_a_map_fit(n):
+    """With a few errors, the fit is the maximum of likelihood x prior (brute force); the prior pulls a small set's
+    T towards 1 and matters little for a large one."""
+    logits, labels = overconfident(seed=5, n=n)
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(_nll_minimiser(logits, labels, prior_std=0.5), rel=2e-3)
+    t_mle = fit_temperature(logits, labels, prior_std=None)
+    assert t_mle == pytest.approx(_nll_minimiser(logits, labels, prior_std=None), rel=2e-3)
+    assert abs(np.log(t)) < abs(np.log(t_mle))
 
 
 def test_empty_set_is_refused():
@@ -106,3 +138,78 @@ def test_dac_applies_on_transfer_and_is_saved(tiny_clip_dir, tmp_path):
     torch.testing.assert_close(other(pixel_values=x).logits, apply_class_scales(plain(pixel_values=x).logits, scales))
     model.save_pretrained(tmp_path)
     assert PromptTunedCLIP.from_pretrained(tmp_path).calibration.dac_k == 2
+
+
+def _unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_shift_temperature_against_a_loop():
+    """exp(gamma * (median - p) / std), p = mean of the k largest cosine similarities to the reference images, and
+    median / std over the reference images' leave-one-out proximities: recomputed with Python loops."""
+    reference, images = _unit(30, 8, 0), _unit(7, 8, 1)
+    calibration = PostHocCalibration(shift_strength=0.4, shift_neighbours=3, reference_features=reference)
+
+    def near(x, others):
+        return float(np.mean(sorted(float(x @ o) for o in others)[-3:]))
+
+    own = [near(reference[i], [reference[j] for j in range(30) if j != i]) for i in range(30)]
+    median, std = sorted(own)[14], float(np.std(own, ddof=1))  # torch.median: the lower middle value
+    expected = [np.exp(0.4 * (median - near(x, reference)) / std) for x in images]
+    expected = torch.tensor(expected, dtype=torch.float32)
+    torch.testing.assert_close(calibration.image_temperatures(images), expected, rtol=1e-5, atol=0)
+    assert calibration.image_temperatures(reference[:3]).max() < calibration.image_temperatures(-reference[:3]).min()
+    torch.testing.assert_close(proximity(images, reference, 30), (images @ reference.t()).mean(1))
+
+
+def test_anchoring_is_the_probability_mixture():
+    logits, zero_shot = torch.randn(6, 4) * 5, torch.randn(6, 4) * 5
+    reference, images = _unit(20, 8, 2), _unit(6, 8, 3)
+    calibration = PostHocCalibration(
+        temperature=1.3, shift_strength=0.5, zero_shot_weight=0.3, transfer_zero_shot_weight=0.6,
+        reference_features=reference,
+    )  # fmt: skip
+    t = calibration.image_temperatures(images)[:, None]
+    mixture = 0.7 * (logits / 1.3 / t).softmax(1) + 0.3 * (zero_shot / t).softmax(1)
+    torch.testing.assert_close(calibration.apply(logits, images, zero_shot).softmax(1), mixture)
+    moved = calibration.to_new_classes()  # other classes: the transfer weight, no shift-aware temperature
+    assert not moved.shifts and moved.anchor_weight == 0.6
+    mixture = 0.4 * (logits / 1.3).softmax(1) + 0.6 * zero_shot.softmax(1)
+    torch.testing.assert_close(moved.apply(logits, images, zero_shot).softmax(1), mixture)
+    with pytest.raises(ValueError, match="zero-shot CLIP's logits"):
+        calibration.apply(logits, images)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        PostHocCalibration(zero_shot_weight=1.0)
+
+
+def test_shift_aware_anchored_calibration_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2, ctx_init="a photo of")
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        raw, features = model(pixel_values=x).logits, model.image_features(x)
+        zero_shot = model.clip.logit_scale.exp() * features @ model.hand_crafted_text_features().t()
+    model.calibration = PostHocCalibration(
+        shift_strength=0.3, zero_shot_weight=0.25, transfer_zero_shot_weight=0.5, reference_features=_unit(9, 16, 4)
+    )
+    with torch.no_grad():
+        calibrated = model(pixel_values=x).logits
+    torch.testing.assert_close(calibrated, model.calibration.apply(raw, features, zero_shot))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "calibration.safetensors").is_file()
+    loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, calibrated, rtol=0, atol=0)
+        other = loaded.for_classes(["pink", "cyan"])
+        plain = model.for_classes(["pink", "cyan"])
+        plain.calibration = PostHocCalibration()
+        zero_shot = model.clip.logit_scale.exp() * features @ plain.hand_crafted_text_features().t()
+        expected = 0.5 * plain(pixel_values=x).logits.softmax(1) + 0.5 * zero_shot.softmax(1)
+        torch.testing.assert_close(other(pixel_values=x).logits.softmax(1), expected)
+    (tmp_path / "calibration.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="calibration.safetensors"):
+        PromptTunedCLIP.from_pretrained(tmp_path)
+    model.calibration = PostHocCalibration()
+    model.save_pretrained(tmp_path)  # an uncalibrated prompt leaves neither file behind
+    assert not (tmp_path / "calibration.json").exists() and not (tmp_path / "calibration.safetensors").exists()
