@@ -52,6 +52,15 @@ CARD_METRICS = {
 }
 
 
+def preset_evidence(preset: str | None) -> str:
+    """The benchmark summary shipped for a preset (``templates/<preset>_benchmark.md``, written by
+    ``recipes/bench_calibration.py --card_summary``), shown on the card of every prompt trained with it."""
+    if preset is None:
+        return ""
+    summary = resources.files("cmp_hf").joinpath("templates", f"{preset}_benchmark.md")
+    return summary.read_text(encoding="utf-8").strip() if summary.is_file() else ""
+
+
 class HubError(RuntimeError):
     """A Hub operation failed; the message says why and what to do. Local files are never touched by a push."""
 

@@ -186,6 +186,22 @@ class PostHocCalibration:
         return calibration
 
 
+def describe(calibration: PostHocCalibration) -> str:
+    """One line for the model card: the post-hoc steps applied to this prompt's logits."""
+    steps = []
+    if calibration.temperature != 1.0:
+        steps.append(f"temperature scaling, T = {calibration.temperature:.4g}")
+    if calibration.shift_strength > 0:
+        steps.append(f"shift-aware temperature, gamma {calibration.shift_strength:g} over the "
+                     f"{calibration.shift_neighbours} nearest training images")  # fmt: skip
+    if calibration.zero_shot_weight or calibration.transfer_zero_shot_weight:
+        steps.append(f"zero-shot anchoring, weight {calibration.zero_shot_weight:g} on these classes and "
+                     f"{calibration.transfer_zero_shot_weight:g} on classes it is transferred to")  # fmt: skip
+    if calibration.dac_k is not None:
+        steps.append(f"DAC on transferred classes, k = {calibration.dac_k}")
+    return "; ".join(steps) if steps else "none"
+
+
 _SAVED_FIELDS = ("temperature", "dac_k", "shift_strength", "shift_neighbours", "zero_shot_weight",
                  "transfer_zero_shot_weight")  # fmt: skip
 _DEFAULTS = {f.name: f for f in fields(PostHocCalibration) if f.name in _SAVED_FIELDS}

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .atomic import write_json, write_text
-from .constants import PROMPT_FILES, RUN_METRICS_NAME, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
+from .constants import PRESETS, PROMPT_FILES, RUN_METRICS_NAME, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
 from .runs import last_checkpoint, lock_output_dir, unlock_output_dir
 from .schedulers import COOP_EPOCHS_BY_SHOTS
 from .scripts.config_file import read_config
@@ -45,6 +45,8 @@ LOSSES: dict[str, dict[str, Any]] = {  # the loss dimension of the grid: CMPConf
     "ce": {"cmp_lambda": 0.0},
     "cmp": {"cmp_lambda": 1.0, "cmp_form": "log_ratio", "cmp_competitors": "all"},
     "cmp_ratio": {"cmp_lambda": 1.0, "cmp_form": "ratio", "cmp_competitors": "all"},
+    # the recommended recipe; its options written out too, so that a dataset config's own (cmp_lambda) give way
+    "calibrated": {"preset": "calibrated", **PRESETS["calibrated"]},
 }
 SETTINGS: dict[str, dict[str, Any]] = {  # the paper's two protocols: few-shot on all classes, CoCoOp's base-to-novel
     "few_shot": {},

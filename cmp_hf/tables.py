@@ -74,6 +74,8 @@ def learner_name(run: dict[str, Any]) -> str:
 
 
 def method_name(run: dict[str, Any]) -> str:
+    if run.get("preset"):
+        return f"{run['preset']} (preset)"
     if not run["cmp_lambda"]:
         return "CE"
     options = (run["cmp_form"], run["cmp_competitors"], float(run["cmp_lambda"]))

@@ -26,6 +26,7 @@ from .config import CMPConfig
 from .constants import (
     ADAPTER_WEIGHTS_NAME,
     MODEL_CARD_NAME,
+    PRESETS,
     PROMPT_CONFIG_NAME,
     TRAINING_ARGS_NAME,
 )
@@ -35,7 +36,7 @@ from .data.checks import check_columns, check_labels, check_training_set
 from .data.collator import CLIPImageCollator, ImageFeatureCollator
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
-from .hub import HubError, hub_errors, model_card, push_output_dir, repo_name, require_token
+from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
 from .modeling import PromptTunedCLIP
@@ -501,6 +502,10 @@ class CMPTrainer(Trainer):
             length=f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
             seed=args.seed,
             n_bins=args.calibration_bins,
+            posthoc=posthoc.describe(self.model.calibration),
+            preset=args.preset,
+            preset_options=", ".join(f"`{k}={v}`" for k, v in PRESETS.get(args.preset, {}).items()),
+            preset_evidence=preset_evidence(args.preset),
         )
         return model_card(list(self.eval_reports.values()), **info)
 

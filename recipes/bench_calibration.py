@@ -34,7 +34,8 @@ from datasets import Dataset, concatenate_datasets
 from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging as hf_logging
 
-from cmp_hf import CMPConfig, CMPTrainer
+from cmp_hf import CMPConfig, CMPTrainer, PostHocCalibration, PromptTunedCLIP
+from cmp_hf.constants import PRESETS, RUN_IDENTITY_FIELDS
 from cmp_hf.data import few_shot_sets, subset_classes
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
 from cmp_hf.tables import publish
@@ -69,6 +70,9 @@ METHODS: dict[str, Method] = {
     "KgCoOp w=8": Method({**CE, "kgcoop_weight": 8.0}),
     "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 8.0}, baseline="KgCoOp w=8"),
     "CoOp-CE + TS": Method(CE, "ts"),
+    "CoOp-CE + shift T": Method({**CE, "shift_strength": PRESETS["calibrated"]["shift_strength"]}),
+    "CoOp-CE + anchor": Method({**CE, **{k: v for k, v in PRESETS["calibrated"].items() if "zero_shot" in k}}),
+    "Calibrated (preset)": Method({"preset": "calibrated"}),
     "CMP l=1 + TS": Method({}, "ts"),
     "CoOp-CE + DAC": Method(CE, "dac"),
     "CMP l=1 + DAC": Method({}, "dac"),
@@ -81,10 +85,10 @@ METHODS: dict[str, Method] = {
 }
 # The CMP grid (form x competitors x lambda) against CoOp-CE; --methods all runs every row above.
 CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "+" not in name]
-PARTITIONS = {  # base classes of a 10-class task; the other five are novel
-    "first_half": [0, 1, 2, 3, 4],
-    "second_half": [5, 6, 7, 8, 9],
-    "interleaved": [0, 2, 4, 6, 8],
+PARTITIONS = {  # the base classes of a task with C classes; the others are novel
+    "first_half": lambda c: list(range(c // 2)),
+    "second_half": lambda c: list(range(c // 2, c)),
+    "interleaved": lambda c: list(range(0, c, 2)),
 }
 EVAL_SETS = ("base", "novel", "shifted")
 METRICS = {"accuracy": "accuracy_pct", "ece": "ece_pct", "nll": "nll"}
@@ -110,7 +114,7 @@ def settings(args: argparse.Namespace) -> list[Setting]:
         shifted = concatenate_datasets([data[s] for s in data if s.startswith("test_")])
         names = TASKS[task][1]
         for partition in args.partitions:
-            base = PARTITIONS[partition]
+            base = PARTITIONS[partition](len(names))
             novel = [c for c in range(len(names)) if c not in base]
             evals = {"base": (data["test"], base), "shifted": (shifted, base), "novel": (data["test"], novel)}
             evals = {name: subset_classes(*subset) for name, subset in evals.items()}
@@ -122,9 +126,13 @@ def settings(args: argparse.Namespace) -> list[Setting]:
 def run(
     clip: CLIPModel, processor: CLIPProcessor, setting: Setting, train: Dataset | None, val: Dataset | None,
     method: Method, seed: int, epochs: int, output_dir: str, epoch_scale: float = 1.0,
+    trained: dict[tuple, PromptTunedCLIP] | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """One CMPTrainer run (``train=None``: no training, the zero-shot prompt); returns {eval set: metrics}.
-    ``epochs`` is CoOp's for the shot count, unless the method has its own recipe; ``epoch_scale`` shortens both."""
+    ``epochs`` is CoOp's for the shot count, unless the method has its own recipe; ``epoch_scale`` shortens both.
+    ``trained`` holds the prompts trained so far on this sample and seed, by :func:`training_key`: a method whose
+    training is the same as an earlier one's (a post-hoc variant) starts from that prompt instead of training the
+    same prompt again, and only fits its own post-hoc steps (as ``train()`` ends by doing)."""
     options = {"num_train_epochs": epochs, "per_device_train_batch_size": 32, "ctx_init": "a photo of a",
                **method.options}  # fmt: skip
     options["num_train_epochs"] = max(1, round(options["num_train_epochs"] * epoch_scale))
@@ -133,11 +141,20 @@ def run(
         logging_strategy="no", per_device_eval_batch_size=256, coop_schedule=True, seed=seed,
         image_feature_cache_dir=f"{output_dir}/features", image_feature_batch_size=256, **options,
     )  # fmt: skip
+    key = training_key(config)
+    prompt = trained.get(key) if trained is not None and train is not None else None
     trainer = CMPTrainer(
-        model=clip, args=config, train_dataset=train, processing_class=processor, class_names=setting.base_names
-    )
-    if train is not None:
+        model=clip if prompt is None else prompt, args=config, train_dataset=train, processing_class=processor,
+        class_names=setting.base_names,
+    )  # fmt: skip
+    if prompt is not None:
+        prompt.calibration = PostHocCalibration()  # another method's post-hoc steps are not this one's
+        if config.posthoc_requested:
+            trainer.fit_posthoc_calibration()
+    elif train is not None:
         trainer.train()
+        if trained is not None:
+            trained[key] = trainer.model
     if method.posthoc == "ts":
         trainer.fit_temperature(val)
     if method.posthoc == "dac":
@@ -145,6 +162,15 @@ def run(
     flat = trainer.evaluate({name: setting.evals[name] for name in ("base", "shifted")})
     flat.update(trainer.evaluate({"novel": setting.evals["novel"]}, class_names=setting.novel_names))
     return {name: {m: flat[f"eval_{name}_{key}"] for m, key in METRICS.items()} for name in EVAL_SETS}
+
+
+# Besides RUN_IDENTITY_FIELDS, what else decides the trained prompt: the learner, its prompt and the length.
+_PROMPT_FIELDS = ("num_train_epochs", "prompt_learner", "n_ctx", "ctx_init", "maple_prompt_depth", "proda_num_prompts")
+
+
+def training_key(config: CMPConfig) -> tuple:
+    """Two methods whose configs agree here train the same prompt from the same sample and seed."""
+    return tuple(getattr(config, name) for name in (*RUN_IDENTITY_FIELDS, *_PROMPT_FIELDS))
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -162,9 +188,10 @@ def main(args: argparse.Namespace) -> list[dict]:
             rows += [dict(**cell, method="zero-shot", shots=shots, seed=seed, eval_set=name, **values)
                      for name, values in zero_shot.items()]  # fmt: skip
             train, val = few_shot_sets(setting.pool, shots, seed)
+            trained = {}  # the prompts trained on this sample, shared by methods that differ only after training
             for name in methods:
                 results = run(clip, processor, setting, train, val, METHODS[name], seed, COOP_EPOCHS_BY_SHOTS[shots],
-                              output_dir, args.epoch_scale)  # fmt: skip
+                              output_dir, args.epoch_scale, trained)  # fmt: skip
                 rows += [dict(**cell, method=name, shots=shots, seed=seed, eval_set=eval_set, **values)
                          for eval_set, values in results.items()]  # fmt: skip
             print(f"{setting.task} noise {setting.noise:g} {setting.partition} {shots}-shot seed {seed} done "
@@ -197,6 +224,74 @@ def _cell_means(rows: list[dict], method: str, task: str, shots: int, eval_set: 
     cells = dict.fromkeys((r["noise"], r["partition"]) for r in rows)
     found = (_paired(rows, method, (task, *cell, shots, eval_set), metric) for cell in cells)
     return [float(d.mean()) for d in found if len(d)]
+
+
+REFERENCE = "CoOp-CE"  # what the criteria compare every method with
+TARGET_REDUCTION, WORST_ECE_INCREASE, WORST_ACCURACY_DROP = 30.0, 0.5, 1.0  # the criteria, in % / points / points
+
+
+def verdict(rows: list[dict], method: str, group: list[tuple]) -> str:
+    """Criteria 1-3 for ``method`` against CoOp-CE over the (task, noise, partition, shots) cells in ``group``:
+    1. base, novel and shifted ECE, averaged over the cells, each >= 30 % lower;
+    2. in no cell and on no eval set a paired mean ECE more than 0.5 points above CoOp-CE's;
+    3. base and novel accuracy in every cell no more than 1 point below CoOp-CE's (paired mean; above is fine)."""
+    parts, passed = [], True
+    worst_ece, worst_accuracy = (-np.inf, None), (np.inf, None)
+    for eval_set in EVAL_SETS:
+        ours, theirs = [], []
+        for cell in group:
+            key = (*cell, eval_set)
+            ours.append(np.mean(_values(rows, method, key, "ece")))
+            theirs.append(np.mean(_values(rows, REFERENCE, key, "ece")))
+            difference = float(np.mean(_paired_with(rows, method, REFERENCE, key, "ece")))
+            worst_ece = max(worst_ece, (difference, f"{eval_set} {_cell_name(cell)}"), key=lambda w: w[0])
+            if eval_set != "shifted":
+                drop = float(np.mean(_paired_with(rows, method, REFERENCE, key, "accuracy")))
+                worst_accuracy = min(worst_accuracy, (drop, f"{eval_set} {_cell_name(cell)}"), key=lambda w: w[0])
+        change = 100 * (np.mean(ours) - np.mean(theirs)) / np.mean(theirs)
+        passed &= change <= -TARGET_REDUCTION
+        parts.append(f"{eval_set} {change:+.1f} %")
+    one = all(float(p.split()[1]) <= -TARGET_REDUCTION for p in parts)
+    two, three = worst_ece[0] <= WORST_ECE_INCREASE, worst_accuracy[0] >= -WORST_ACCURACY_DROP
+    return (f"1 {'pass' if one else 'FAIL'} (mean ECE {', '.join(parts)}); "
+            f"2 {'pass' if two else 'FAIL'} (worst cell {worst_ece[0]:+.2f}, {worst_ece[1]}); "
+            f"3 {'pass' if three else 'FAIL'} (worst cell {worst_accuracy[0]:+.2f}, {worst_accuracy[1]})"
+            + ("; ALL PASS" if one and two and three else ""))  # fmt: skip
+
+
+def _values(rows: list[dict], method: str, key: tuple, metric: str) -> list[float]:
+    return [r[metric] for r in rows if r["method"] == method and _key(r) == key]
+
+
+def _paired_with(rows: list[dict], method: str, other: str, key: tuple, metric: str) -> list[float]:
+    ours = {r["seed"]: r[metric] for r in rows if r["method"] == method and _key(r) == key}
+    theirs = {r["seed"]: r[metric] for r in rows if r["method"] == other and _key(r) == key}
+    return [ours[seed] - theirs[seed] for seed in ours if seed in theirs]
+
+
+def _cell_name(cell: tuple) -> str:
+    task, noise, partition, shots = cell
+    return f"({task}, noise {noise:g}, {partition}, {shots} shots)"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Criteria 1-3 for every method against CoOp-CE: per shot count over all cells, and per task."""
+    if not any(r["method"] == REFERENCE for r in rows):
+        return []
+    cells = list(dict.fromkeys((r["task"], r["noise"], r["partition"], r["shots"]) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != REFERENCE]
+    lines = [f"### Verdicts against {REFERENCE}: 1 mean base / novel / shifted ECE each >= {TARGET_REDUCTION:g} % "
+             f"lower; 2 no cell worse by > {WORST_ECE_INCREASE} ECE points; 3 base and novel accuracy no more than "
+             f"{WORST_ACCURACY_DROP:g} point below in every cell", ""]  # fmt: skip
+    groups = {f"{shots} shots, all tasks": [c for c in cells if c[3] == shots] for shots in {c[3] for c in cells}}
+    if len({c[0] for c in cells}) > 1:
+        groups.update({f"{shots} shots, {task}": [c for c in cells if c[:1] == (task,) and c[3] == shots]
+                       for task, shots in dict.fromkeys((c[0], c[3]) for c in cells)})  # fmt: skip
+    for label, group in sorted(groups.items()):
+        lines += [f"{label}:", ""]
+        lines += [f"- {method}: {verdict(rows, method, group)}" for method in methods]
+        lines.append("")
+    return lines
 
 
 SUMMARY = (("base", "accuracy"), ("base", "ece"), ("novel", "accuracy"), ("novel", "ece"), ("shifted", "ece"))
@@ -234,7 +329,7 @@ def report(rows: list[dict], out: str | None) -> str:
     the paired differences against each method's baseline per cell with their average and [min, max] over cells."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cells = list(dict.fromkeys((r["noise"], r["partition"]) for r in rows))
-    lines = summary(rows)
+    lines = verdicts(rows) + summary(rows)
     for task, shots, eval_set in dict.fromkeys((r["task"], r["shots"], r["eval_set"]) for r in rows):
         for metric in METRICS:
             head = " | ".join(f"noise {n:g}, {p}" for n, p in cells)

@@ -96,6 +96,8 @@ def quickstart_config(testbed: Path, path: Path, **overrides) -> Path:
     config.update(model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"))
     # the tiny testbed has train/test splits only and a random CLIP: no shifted sets, no zero-shot baseline
     config.update(eval_splits=["test"], base_to_novel=False, zero_shot_baseline=False, num_train_epochs=5, shots=8)
+    del config["preset"]  # the recipe mechanics under CoOp + CMP, whose options tests vary (the preset fixes them)
+    config.update(cmp_lambda=1.0, cmp_form="log_ratio")
     config.update(overrides)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(config))

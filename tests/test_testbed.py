@@ -187,6 +187,31 @@ def test_calibration_benchmark_runs_on_a_small_budget(tmp_path):
     assert len(set(trained.values())) > 1  # each seed and partition trained its own prompt
 
 
+def test_benchmark_post_hoc_methods_share_a_prompt_exactly_and_get_verdicts(tmp_path):
+    """A method that differs from an earlier one only after training (the preset after CoOp-CE) starts from that
+    prompt: its numbers equal those of its own fresh training; the verdict lines recompute from the rows."""
+    from recipes import bench_calibration as bench
+
+    clip, processor = CLIPModel.from_pretrained(MICRO_CLIP).eval(), CLIPProcessor.from_pretrained(MICRO_CLIP)
+    setting = bench.settings(argparse.Namespace(tasks=["animals"], noise=[30.0], partitions=["second_half"]))[0]
+    train, val = few_shot_sets(setting.pool, 2, seed=1)
+    preset, ce = bench.METHODS["Calibrated (preset)"], bench.METHODS["CoOp-CE"]
+    trained = {}
+    plain = bench.run(clip, processor, setting, train, val, ce, 1, 20, str(tmp_path), trained=trained)
+    shared = bench.run(clip, processor, setting, train, val, preset, 1, 20, str(tmp_path), trained=trained)
+    fresh = bench.run(clip, processor, setting, train, val, preset, 1, 20, str(tmp_path))
+    assert len(trained) == 1 and shared == fresh and shared != plain
+    rows = [dict(task="animals", noise=30.0, partition="second_half", method=method, shots=2, seed=1, eval_set=name,
+                 **values) for method, result in (("CoOp-CE", plain), ("Calibrated (preset)", shared))
+            for name, values in result.items()]  # fmt: skip
+    line = next(line for line in bench.verdicts(rows) if line.startswith("- Calibrated (preset):"))
+    for name in ("base", "novel", "shifted"):
+        change = 100 * (shared[name]["ece"] - plain[name]["ece"]) / plain[name]["ece"]
+        assert f"{name} {change:+.1f} %" in line
+    worst = max(shared[name]["ece"] - plain[name]["ece"] for name in ("base", "novel", "shifted"))
+    assert f"2 {'pass' if worst <= 0.5 else 'FAIL'} (worst cell {worst:+.2f}" in line
+
+
 def test_readme_offline_notebook_snippet_runs(tmp_path):
     """The README's offline notebook block, run as written from a directory holding the testbed and the micro-CLIP,
     then its prompt loaded from another working directory (the base model is recorded as an absolute path)."""

@@ -242,6 +242,10 @@ def train_and_evaluate(
             "prompt_learner": config.prompt_learner,
             "temperature": trainer.model.calibration.temperature,
             "dac_k": trainer.model.calibration.dac_k,
+            "preset": config.preset,
+            "shift_strength": config.shift_strength,
+            "zero_shot_weight": config.zero_shot_weight,
+            "transfer_zero_shot_weight": config.transfer_zero_shot_weight,
         }
         # metrics.json last: its presence marks a finished run (recipes/sweep.py skips those), so a run killed
         # before this point is re-run
