@@ -61,6 +61,8 @@ def verify_digests(directory: str | os.PathLike) -> None:
     try:
         with open(manifest, encoding="utf-8") as f:
             digests = json.load(f)["sha256"]
+        if not isinstance(digests, dict):
+            raise TypeError(f"'sha256' holds a {type(digests).__name__}, not a mapping of file names to digests")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{manifest} is corrupt ({error!r}): save or download the prompt again.") from error
     for name, expected in digests.items():

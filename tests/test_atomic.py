@@ -1,5 +1,6 @@
 """Nothing half-written, nothing NaN saved as if trained: atomic outputs and non-finite losses and weights."""
 
+import errno
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from datasets import Dataset
 from transformers import CLIPConfig
 
 from cmp_hf import CMPConfig, CMPTrainer
-from cmp_hf.atomic import STAGING_PREFIX, staged_directory, write_json, write_text
+from cmp_hf.atomic import STAGING_PREFIX, save_safetensors, staged_directory, write_json, write_text
 from cmp_hf.constants import CALIBRATION_NAME
 from cmp_hf.data.collator import ImageFeatureCollator
 from cmp_hf.reports import EvalReport
@@ -61,6 +62,30 @@ def test_atomic_files_get_the_mode_open_would_give(tmp_path):
     plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
     assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain  # not mkstemp's owner-only 0600
     assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == plain
+
+
+def test_temporary_files_stay_on_the_target_filesystem(tmp_path, monkeypatch):
+    """An output dir on its own filesystem (NFS, cluster scratch): a rename from anywhere outside it fails with
+    EXDEV, as the kernel's would, so every temporary file must be made inside the target's directory."""
+    mount = tmp_path / "scratch"
+    rename = os.replace
+
+    def replace_within_mount(src, dst):
+        if not all(Path(p).resolve().is_relative_to(mount.resolve()) for p in (src, dst)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", src)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_within_mount)
+    target = mount / "run" / "eval"
+    write_text(target / "a.txt", "x")
+    write_json(target / "b.json", {"a": 1})
+    save_safetensors({"w": torch.ones(2)}, target / "c.safetensors")
+    with staged_directory(target / "prompt") as staging:
+        Path(staging, "d.txt").write_text("y")
+    assert (target / "a.txt").read_text() == "x" and json.loads((target / "b.json").read_text()) == {"a": 1}
+    assert (target / "prompt" / "d.txt").read_text() == "y" and not leftovers(tmp_path)
+    with pytest.raises(OSError, match="cross-device"):  # the simulated mount does refuse outside renames
+        os.replace(tmp_path / "x", target / "x")
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:

@@ -54,6 +54,18 @@ def test_logits_and_probabilities_give_the_same_numbers():
     assert told["nll"] == pytest.approx(np.mean([np.log(2), np.log1p(np.exp(-1.0))]))
 
 
+def test_logit_rows_that_sum_to_one_are_taken_as_logits():
+    """Rows 2 - 1 = 1 and -0.5 + 1.5 = 1 sum to 1 but hold negative scores: logits, whose softmax puts
+    1 / (1 + e^-3) and 1 / (1 + e^-2) on the (true) larger class."""
+    logits, labels = [[2.0, -1.0], [-0.5, 1.5]], [0, 1]
+    module = Calibration()
+    detected = module.compute(predictions=logits, references=labels)
+    assert detected == module.compute(predictions=logits, references=labels, from_logits=True)
+    assert detected["nll"] == pytest.approx(np.mean([np.log1p(np.exp(-3.0)), np.log1p(np.exp(-2.0))]), abs=1e-12)
+    gaps = [1 / (1 + np.exp(3.0)), 1 / (1 + np.exp(2.0))]  # both right, confidences in different bins
+    assert detected["accuracy_pct"] == 100 and detected["ece_pct"] == pytest.approx(100 * np.mean(gaps), abs=1e-10)
+
+
 def test_add_batch_accumulates_and_n_bins_is_an_argument():
     logits, labels = scores(500, 4, 1)
     module = Calibration()

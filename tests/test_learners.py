@@ -113,6 +113,22 @@ def test_maple_vision_prompts_enter_only_through_the_couplings(wide_clip, tokeni
         assert (maple.image_features(x) - features).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize(("text_layers", "vision_layers"), [(2, 4), (4, 2)])
+def test_maple_depth_is_capped_by_the_shallower_tower(tokenizer, class_names, text_layers, vision_layers):
+    """Towers of different depths (ViT-L/14: 12 text layers, 24 vision): depth 9 is capped at 2, the shallower."""
+    config = tiny_clip_config(tokenizer)
+    config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers = text_layers, vision_layers
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    maple = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner="maple", maple_prompt_depth=9)
+    assert len(maple.learner.deep_prompts) == 1 and len(maple.learner.couplings) == 2
+    x = pixels()
+    with torch.no_grad():
+        prompts = maple.learner.vision_prompts(maple.context)
+        torch.testing.assert_close(maple.image_features(x), manual_vision_forward(clip, x, prompts), atol=1e-5, rtol=0)
+        assert maple(pixel_values=x).logits.isfinite().all()
+
+
 def test_maple_hooks_leave_a_plain_clip_forward_untouched(wide_clip, tokenizer, class_names):
     ids = tokenizer(["a photo of a red."], return_tensors="pt")
     x = pixels(2)

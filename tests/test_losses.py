@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from cmp_hf.losses import RATIO_EPS, cmp_penalty, focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
+from cmp_hf.losses import (
+    RATIO_EPS,
+    cmp_penalty,
+    expected_cross_entropy_bound,
+    focal_loss,
+    kgcoop_penalty,
+    margin_variance,
+    mbls_penalty,
+    smoothed_cross_entropy,
+)
 
 
 def brute_force_cmp(logits: torch.Tensor, labels: torch.Tensor, form: str, competitors: str) -> float:
@@ -199,3 +208,15 @@ def test_kgcoop_penalty_matches_brute_force():
     expected = sum(sum((a - b) ** 2 for a, b in zip(u, v, strict=True)) for u, v in rows) / 5
     assert kgcoop_penalty(learned, anchor).item() == pytest.approx(expected, rel=1e-6)
     assert kgcoop_penalty(learned, learned).item() == 0.0
+
+
+def test_gaussian_bound_of_one_class_pair_in_closed_form():
+    """Two classes, x = (1, 0), true class 0 fixed, class 1's feature spread 2 along x: the margin z_1 - z_0 is
+    N(0.5 - 1, 2^2), and Jensen with the Gaussian MGF bounds E[log(1 + e^margin)] by log(1 + e^(-0.5 + 4 / 2))."""
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    spread = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]], dtype=torch.float64)  # (C, K, D): one prompt direction
+    labels = torch.tensor([0])
+    variance = margin_variance(x, spread, labels)
+    assert variance.tolist() == [[0.0, 4.0]]
+    bound = expected_cross_entropy_bound(torch.tensor([[1.0, 0.5]], dtype=torch.float64), labels, variance)
+    assert bound.item() == pytest.approx(math.log1p(math.exp(1.5)), rel=1e-12)

@@ -54,6 +54,20 @@ def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, see
     assert calibration_metrics(labels, probs=probs, n_bins=n_bins)["classwise_ece"] == pytest.approx(expected)
 
 
+def test_classwise_ece_puts_a_probability_on_an_edge_in_the_bin_below():
+    """Bins are (lower, upper] for every class's probability too. By hand, 10 bins, sum over bins of
+    |sum (1[y = k] - p_k)| / N, averaged over the 3 classes:
+    class 0: 0.5 (y = 0) in (0.4, 0.5], 0.55 (y = 2) in (0.5, 0.6]: (|1 - 0.5| + |0 - 0.55|) / 2 = 0.525;
+    class 1: 0.3 and 0.25 both in (0.2, 0.3], neither labelled 1: |-0.3 - 0.25| / 2 = 0.275;
+    class 2: 0.2 and 0.2 in (0.1, 0.2], the second labelled 2: |-0.2 + 0.8| / 2 = 0.3.
+    (With [lower, upper) bins class 0's 0.5 and 0.55 would share a bin: |0.5 - 0.55| / 2 = 0.025.)"""
+    probs = np.array([[0.5, 0.3, 0.2], [0.55, 0.25, 0.2]])
+    labels = np.array([0, 2])
+    expected = (0.525 + 0.275 + 0.3) / 3
+    assert classwise_ece(probs, labels, 10) == pytest.approx(expected, abs=1e-12)
+    assert calibration_metrics(labels, probs=probs)["classwise_ece"] == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_aurc_matches_the_risk_at_every_confidence_threshold(seed):
     probs, labels = random_probs(400, 6, seed)

@@ -49,8 +49,8 @@ def grid(tmp_path_factory):
         for dataset in datasets:
             for learner in LEARNERS:
                 for method in METHODS:
-                    if (layout, dataset, learner) == ("few_shot", "eurosat", "MaPLe"):
-                        continue  # a missing cell: MaPLe has no few-shot average
+                    if (dataset, learner) == ("eurosat", "MaPLe"):
+                        continue  # a missing cell: MaPLe has no few-shot or base-to-novel average
                     seeds = (1, 2) if learner == "KgCoOp" else (1, 2, 3)
                     found[(layout, dataset, learner, method)] = [
                         write_run(runs_dir / layout / dataset / learner / method / f"seed{seed}", setting, dataset,
@@ -116,6 +116,14 @@ def test_three_layouts_match_the_runs_metrics(tmp_path, grid):
                        eval_set="hm")  # fmt: skip
         assert float(average["mean"]) == pytest.approx(hm(np.mean(base_means), np.mean(novel_means)), abs=1e-9)
     assert "### Average over 2 datasets" in markdown and "| Accuracy base | Accuracy novel | Accuracy H |" in markdown
+    # MaPLe has dtd only: no average over the one dataset it has, in the CSV or the Markdown
+    averaged = {
+        (r["learner"], r["method"]) for r in rows if r["layout"] == "base_to_novel" and r["dataset"] == "Average"
+    }
+    assert averaged == {(learner, method) for learner in ("CoOp", "KgCoOp") for method in METHODS}
+    average_table = markdown.split("### Average over 2 datasets")[1].split("##")[0]
+    for method in METHODS:
+        assert f"| MaPLe | {method} | " + " | ".join(["-"] * 3 * len(METRICS)) + " |" in average_table
 
     # ImageNet -> shifts: the source's test set, each shift, and the average over the shifts
     for metric in METRICS:

@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 
 from cmp_hf import CMPConfig, CMPTrainer
 from cmp_hf.constants import OUTPUT_DIR_LOCK_NAME
-from cmp_hf.runs import checkpoint_to_resume, last_checkpoint, lock_output_dir, unlock_output_dir
+from cmp_hf.runs import (
+    checkpoint_to_resume,
+    finished_run_files,
+    last_checkpoint,
+    lock_output_dir,
+    output_dir_of_run,
+    unlock_output_dir,
+)
 from cmp_hf.scripts import train
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 
@@ -99,6 +106,31 @@ def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, tiny_clip_dir,
         small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no", seed=3).train()
     assert (tmp_path / "run" / "adapter_model.safetensors").read_bytes() == saved
     small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no", overwrite_output_dir=True).train()
+
+
+def test_the_last_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    for step in (2, 9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # not "checkpoint-9" > "checkpoint-10"
+    assert checkpoint_to_resume(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")
+
+
+def test_a_run_killed_after_saving_its_prompt_is_resumed_not_refused(tmp_path, tiny_clip_dir, train_set):
+    """Killed during its final evaluation: the prompt is saved, metrics.json is not. The sweep resubmits it with
+    resume_from_checkpoint: true, which must finish it rather than fail on every resubmission."""
+    trainer = small_run(tmp_path, tiny_clip_dir, train_set)
+    trainer.train()
+    trainer.save_model()
+    del trainer
+    gc.collect()
+    output_dir = str(tmp_path / "run")
+    assert finished_run_files(output_dir) and last_checkpoint(output_dir) == str(tmp_path / "run" / "checkpoint-4")
+    with output_dir_of_run(output_dir, overwrite=False, resuming=True, is_main_process=True):  # the recipe's check
+        pass
+    small_run(tmp_path, tiny_clip_dir, train_set, resume_from_checkpoint="true").train()  # the trainer's check
+    with pytest.raises(FileExistsError, match="already holds a finished run"):  # not resuming: refused
+        small_run(tmp_path, tiny_clip_dir, train_set).train()
 
 
 def test_a_second_recipe_run_into_a_finished_output_dir_is_refused_before_loading(tmp_path, testbed):

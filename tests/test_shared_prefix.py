@@ -193,6 +193,28 @@ def test_an_unrecognised_text_tower_falls_back_with_one_log_line(bpe, bpe_clip, 
     assert model.learner.shared_prefix_plan(model.clip) is not None
 
 
+def test_attention_dropout_takes_the_full_forward_in_training_only(bpe, caplog):
+    """The shared-prefix path has no attention dropout: with ``attention_dropout=0.1`` training must take Hugging
+    Face's forward (which drops), evaluation (no dropout) the exact shared prefix."""
+    config = tiny_clip_config(bpe)
+    config.text_config.attention_dropout = 0.1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clip = CLIPModel(config)
+    model = PromptTunedCLIP.from_clip(clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    model.eval()
+    assert_same_as_full_forward(model)  # no dropout in eval: the fast path is taken and exact
+    model.train()
+    model.learner.shares_prefix = True  # (the comparison above left it off)
+    with caplog.at_level(logging.WARNING):
+        assert model.learner.shared_prefix_plan(model.clip) is None
+    assert "dropout in training mode" in caplog.text
+    torch.manual_seed(1)
+    first = model.text_features()
+    torch.manual_seed(2)
+    assert (first - model.text_features()).abs().max() > 1e-3  # the full forward taken in training drops
+
+
 def test_length_buckets_minimise_padding_like_brute_force():
     rng = random.Random(0)
     for _ in range(30):

@@ -107,7 +107,10 @@ def test_killed_job_resumes_and_failed_job_is_reported(tmp_path, testbed):
     job = json.loads((long_dir / "sweep_job.json").read_text())
     assert job["resumed_from"] == killed_at
     state = json.loads((Path(last_checkpoint(long_dir)) / "trainer_state.json").read_text())
-    assert state["global_step"] == 60 and int(Path(killed_at).name.split("-")[1]) < 60
+    killed_step = int(Path(killed_at).name.split("-")[1])
+    assert state["global_step"] == 60 and killed_step < 60
+    # the job's own output, not its record: it trained on from the checkpoint (a restart also reaches step 60)
+    assert f"Resuming from {killed_at} (step {killed_step}), not from step 0." in Path(job["stdout"]).read_text()
     status = sweep.main([*argv, "--status"])  # the same table from the run directories alone, no jobs at hand
     assert [(s.state, s.error) for s in status] == [("done", None), ("failed", failure.error)]
 

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -227,6 +228,28 @@ def test_push_without_token_is_refused_before_loading_anything(tmp_path, train_s
     config = make_config(tmp_path, push_to_hub=True, hub_model_id="tester/x")
     with pytest.raises(HubError, match="no Hugging Face token was found"):
         CMPTrainer(model=MISSING_MODEL, args=config, train_dataset=train_set)
+
+
+def test_nan_pixels_from_a_custom_collator_are_named_as_the_cause(tmp_path, tiny_clip_dir, class_names):
+    """A collator of its own that passes float ``pixel_values``: a NaN image row is the cause the error names,
+    not the learning rate."""
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels[5] = math.nan
+    dataset = Dataset.from_dict({"image": pixels.numpy(), "label": [0, 1, 2, 3] * 2})
+
+    def collate(rows):
+        return {"pixel_values": torch.tensor(np.array([row["image"] for row in rows]), dtype=torch.float32),
+                "labels": torch.tensor([row["label"] for row in rows])}  # fmt: skip
+
+    config = make_config(tmp_path, max_steps=1, per_device_train_batch_size=8)
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=dataset, class_names=class_names,
+                         data_collator=collate)  # fmt: skip
+    start = trainer.model.context.detach().clone()
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert re.search(r"the batch's images hold NaN or infinite values \(rows \[\d\] of the batch\)", message)
+    assert "lower learning_rate" not in message and torch.equal(trainer.model.context.detach(), start)
 
 
 def test_kgcoop_with_weight_zero_is_coop_exactly(tmp_path, tiny_clip_dir, train_set):
