@@ -44,8 +44,9 @@ TEXT_LENGTH_BUCKETS = 4  # class suffixes run in at most this many length groups
 PRESETS = {
     "calibrated": {
         "cmp_lambda": 0.0,
-        "shift_strength": 0.3,
-        "zero_shot_weight": 0.3,
+        "shift_strength": 0.2,
+        "shift_neighbours": 5,
+        "zero_shot_weight": 0.2,
         "transfer_zero_shot_weight": 0.5,
     },
 }
