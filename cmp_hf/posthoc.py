@@ -35,7 +35,7 @@ from .atomic import save_safetensors, write_json
 from .constants import CALIBRATION_FEATURES_NAME, CALIBRATION_NAME
 from .integrity import load_weights_file
 
-TEMPERATURE_PRIOR_STD = 0.5  # prior std of log T: T within [0.37, 2.7] at 2 sigma unless the data insist
+TEMPERATURE_PRIOR_STD = 0.25  # prior std of log T: T within [0.6, 1.65] at 2 sigma unless the data insist
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,14 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
-from cmp_hf.posthoc import PostHocCalibration, apply_class_scales, distance_aware_scales, fit_temperature, proximity
+from cmp_hf.posthoc import (
+    TEMPERATURE_PRIOR_STD,
+    PostHocCalibration,
+    apply_class_scales,
+    distance_aware_scales,
+    fit_temperature,
+    proximity,
+)
 
 
 def overconfident(seed: int = 0, n: int = 400, classes: int = 5, scale: float = 8.0):
@@ -87,7 +94,7 @@ def test_the_prior_on_log_t_is_a_map_fit(n):
     T towards 1 and matters little for a large one."""
     logits, labels = overconfident(seed=5, n=n)
     t = fit_temperature(logits, labels)
-    assert t == pytest.approx(_nll_minimiser(logits, labels, prior_std=0.5), rel=2e-3)
+    assert t == pytest.approx(_nll_minimiser(logits, labels, prior_std=TEMPERATURE_PRIOR_STD), rel=2e-3)
     t_mle = fit_temperature(logits, labels, prior_std=None)
     assert t_mle == pytest.approx(_nll_minimiser(logits, labels, prior_std=None), rel=2e-3)
     assert abs(np.log(t)) < abs(np.log(t_mle))
