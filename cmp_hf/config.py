@@ -98,8 +98,13 @@ class CMPConfig(TrainingArguments):
             "(0 = CoOp exactly)."
         },
     )
-    kgcoop_template: str = field(
-        default="a photo of a {}.", metadata={"help": "KgCoOp: the hand-crafted prompt, {} standing for the class."}
+    kgcoop_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "KgCoOp: the hand-crafted prompt, {} standing for the class. None: the suite dataset's CoOp "
+            "template (as the released KgCoOp, e.g. 'a photo of a {}, a type of pet.') in a benchmark run, "
+            "otherwise 'a photo of a {}.'."
+        },
     )
 
     prompt_learner: str = field(
@@ -208,7 +213,7 @@ class CMPConfig(TrainingArguments):
     def __post_init__(self) -> None:
         _check_numbers_are_numbers(self)
         self.loss_options()  # validates the loss fields now, before any model is loaded
-        if self.kgcoop_template.count("{}") != 1:
+        if self.kgcoop_template is not None and self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")
         if self.calibration_bins < 1:
             raise ValueError(f"calibration_bins must be >= 1, got {self.calibration_bins}.")

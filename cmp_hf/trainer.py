@@ -38,7 +38,7 @@ from .data.loading import class_names_from_features
 from .hub import HubError, hub_errors, model_card, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
-from .modeling import PromptTunedCLIP
+from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
 from .runs import (
@@ -330,7 +330,7 @@ class CMPTrainer(Trainer):
         model = self.accelerator.unwrap_model(model)
         key = tuple(model.class_names)
         if key not in self._hand_crafted:
-            self._hand_crafted[key] = model.hand_crafted_text_features(self.args.kgcoop_template)
+            self._hand_crafted[key] = model.hand_crafted_text_features(self.args.kgcoop_template or ZERO_SHOT_TEMPLATE)
         return self._hand_crafted[key]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -34,6 +34,7 @@ from ..base_model import check_clip_source
 from ..config import CMPConfig
 from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
+    SUITE,
     base_novel_classes,
     class_names_from_features,
     few_shot_sets,
@@ -197,6 +198,8 @@ def train_and_evaluate(
 ) -> tuple[CMPTrainer, dict[str, dict[str, float]]]:
     """Everything local: train, save the prompt, evaluate, save the reports, metrics.json and run.json."""
     data = load_run_data(script_args, config)
+    if script_args.benchmark and config.kgcoop_template is None:  # KgCoOp's anchor is the dataset's CoOp template
+        config.kgcoop_template = SUITE[script_args.benchmark].template
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
         args=config,
