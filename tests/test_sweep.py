@@ -60,12 +60,12 @@ def test_local_grid_runs_every_job_then_skips_them(tmp_path, testbed):
 
     # the few-shot table of recipes/report.py holds each cell's seeds, checked against the runs' own files
     markdown = report.main([str(runs), "--out", str(tmp_path / "report")])
-    assert "## Few-shot (all_2shot)" in markdown and "| CoOp | CMP |" in markdown and "(n=2)" in markdown
+    assert "## Few-shot (all_2shot)" in markdown and "| CoOp | CMP (log_ratio) |" in markdown and "(n=2)" in markdown
     with open(tmp_path / "report.csv", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["layout"] == "few_shot" and r["dataset"] == str(testbed / "data")]
     for metric in ("accuracy_pct", "ece_pct", "ace_pct", "mce_pct"):
         values = [metrics(d)["test"][metric] for d in run_dirs]
-        (row,) = [r for r in rows if r["method"] == "CMP" and r["metric"] == metric]
+        (row,) = [r for r in rows if r["method"] == "CMP (log_ratio)" and r["metric"] == metric]
         assert float(row["mean"]) == pytest.approx(np.mean(values), abs=1e-9)
         assert float(row["std"]) == pytest.approx(np.std(values), abs=1e-9) and row["n"] == "2"
 

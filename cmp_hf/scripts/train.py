@@ -34,6 +34,7 @@ from ..base_model import check_clip_source
 from ..config import CMPConfig
 from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
+    FEWSHOT_SAMPLINGS,
     SUITE,
     base_novel_classes,
     class_names_from_features,
@@ -58,12 +59,26 @@ class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP Hub id or local directory."})
     benchmark: str | None = field(default=None, metadata={"help": "Suite dataset key (cmp_hf.data.SUITE)."})
     data_dir: str | None = field(default=None, metadata={"help": "Local copy of the suite dataset."})
+    data_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "CoOp's data folder (DATASETS.md layout), or hub:<repo id> for a Hub repo holding it: CoOp's own "
+            "train/val/test splits for benchmark and eval_benchmarks."
+        },
+    )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, image folder or save_to_disk dir."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
     train_split: str = field(default="train", metadata={"help": "Split to train on (dataset_name)."})
     eval_splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "Splits to evaluate."})
     class_names: list[str] | None = field(default=None, metadata={"help": "Override the ClassLabel names."})
     shots: int | None = field(default=None, metadata={"help": "Train on this many examples per class (seeded)."})
+    fewshot_sampling: str = field(
+        default="numpy",
+        metadata={
+            "help": f"One of {FEWSHOT_SAMPLINGS}: cmp_hf's seeded draw, or CoOp's (Dassl's generate_fewshot_dataset: "
+            "the same images as CoOp for the same seed, on CoOp's splits from data_root)."
+        },
+    )
     base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
     eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
     eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
@@ -78,6 +93,8 @@ class ScriptArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.fewshot_sampling not in FEWSHOT_SAMPLINGS:
+            raise ValueError(f"fewshot_sampling is {self.fewshot_sampling!r}: use one of {FEWSHOT_SAMPLINGS}.")
         if self.shots is not None and self.shots < 1:
             raise ValueError(
                 f"shots is {self.shots}: set it to the number of training examples per class (>= 1), or leave it "
@@ -92,6 +109,7 @@ class RunData:
     evals: dict[str, Dataset]  # same classes as train
     transfers: dict[str, tuple[Dataset, list[str]]] = field(default_factory=dict)  # other classes, same context
     setting: str = "all"
+    coop_test: dict[str, bool] = field(default_factory=dict)  # suite dataset -> is its test set CoOp's?
 
 
 def make_parser() -> HfArgumentParser:
@@ -103,9 +121,11 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         raise ValueError(
             "Set exactly one of benchmark (a suite dataset) or dataset_name (in the YAML or as --option)."
         )
+    val_pool, coop_test = None, {}
     if script_args.benchmark:
-        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir)
+        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir, coop_root=script_args.data_root)
         pool, test, names = suite.splits["train"], {"test": suite.splits["test"]}, suite.class_names
+        val_pool, coop_test[script_args.benchmark] = suite.splits.get("val"), suite.coop_test
     else:
         dataset = load_image_dataset(script_args.dataset_name, script_args.dataset_config)
         missing = [s for s in [script_args.train_split, *script_args.eval_splits] if s not in dataset]
@@ -116,10 +136,16 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         names = script_args.class_names or class_names_from_features(pool, config.label_column)
         for split, dataset in {script_args.train_split: pool, **test}.items():  # before any split by class
             check_labels(dataset, f"split {split!r}", config.label_column, len(names))
-    data = RunData(train=pool, class_names=list(names), evals=dict(test))
+    data = RunData(train=pool, class_names=list(names), evals=dict(test), coop_test=coop_test)
+    val = None
+    coop_draw = script_args.shots and script_args.fewshot_sampling == "coop"
+    if coop_draw:  # CoOp draws from every class, then keeps the base ones (subsample_classes)
+        data.train, val = few_shot_sets(pool, script_args.shots, config.seed, config.label_column, config.output_dir,
+                                        sampling="coop", val_pool=val_pool)  # fmt: skip
     if script_args.base_to_novel:
         base, novel = base_novel_classes(len(names))
-        data.train = subset_classes(pool, base, config.label_column)
+        data.train = subset_classes(data.train, base, config.label_column)
+        val = None if val is None else subset_classes(val, base, config.label_column)
         data.class_names = [names[c] for c in base]
         data.evals = {f"{split}_base": subset_classes(ds, base, config.label_column) for split, ds in test.items()}
         novel_names = [names[c] for c in novel]
@@ -129,15 +155,17 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         }
         data.setting = "base_to_novel"
     if script_args.shots:
-        data.train, val = few_shot_sets(
-            data.train, script_args.shots, config.seed, config.label_column, config.output_dir
-        )
+        if not coop_draw:
+            data.train, val = few_shot_sets(
+                data.train, script_args.shots, config.seed, config.label_column, config.output_dir
+            )
         data.evals = {"val": val, **data.evals}
         data.setting = f"{data.setting}_{script_args.shots}shot"
     dirs = script_args.eval_data_dirs or [None] * len(script_args.eval_benchmarks or [])
     for key, data_dir in zip(script_args.eval_benchmarks or [], dirs, strict=True):
-        shifted = load_suite_dataset(key, data_dir)
+        shifted = load_suite_dataset(key, data_dir, coop_root=None if data_dir else script_args.data_root)
         data.transfers[key] = (shifted.splits["test"], shifted.class_names)
+        data.coop_test[key] = shifted.coop_test
     return data
 
 
@@ -243,6 +271,9 @@ def train_and_evaluate(
             "cmp_competitors": config.cmp_competitors,
             "kgcoop_weight": config.kgcoop_weight,
             "prompt_learner": config.prompt_learner,
+            "fewshot_sampling": script_args.fewshot_sampling if script_args.shots else None,
+            "data_root": script_args.data_root,
+            "coop_test": data.coop_test,  # per suite dataset: False = its test set is not CoOp's (Hub split)
             "temperature": trainer.model.calibration.temperature,
             "dac_k": trainer.model.calibration.dac_k,
         }
