@@ -169,6 +169,15 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
     return data
 
 
+def card_dataset_name(script_args: ScriptArguments, data: RunData) -> str:
+    """The dataset the model card names; a suite dataset says whether its test set is CoOp's."""
+    if not script_args.benchmark:
+        return script_args.dataset_name
+    if not data.coop_test[script_args.benchmark]:
+        return f"{script_args.benchmark} (the Hub repo's test split, not CoOp's)"
+    return f"{script_args.benchmark} (CoOp's splits)" if script_args.data_root else script_args.benchmark
+
+
 def evaluate_all(trainer: CMPTrainer, data: RunData, prefix: str) -> dict[str, float]:
     """Evaluate the eval sets, then the transfer sets with the same context over their own classes."""
     flat = trainer.evaluate(metric_key_prefix=prefix)
@@ -236,7 +245,7 @@ def train_and_evaluate(
         class_names=data.class_names,
     )
     bars_only(trainer)
-    trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
+    trainer.create_model_card(dataset_name=card_dataset_name(script_args, data))
     flat = {}
     if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
         if not config.ctx_init:
