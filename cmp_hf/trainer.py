@@ -282,14 +282,21 @@ class CMPTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = inputs["labels"]
+        prompt_model = self.accelerator.unwrap_model(model)
+        per_step = self.args.proda_prompts_per_step
+        if model.training and per_step:  # ProDA's released sampling of its contexts
+            prompt_model.learner.select_prompts(self.state.global_step, per_step, self.args.seed)
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
         hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
         variance = None  # a learner with Gaussian class features (ProDA) trains on a bound that needs it
         if outputs.text_spread is not None:
             variance = margin_variance(outputs.image_features, outputs.text_spread, labels)
+        diversity = None
+        if self._loss_options.proda_diversity_weight:
+            diversity = prompt_model.learner.prompt_diversity(prompt_model.clip, prompt_model.context)
         loss, terms = training_objective(
-            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance
+            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance, diversity
         )
         if model.training:
             self._stop_at_non_finite_loss(loss, terms, inputs)

@@ -137,7 +137,9 @@ def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path,
     assert maple["num_train_epochs"] == 5 and maple["ctx_init"] == "a photo of a"  # its own epochs, not CoOp's
     assert runs["few_shot/animals/coop/ce/seed1"]["num_train_epochs"] == 100  # CoOp's epochs for 4 shots
     assert runs["base_to_novel/animals/proda/ce/seed1"]["shots"] == 16
-    assert runs["base_to_novel/animals/proda/ce/seed1"]["num_train_epochs"] == 200
+    proda = runs["base_to_novel/animals/proda/ce/seed1"]  # the released recipe, its own epochs
+    assert proda["num_train_epochs"] == 100 and proda["proda_prompts_per_step"] == 4
+    assert proda["proda_diversity_weight"] == 0.1
     assert runs["few_shot/animals/proda/ce/seed1"]["ctx_init"] is None
     assert runs["few_shot/animals/kgcoop/cmp/seed1"]["kgcoop_weight"] == 8.0
     assert runs["few_shot/animals/cocoop/cmp/seed1"]["cmp_lambda"] == 1.0
