@@ -160,12 +160,15 @@ def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
 def test_cocoop_cost_benchmark_runs():
     from recipes import bench_cocoop_cost
 
-    options = dict(size="tiny", classes=3, batches=[1, 2], repeats=1, proda_num_prompts=4)
-    costs = bench_cocoop_cost.main(argparse.Namespace(**options, learners=["coop", "cocoop", "maple", "proda"]))
-    # what the benchmark claims to time: CoOp and MaPLe encode the C prompts once, CoCoOp B x C, ProDA K x C
+    options = dict(size="tiny", classes=3, batches=[1, 2], repeats=1, proda_num_prompts=4, proda_prompts_per_step=2)
+    learners = ["coop", "cocoop", "maple", "proda", "proda_sampled"]
+    costs = bench_cocoop_cost.main(argparse.Namespace(**options, learners=learners))
+    # what the benchmark claims to time: CoOp and MaPLe encode the C prompts once, CoCoOp B x C, ProDA K x C, and
+    # ProDA as released k x C plus the K class-free prompts of its diversity term
     assert {key: cost.prompts for key, cost in costs.items()} == {
         ("coop", 1): 3, ("coop", 2): 3, ("cocoop", 1): 3, ("cocoop", 2): 6, ("maple", 1): 3, ("maple", 2): 3,
-        ("proda", 1): 12, ("proda", 2): 12}  # fmt: skip
+        ("proda", 1): 12, ("proda", 2): 12, ("proda_sampled", 1): 2 * 3 + 4,
+        ("proda_sampled", 2): 2 * 3 + 4}  # fmt: skip
 
 
 def test_cmp_hf_command_is_installed_and_explains_each_option():

@@ -5,9 +5,10 @@
 
 (``recipes/train.py`` runs this module's :func:`main`; ``cmp-hf train`` is the same through the installed package.)
 
-Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub or ``data_dir``) or from
-``dataset_name`` (a Hub id, a local image folder or a ``save_to_disk`` DatasetDict). With ``shots``, k training and
-min(k, 4) validation examples per class are drawn with the seed and saved as ``fewshot_split.json`` (reused on a
+Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub, ``data_dir``, or CoOp's own
+splits in CoOp's data folder ``data_root``) or from ``dataset_name`` (a Hub id, a local image folder or a
+``save_to_disk`` DatasetDict). With ``shots``, k training and min(k, 4) validation examples per class are drawn with
+the seed (``fewshot_sampling``: cmp_hf's draw, or CoOp's exactly) and saved as ``fewshot_split.json`` (reused on a
 re-run). ``base_to_novel`` trains on the first half of the classes and evaluates on base and novel test classes;
 ``eval_benchmarks`` evaluates the same context on other suite datasets with their own classes (ImageNet -> shifts).
 
