@@ -1,12 +1,13 @@
 """CoOp's data folder from a Hub repo: ``data_root: hub:<repo id>`` downloads one dataset's folder and reads it with
 the same loader as a local folder (``cmp_hf.data.coop_layout``).
 
-Some public repos re-host CoOp's data folder with its ``split_zhou_*.json`` files, for example
-``zhengli97/prompt_learning_dataset`` (a model repo; its card says it holds the 11 base-to-novel datasets and the
-four ImageNet shifts "to make it easy to download" them). Such a repo may hold each dataset as its folder or as one
-archive of it; both are accepted: ``<folder>/...`` as CoOp's layout, or ``<folder>.zip`` / ``.tar`` / ``.tar.gz`` /
-``.tgz`` at the repo root, extracted once beside the Hub cache. ``hub:datasets/<repo id>`` names a dataset repo.
-Only the requested dataset's files are downloaded.
+Some public repos re-host CoOp's data folder, for example ``zhengli97/prompt_learning_dataset`` (a model repo):
+its card lists the 11 base-to-novel datasets and the four ImageNet shifts and says the repo holds the datasets to be
+used. Whether it includes every ``split_zhou_*.json`` and how it packs each folder could not be checked offline.
+Such a repo may hold each dataset as its folder or as one archive of it; both are accepted: ``<folder>/...`` as
+CoOp's layout, or ``<folder>.zip`` / ``.tar`` / ``.tar.gz`` / ``.tgz`` at the repo root, extracted once beside the
+Hub cache; the loader then refuses a folder without its split file, naming it. ``hub:datasets/<repo id>`` names a
+dataset repo. Only the requested dataset's files are downloaded.
 """
 
 from __future__ import annotations
