@@ -79,7 +79,6 @@ def load_coop_folder(key: str, root: str) -> tuple[DatasetDict, list[str]]:
         )
     image_dir = os.path.join(folder, layout.image_dir)
     splits = READERS[layout.reader](key, folder, image_dir, layout)
-    _check_images_exist(key, splits)
     names = class_names_of(key, splits["train" if "train" in splits else "test"])
     features = Features({"image": Image(), "label": ClassLabel(names=unique_names(names))})
     dataset = DatasetDict(
@@ -116,10 +115,10 @@ def _read_split_json(key: str, folder: str, image_dir: str, layout: CoOpLayout) 
     missing = [name for name in ("train", "val", "test") if name not in split]
     if missing:
         raise ValueError(f"{key}: {path} has no {missing} lists (CoOp's split files have train, val and test).")
-    return {
+    return _check_images_exist(key, {
         name: [(os.path.join(image_dir, impath), int(label), classname) for impath, label, classname in split[name]]
         for name in ("train", "val", "test")
-    }
+    })  # fmt: skip
 
 
 def _read_fgvc_aircraft(key: str, folder: str, image_dir: str, layout: CoOpLayout) -> dict[str, Rows]:
@@ -129,10 +128,13 @@ def _read_fgvc_aircraft(key: str, folder: str, image_dir: str, layout: CoOpLayou
     for split in ("train", "val", "test"):
         with open(_required(key, folder, f"images_variant_{split}.txt"), encoding="utf-8") as f:
             parts = [line.strip().split(" ") for line in f.readlines()]
+        unknown = sorted({" ".join(p[1:]) for p in parts} - set(label_of))
+        if unknown:
+            raise ValueError(f"{key}: images_variant_{split}.txt names variants not in variants.txt: {unknown[:5]}.")
         splits[split] = [
             (os.path.join(image_dir, p[0] + ".jpg"), label_of[" ".join(p[1:])], " ".join(p[1:])) for p in parts
         ]
-    return splits
+    return _check_images_exist(key, splits)
 
 
 def read_classnames(key: str, folder: str) -> dict[str, str]:
@@ -195,14 +197,16 @@ def _required(key: str, folder: str, name: str) -> str:
     return path
 
 
-def _check_images_exist(key: str, splits: dict[str, Rows]) -> None:
-    """Every image the split files name, before anything is built (a partial copy fails here, not mid-training)."""
+def _check_images_exist(key: str, splits: dict[str, Rows]) -> dict[str, Rows]:
+    """Every image the split files name, before anything is built (a partial copy fails here, not mid-training);
+    the folder readers list what exists and need no check."""
     missing = [path for rows in splits.values() for path, _, _ in rows if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(
             f"{key}: {len(missing)} images named by CoOp's split files are missing, e.g. {missing[0]}: the data "
             "folder is incomplete or laid out differently from CoOp's DATASETS.md."
         )
+    return splits
 
 
 def unique_names(names: list[str]) -> list[str]:
