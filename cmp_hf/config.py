@@ -25,7 +25,8 @@ _SECTIONS = {
     ),
     "Parameters that control the prompt": (
         "prompt_learner", "n_ctx", "ctx_init", "class_token_position", "class_specific_context", "prompt_template",
-        "allow_duplicate_class_names", "maple_prompt_depth", "proda_num_prompts",
+        "allow_duplicate_class_names", "maple_prompt_depth", "proda_num_prompts", "proda_prompts_per_step",
+        "proda_diversity_weight",
     ),
     "Parameters that control the data and the evaluation": ("image_column", "label_column", "calibration_bins"),
     "Image features and augmentation": (
@@ -103,8 +104,13 @@ class CMPConfig(TrainingArguments):
             "(0 = CoOp exactly)."
         },
     )
-    kgcoop_template: str = field(
-        default="a photo of a {}.", metadata={"help": "KgCoOp: the hand-crafted prompt, {} standing for the class."}
+    kgcoop_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "KgCoOp: the hand-crafted prompt, {} standing for the class. None: the suite dataset's CoOp "
+            "template (as the released KgCoOp, e.g. 'a photo of a {}, a type of pet.') in a benchmark run, "
+            "otherwise 'a photo of a {}.'."
+        },
     )
 
     prompt_learner: str = field(
@@ -157,8 +163,23 @@ class CMPConfig(TrainingArguments):
     proda_num_prompts: int = field(
         default=32,
         metadata={
-            "help": "ProDA: the number K of learned contexts (the paper: 32). Every step encodes K x classes prompts; "
-            "K = 1 is CoOp."
+            "help": "ProDA: the number K of learned contexts (the paper: 32). Every step encodes K x classes prompts "
+            "(or proda_prompts_per_step x classes); K = 1 is CoOp."
+        },
+    )
+    proda_prompts_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "ProDA: train each step on this many of the K contexts, as released (4 of 32): the K in a random "
+            "order, this many at a time, a new order once all were used; it must divide K. The mean and spread of "
+            "a step are those of its contexts (spread / (this + 1)); evaluation uses all K. None: all K every step."
+        },
+    )
+    proda_diversity_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "ProDA: weight of the released diversity term, the mean |cosine| between the features of the K "
+            "class-free prompts (each context followed by '.'), all K every step (released: 0.1). Needs K > 1."
         },
     )
 
@@ -251,7 +272,7 @@ class CMPConfig(TrainingArguments):
         _check_numbers_are_numbers(self)
         self._apply_preset()
         self.loss_options()  # validates the loss fields now, before any model is loaded
-        if self.kgcoop_template.count("{}") != 1:
+        if self.kgcoop_template is not None and self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")
         if self.calibration_bins < 1:
             raise ValueError(f"calibration_bins must be >= 1, got {self.calibration_bins}.")
@@ -259,6 +280,7 @@ class CMPConfig(TrainingArguments):
             raise ValueError("augmented_views and image_feature_batch_size must be >= 1.")
         if self.coop_warmup_epochs < 0 or self.coop_warmup_lr < 0:
             raise ValueError("coop_warmup_epochs and coop_warmup_lr must be >= 0.")
+        self._check_proda_options()
         # validates the prompt and learner options now, and the losses the learner can train with
         learner_class(self.prompt_config(class_names=["_"])).check_loss_options(self.loss_options())
         super().__post_init__()
@@ -284,6 +306,21 @@ class CMPConfig(TrainingArguments):
     def posthoc_requested(self) -> bool:
         """Whether training ends by fitting the post-hoc calibration (shift-aware temperature, anchoring)."""
         return bool(self.shift_strength or self.zero_shot_weight or self.transfer_zero_shot_weight)
+
+    def _check_proda_options(self) -> None:
+        per_step, k = self.proda_prompts_per_step, self.proda_num_prompts
+        if (per_step is not None or self.proda_diversity_weight) and self.prompt_learner != "proda":
+            raise ValueError(
+                "proda_prompts_per_step and proda_diversity_weight are ProDA's: set prompt_learner: proda or leave "
+                "them unset."
+            )
+        if per_step is not None and not (1 <= per_step <= k and k % per_step == 0):
+            raise ValueError(
+                f"proda_prompts_per_step is {per_step}: it must divide proda_num_prompts ({k}), as in the released "
+                "trainer (4 of 32), or be unset (all K every step)."
+            )
+        if self.proda_diversity_weight and k < 2:
+            raise ValueError("proda_diversity_weight compares the K contexts with each other: it needs K >= 2.")
 
     def loss_options(self) -> LossOptions:
         """The training objective these arguments describe (``cmp_hf.losses.training_objective``)."""

@@ -33,7 +33,7 @@ RUN_IDENTITY_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
     "coop_schedule", "coop_warmup_epochs", "coop_warmup_lr", "cmp_lambda", "cmp_form", "cmp_competitors",
     "label_smoothing_factor", "focal_gamma", "mbls_weight", "mbls_margin", "kgcoop_weight", "kgcoop_template",
-    "augment", "augmented_views",
+    "augment", "augmented_views", "proda_prompts_per_step", "proda_diversity_weight",
 )  # fmt: skip
 
 # Text encoding of class prompts (cmp_hf.prompts.shared_prefix)

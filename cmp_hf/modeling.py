@@ -31,6 +31,8 @@ from .learners import PromptLearner, learner_class
 from .posthoc import PostHocCalibration, distance_aware_scales
 from .prompts.config import CoOpPromptConfig, initial_context
 
+ZERO_SHOT_TEMPLATE = "a photo of a {}."  # CLIP's generic prompt: KgCoOp's anchor where no dataset template is known
+
 
 @dataclass
 class PromptTunedCLIPOutput(ModelOutput):
@@ -250,7 +252,7 @@ class PromptTunedCLIP(nn.Module):
         return self.learner.text_features(self.clip, self.context, image_features)
 
     @torch.no_grad()
-    def hand_crafted_text_features(self, template: str = "a photo of a {}.") -> torch.Tensor:
+    def hand_crafted_text_features(self, template: str = ZERO_SHOT_TEMPLATE) -> torch.Tensor:
         """L2-normalised features of the plain text prompts ``template.format(class name)`` (CLIP's zero-shot
         classifier; KgCoOp's anchor; DAC's reference). No learned context is involved."""
         return hand_crafted_text_features(self.clip, self.tokenizer, self.class_names, template)
@@ -309,7 +311,7 @@ class PromptTunedCLIP(nn.Module):
 
 
 def hand_crafted_text_features(
-    clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, class_names: list[str], template: str = "a photo of a {}."
+    clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, class_names: list[str], template: str = ZERO_SHOT_TEMPLATE
 ) -> torch.Tensor:
     """L2-normalised CLIP text features of ``template.format(name)`` for each class (underscores read as spaces)."""
     texts = [template.format(name.replace("_", " ")) for name in class_names]

@@ -33,7 +33,7 @@ from .learners import LEARNERS
 from .reports import harmonic_mean
 
 METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}  # all in percent
-DEFAULT_CMP = ("log_ratio", "all", 1.0)  # the CMP options the method column calls plain "CMP"
+DEFAULT_CMP = ("all", 1.0)  # competitors and lambda the method column leaves out: "CMP (<form>)"
 
 
 def publish(markdown: str, rows: list[dict], out: str | None) -> None:
@@ -55,8 +55,9 @@ class RunResult:
     setting: str  # run.json's: "all_8shot", "base_to_novel_16shot", ...
     dataset: str
     learner: str  # "CoOp", "KgCoOp", ...
-    method: str  # "CE", "CMP", "CMP (ratio, all, lambda 1)"
+    method: str  # "CE", "CMP (log_ratio)", "CMP (ratio, top1, lambda 1)"
     metrics: dict[str, dict[str, float]]
+    not_coop_test: tuple[str, ...] = ()  # suite datasets whose test set was not CoOp's (run.json's coop_test)
 
     @property
     def layout(self) -> str:
@@ -74,12 +75,15 @@ def learner_name(run: dict[str, Any]) -> str:
 
 
 def method_name(run: dict[str, Any]) -> str:
+    """CE, or CMP with its form always named (the paper's numbers most likely came from the released 'ratio'
+    form, cmp_hf's default is 'log_ratio'), and its competitors and lambda where they are not the defaults; a named
+    preset by its name."""
     if run.get("preset"):
         return f"{run['preset']} (preset)"
     if not run["cmp_lambda"]:
         return "CE"
-    options = (run["cmp_form"], run["cmp_competitors"], float(run["cmp_lambda"]))
-    return "CMP" if options == DEFAULT_CMP else f"CMP ({options[0]}, {options[1]}, lambda {options[2]:g})"
+    form, options = run["cmp_form"], (run["cmp_competitors"], float(run["cmp_lambda"]))
+    return f"CMP ({form})" if options == DEFAULT_CMP else f"CMP ({form}, {options[0]}, lambda {options[1]:g})"
 
 
 def load_runs(runs_dir: str | Path) -> list[RunResult]:
@@ -93,7 +97,10 @@ def load_runs(runs_dir: str | Path) -> list[RunResult]:
             run, metrics = json.loads(run_path.read_text()), json.loads(metrics_path.read_text())
         except ValueError as error:
             raise ValueError(f"{metrics_path.parent} has an unreadable result file ({error}): re-run it.") from error
-        results.append(RunResult(run["setting"], run["dataset"], learner_name(run), method_name(run), metrics))
+        not_coop = tuple(sorted(key for key, coop in run.get("coop_test", {}).items() if not coop))
+        results.append(
+            RunResult(run["setting"], run["dataset"], learner_name(run), method_name(run), metrics, not_coop)
+        )
     return results
 
 
@@ -242,5 +249,20 @@ def paper_tables(runs: list[RunResult]) -> tuple[str, list[dict]]:
             if found == layout:
                 more_lines, more_rows = LAYOUTS[layout](setting, members)
                 lines += more_lines
-                rows += more_rows
+                rows += _mark_coop_test(more_rows, {key for run in members for key in run.not_coop_test})
+    not_coop = sorted({key for run in runs for key in run.not_coop_test})
+    if not_coop:
+        lines.append(
+            f"Test sets that are not CoOp's (the Hub repo's own test split; numbers do not compare with CoOp-family "
+            f"tables): {', '.join(not_coop)}. CoOp's data folder (`data_root`) gives CoOp's splits."
+        )
     return "\n".join(lines), rows
+
+
+def _mark_coop_test(rows: list[dict], not_coop: set[str]) -> list[dict]:
+    """Each CSV row's ``coop_test``: False where its dataset or eval set, or for an average any set averaged, was
+    not tested on CoOp's test set."""
+    for row in rows:
+        keys = not_coop if "Average" in (row["dataset"], row["eval_set"]) else {row["dataset"], row["eval_set"]}
+        row["coop_test"] = not keys & not_coop
+    return rows

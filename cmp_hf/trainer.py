@@ -39,7 +39,7 @@ from .data.loading import class_names_from_features
 from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
 from .metrics import CalibrationMetrics
-from .modeling import PromptTunedCLIP
+from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
 from .runs import (
@@ -287,14 +287,21 @@ class CMPTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = inputs["labels"]
+        prompt_model = self.accelerator.unwrap_model(model)
+        per_step = self.args.proda_prompts_per_step
+        if model.training and per_step:  # ProDA's released sampling of its contexts
+            prompt_model.learner.select_prompts(self.state.global_step, per_step, self.args.seed)
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
         logits = outputs.logits.float()
         hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
         variance = None  # a learner with Gaussian class features (ProDA) trains on a bound that needs it
         if outputs.text_spread is not None:
             variance = margin_variance(outputs.image_features, outputs.text_spread, labels)
+        diversity = None
+        if self._loss_options.proda_diversity_weight:
+            diversity = prompt_model.learner.prompt_diversity(prompt_model.clip, prompt_model.context)
         loss, terms = training_objective(
-            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance
+            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance, diversity
         )
         if model.training:
             self._stop_at_non_finite_loss(loss, terms, inputs)
@@ -335,7 +342,7 @@ class CMPTrainer(Trainer):
         model = self.accelerator.unwrap_model(model)
         key = tuple(model.class_names)
         if key not in self._hand_crafted:
-            self._hand_crafted[key] = model.hand_crafted_text_features(self.args.kgcoop_template)
+            self._hand_crafted[key] = model.hand_crafted_text_features(self.args.kgcoop_template or ZERO_SHOT_TEMPLATE)
         return self._hand_crafted[key]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -68,8 +68,9 @@ METHODS: dict[str, Method] = {
     "CoOp + label smoothing 0.1": Method({**CE, "label_smoothing_factor": 0.1}),
     "CoOp + focal g=3": Method({**CE, "focal_gamma": 3.0}),
     "CoOp + MbLS a=0.1 m=10": Method({**CE, "mbls_weight": 0.1, "mbls_margin": 10.0}),
-    "KgCoOp w=8": Method({**CE, "kgcoop_weight": 8.0}),
-    "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 8.0}, baseline="KgCoOp w=8"),
+    # "w=8" is the paper's form, 8 |t - t_hand|^2 = 16 (1 - cos): kgcoop_weight 16 in the released form cmp_hf uses
+    "KgCoOp w=8": Method({**CE, "kgcoop_weight": 16.0}),
+    "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 16.0}, baseline="KgCoOp w=8"),
     "CoOp-CE + TS": Method(CE, "ts"),
     "CoOp-CE + shift T": Method({**CE, "shift_strength": PRESETS["calibrated"]["shift_strength"]}),
     "CoOp-CE + anchor": Method({**CE, **{k: v for k, v in PRESETS["calibrated"].items() if "zero_shot" in k}}),

@@ -3,8 +3,10 @@
     python recipes/bench_cocoop_cost.py [--classes 10 --batches 1 4 32 --learners coop cocoop maple proda]
 
 CoOp encodes the C class prompts once per step whatever the batch; CoCoOp encodes B x C prompts (one set per
-image); ProDA K x C (K = --proda_num_prompts); MaPLe C, but its image features cannot be cached, so its step also
-runs the prompted image tower, forward and backward, on the batch's images. On a randomly initialised CLIP of
+image); ProDA K x C (K = --proda_num_prompts); "proda_sampled", ProDA's released step, k x C (k =
+--proda_prompts_per_step of the K contexts) plus its diversity term's K class-free prompts; MaPLe C, but its image
+features cannot be cached, so its step also runs the prompted image tower, forward and backward, on the batch's
+images. On a randomly initialised CLIP of
 ViT-B/16 sizes (no weights needed to time it), prints the median seconds of a forward + backward step for each
 learner and batch size (from cached image features, or from 224 px images for MaPLe).
 """
@@ -21,7 +23,7 @@ from transformers import CLIPModel
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
 
-N_CTX = {"coop": 4, "cocoop": 4, "maple": 2, "proda": 4}  # context lengths as the released configs
+N_CTX = {"coop": 4, "cocoop": 4, "maple": 2, "proda": 4, "proda_sampled": 4}  # context lengths as released
 
 
 class StepCost(NamedTuple):
@@ -43,9 +45,10 @@ def main(args: argparse.Namespace) -> dict[tuple[str, int], StepCost]:
     names = [f"class {i}" for i in range(args.classes)]
     costs = {}
     for learner in args.learners:
-        prompt = CoOpPromptConfig(class_names=names, n_ctx=N_CTX[learner], learner=learner,
+        sampled = learner == "proda_sampled"
+        prompt = CoOpPromptConfig(class_names=names, n_ctx=N_CTX[learner], learner="proda" if sampled else learner,
                                   proda_num_prompts=args.proda_num_prompts)  # fmt: skip
-        model = PromptTunedCLIP.from_clip(clip, tokenizer, prompt)
+        model = PromptTunedCLIP.from_clip(clip, tokenizer, prompt).train()
         for batch in args.batches:
             if model.learner.caches_image_features:
                 inputs = {"image_features": torch.nn.functional.normalize(torch.randn(batch, config.projection_dim))}
@@ -53,10 +56,15 @@ def main(args: argparse.Namespace) -> dict[tuple[str, int], StepCost]:
                 size = config.vision_config.image_size
                 inputs = {"pixel_values": torch.randn(batch, 3, size, size)}
             timings = []
-            for _ in range(args.repeats):
+            for step in range(args.repeats):
                 encoded.clear()
+                if sampled:  # the step CMPTrainer takes with proda_prompts_per_step and proda_diversity_weight
+                    model.learner.select_prompts(step, args.proda_prompts_per_step, seed=0)
                 start = time.perf_counter()
-                model(**inputs).logits.sum().backward()
+                loss = model(**inputs).logits.sum()
+                if sampled:
+                    loss = loss + model.learner.prompt_diversity(model.clip, model.context)
+                loss.backward()
                 timings.append(time.perf_counter() - start)
             costs[learner, batch] = StepCost(sorted(timings)[len(timings) // 2], sum(encoded))
             print(f"{learner:6s} batch {batch:3d} x {args.classes} classes: {costs[learner, batch].seconds:.3f} s per "
@@ -72,4 +80,5 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--learners", nargs="+", default=["coop", "cocoop"], choices=sorted(N_CTX))
     parser.add_argument("--proda_num_prompts", type=int, default=32)
+    parser.add_argument("--proda_prompts_per_step", type=int, default=4)
     main(parser.parse_args())

@@ -192,6 +192,52 @@ def test_proda_layout_is_the_released_split(tiny_clip_dir, tokenizer, class_name
     torch.testing.assert_close(torch.einsum("ikd,jkd->dij", spread, spread), covariance, atol=1e-6, rtol=0)
 
 
+def test_proda_samples_its_contexts_as_released(tiny_clip_dir, tokenizer, class_names):
+    """k of the K contexts per training step, cycling through a random order; mean and spread of those k only
+    (spread / (k + 1)), gradients only into them; evaluation with all K."""
+    proda = prompt_model(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, class_names, n_ctx=2, learner="proda",
+                         proda_num_prompts=8)  # fmt: skip
+    learner = proda.learner
+    with torch.no_grad():
+        mean, spread = learner.text_distribution(proda.clip, proda.context)  # eval mode: all K
+    features = mean[:, None] + spread * 9**0.5  # (C, K, D): each prompt's unit features
+    cycles = []
+    for cycle in range(3):
+        subsets = []
+        for step in range(4 * cycle, 4 * cycle + 4):
+            learner.select_prompts(step, 2, seed=5)
+            subsets.append(learner.active_prompts.tolist())
+        assert sorted(sum(subsets, [])) == list(range(8))  # each cycle uses every context once
+        cycles.append(subsets)
+    assert cycles[0] != cycles[1]  # a new order each cycle
+    learner.select_prompts(5, 2, seed=5)
+    assert learner.active_prompts.tolist() == cycles[1][1]  # (seed, step) alone: a resumed run draws the same
+    proda.train()
+    step_mean, step_spread = learner.text_distribution(proda.clip, proda.context)
+    chosen = features[:, learner.active_prompts]
+    torch.testing.assert_close(step_mean, chosen.mean(dim=1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(step_spread, (chosen - chosen.mean(dim=1, keepdim=True)) / 3**0.5, atol=1e-6, rtol=0)
+    (step_mean.sum() + step_spread.sum()).backward()
+    used = {k - 1 for k in learner.active_prompts.tolist() if k > 0}  # context k > 0 is learner.contexts[k - 1]
+    for k in range(7):
+        assert (learner.contexts.grad[k].abs().sum() > 0) == (k in used)
+    assert (proda.context.grad is not None and proda.context.grad.abs().sum() > 0) == (0 in learner.active_prompts)
+
+
+def test_proda_diversity_is_the_mean_absolute_cosine_of_its_class_free_prompts(tiny_clip_dir, tokenizer, class_names):
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    proda = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner="proda", proda_num_prompts=4)
+    features = []
+    for vectors in [proda.context, *proda.learner.contexts]:  # "[SOS] ctx_k . [EOS]" is CoOp's prompt for "."
+        coop = prompt_model(clip, tokenizer, ["."], n_ctx=2, template="{}")
+        with torch.no_grad():
+            coop.context.copy_(vectors)
+        features.append(coop.text_features()[0].detach())
+    cosine = [abs(float(u @ v)) for i, u in enumerate(features) for j, v in enumerate(features) if i != j]
+    diversity = proda.learner.prompt_diversity(clip, proda.context)
+    assert diversity.item() == pytest.approx(sum(cosine) / 12, abs=1e-6)
+
+
 def test_proda_with_one_prompt_is_coop(tiny_clip_dir, tokenizer, class_names):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     proda = prompt_model(clip, tokenizer, class_names, n_ctx=3, learner="proda", proda_num_prompts=1)
@@ -340,6 +386,28 @@ def test_proda_trains_on_the_bound_with_cmp(tmp_path, tiny_clip_dir, train_set):
     total = [log["ce_bound"] + log["cmp"] + 0.1 * log["mbls"] + 2.0 * log["kgcoop"] for log in logs]
     assert [log["loss"] for log in logs] == pytest.approx(total, abs=1e-4)  # bound + CMP + the baselines' terms
     assert all(not torch.equal(before[n], p) for n, p in learned(trainer.model).items())
+
+
+def test_proda_released_recipe_in_the_trainer(tmp_path, tiny_clip_dir, train_set):
+    config = make_config(tmp_path, max_steps=2, prompt_learner="proda", logging_steps=1, proda_prompts_per_step=2,
+                         proda_diversity_weight=0.1)  # fmt: skip
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "diversity" in log]
+    total = [log["ce_bound"] + log["cmp"] + 0.1 * log["diversity"] for log in logs]
+    assert len(logs) == 2 and [log["loss"] for log in logs] == pytest.approx(total, abs=1e-4)
+    assert len(trainer.model.learner.active_prompts) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"proda_prompts_per_step": 3}, "must divide proda_num_prompts"),
+     ({"proda_num_prompts": 1, "proda_diversity_weight": 0.1}, "needs K >= 2"),
+     ({"prompt_learner": "coop", "proda_diversity_weight": 0.1}, "are ProDA's")],
+)  # fmt: skip
+def test_proda_sampling_options_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **{"prompt_learner": "proda", **overrides})
 
 
 def test_maple_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_clip_dir):

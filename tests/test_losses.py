@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cmp_hf.losses import (
     RATIO_EPS,
@@ -201,13 +202,18 @@ def test_mbls_matches_brute_force(margin):
     assert mbls_penalty(logits, 1e6).item() == 0.0
 
 
-def test_kgcoop_penalty_matches_brute_force():
+def test_kgcoop_penalty_is_the_released_one_minus_mean_cosine():
     generator = torch.Generator().manual_seed(3)
     learned, anchor = torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator)
     rows = zip(learned.tolist(), anchor.tolist(), strict=True)
-    expected = sum(sum((a - b) ** 2 for a, b in zip(u, v, strict=True)) for u, v in rows) / 5
+    norm = lambda v: sum(a * a for a in v) ** 0.5  # noqa: E731
+    expected = 1 - sum(sum(a * b for a, b in zip(u, v, strict=True)) / (norm(u) * norm(v)) for u, v in rows) / 5
     assert kgcoop_penalty(learned, anchor).item() == pytest.approx(expected, rel=1e-6)
-    assert kgcoop_penalty(learned, learned).item() == 0.0
+    assert kgcoop_penalty(learned, learned).item() == pytest.approx(0.0, abs=1e-6)
+    # on unit features the paper's squared L2 distance is twice this: the released weight 8 is 16 in that form
+    unit, unit_anchor = F.normalize(learned, dim=-1), F.normalize(anchor, dim=-1)
+    squared_distance = (unit - unit_anchor).pow(2).sum(dim=-1).mean()
+    assert (2 * kgcoop_penalty(unit, unit_anchor)).item() == pytest.approx(squared_distance.item(), rel=1e-6)
 
 
 def test_gaussian_bound_of_one_class_pair_in_closed_form():

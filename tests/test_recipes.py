@@ -124,6 +124,7 @@ def test_suite_configs_parse_and_name_registry_entries():
         assert script.benchmark in SUITE, path
         assert all(key in SUITE for key in script.eval_benchmarks or []), path
         assert cmp.seed == 3 and cmp.coop_schedule and script.shots in (8, 16)
+        assert script.fewshot_sampling == "coop"  # CoOp's few-shot images for each seed
     dg, _ = parse_config_and_overrides(
         parser, [str(ROOT / "recipes/configs/suite/imagenet_to_shifts.yaml"), "--use_cpu", "true"]
     )
@@ -139,11 +140,16 @@ def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
         "--eval_data_dirs", str(tmp_path / "cifar10"), "--output_dir", str(tmp_path / "run"), "--use_cpu", "true",
         "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--report_to", "none",
         "--save_strategy", "no", "--n_ctx", "4", "--image_feature_cache_dir", str(tmp_path / "cache"),
+        "--kgcoop_weight", "1.0",
     ]  # fmt: skip
     metrics = train.main(*parse_config_and_overrides(train.make_parser(), argv))
     assert set(metrics) == {"val", "test_base", "test_novel", "cifar10"}
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["setting"] == "base_to_novel_2shot" and run["dataset"] == "dtd"
+    assert run["coop_test"] == {"dtd": False, "cifar10": False}  # Hub test splits, not CoOp's
+    assert "dtd (the Hub repo's test split, not CoOp's)" in (tmp_path / "run" / "README.md").read_text()
+    saved_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert saved_args["kgcoop_template"] == SUITE["dtd"].template == "{} texture."  # KgCoOp's anchor, as released
     assert metrics["test_novel"]["accuracy_pct"] == 100.0  # one novel class: a 1-way task
     for name in metrics:
         assert (tmp_path / "run" / "eval" / name / "reliability.png").exists()
@@ -154,12 +160,15 @@ def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
 def test_cocoop_cost_benchmark_runs():
     from recipes import bench_cocoop_cost
 
-    options = dict(size="tiny", classes=3, batches=[1, 2], repeats=1, proda_num_prompts=4)
-    costs = bench_cocoop_cost.main(argparse.Namespace(**options, learners=["coop", "cocoop", "maple", "proda"]))
-    # what the benchmark claims to time: CoOp and MaPLe encode the C prompts once, CoCoOp B x C, ProDA K x C
+    options = dict(size="tiny", classes=3, batches=[1, 2], repeats=1, proda_num_prompts=4, proda_prompts_per_step=2)
+    learners = ["coop", "cocoop", "maple", "proda", "proda_sampled"]
+    costs = bench_cocoop_cost.main(argparse.Namespace(**options, learners=learners))
+    # what the benchmark claims to time: CoOp and MaPLe encode the C prompts once, CoCoOp B x C, ProDA K x C, and
+    # ProDA as released k x C plus the K class-free prompts of its diversity term
     assert {key: cost.prompts for key, cost in costs.items()} == {
         ("coop", 1): 3, ("coop", 2): 3, ("cocoop", 1): 3, ("cocoop", 2): 6, ("maple", 1): 3, ("maple", 2): 3,
-        ("proda", 1): 12, ("proda", 2): 12}  # fmt: skip
+        ("proda", 1): 12, ("proda", 2): 12, ("proda_sampled", 1): 2 * 3 + 4,
+        ("proda_sampled", 2): 2 * 3 + 4}  # fmt: skip
 
 
 def test_cmp_hf_command_is_installed_and_explains_each_option():

@@ -20,7 +20,8 @@ from recipes import report
 METRICS = ("accuracy_pct", "ece_pct", "ace_pct", "mce_pct")
 LEARNERS = {"CoOp": {"prompt_learner": "coop", "kgcoop_weight": 0.0}, "KgCoOp": {"prompt_learner": "coop",
             "kgcoop_weight": 8.0}, "MaPLe": {"prompt_learner": "maple", "kgcoop_weight": 0.0}}  # fmt: skip
-METHODS = {"CE": {"cmp_lambda": 0.0}, "CMP": {"cmp_lambda": 1.0}}
+CMP = "CMP (log_ratio)"  # the method column names the form
+METHODS = {"CE": {"cmp_lambda": 0.0}, CMP: {"cmp_lambda": 1.0}}
 
 
 def write_run(directory: Path, setting: str, dataset: str, learner: str, method: str, seed: int, eval_sets, rng):
@@ -92,12 +93,12 @@ def test_three_layouts_match_the_runs_metrics(tmp_path, grid):
             assert float(row["mean"]) == pytest.approx(np.mean(values), abs=1e-9)
             assert float(row["std"]) == pytest.approx(np.std(values), abs=1e-9) and int(row["n"]) == len(seeds)
     ece = {
-        d: np.mean([s["test"]["ece_pct"] for s in found[("few_shot", d, "KgCoOp", "CMP")]]) for d in ("dtd", "eurosat")
+        d: np.mean([s["test"]["ece_pct"] for s in found[("few_shot", d, "KgCoOp", CMP)]]) for d in ("dtd", "eurosat")
     }
-    average = pick(rows, layout="few_shot", dataset="Average", learner="KgCoOp", method="CMP", metric="ece_pct")
+    average = pick(rows, layout="few_shot", dataset="Average", learner="KgCoOp", method=CMP, metric="ece_pct")
     assert float(average["mean"]) == pytest.approx((ece["dtd"] + ece["eurosat"]) / 2, abs=1e-9)
-    dtd = [s["test"]["ece_pct"] for s in found[("few_shot", "dtd", "KgCoOp", "CMP")]]
-    line = f"| KgCoOp | CMP | {np.mean(dtd):.2f} +- {np.std(dtd):.2f} (n=2) | {ece['eurosat']:.2f} +- "
+    dtd = [s["test"]["ece_pct"] for s in found[("few_shot", "dtd", "KgCoOp", CMP)]]
+    line = f"| KgCoOp | CMP (log_ratio) | {np.mean(dtd):.2f} +- {np.std(dtd):.2f} (n=2) | {ece['eurosat']:.2f} +- "
     assert line in markdown and f" | {np.mean(list(ece.values())):.2f} |\n" in markdown
     assert not [r for r in rows if r["layout"] == "few_shot" and r["learner"] == "MaPLe" and r["dataset"] == "Average"]
 
@@ -105,14 +106,14 @@ def test_three_layouts_match_the_runs_metrics(tmp_path, grid):
     for metric in METRICS:
         base_means, novel_means = [], []
         for dataset in ("dtd", "eurosat"):
-            seeds = found[("base_to_novel", dataset, "CoOp", "CMP")]
+            seeds = found[("base_to_novel", dataset, "CoOp", CMP)]
             base, novel = (np.mean([s[f"test_{part}"][metric] for s in seeds]) for part in ("base", "novel"))
             base_means.append(base)
             novel_means.append(novel)
-            cell = pick(rows, layout="base_to_novel", dataset=dataset, learner="CoOp", method="CMP", metric=metric,
+            cell = pick(rows, layout="base_to_novel", dataset=dataset, learner="CoOp", method=CMP, metric=metric,
                         eval_set="hm")  # fmt: skip
             assert float(cell["mean"]) == pytest.approx(hm(base, novel), abs=1e-9)
-        average = pick(rows, layout="base_to_novel", dataset="Average", learner="CoOp", method="CMP", metric=metric,
+        average = pick(rows, layout="base_to_novel", dataset="Average", learner="CoOp", method=CMP, metric=metric,
                        eval_set="hm")  # fmt: skip
         assert float(average["mean"]) == pytest.approx(hm(np.mean(base_means), np.mean(novel_means)), abs=1e-9)
     assert "### Average over 2 datasets" in markdown and "| Accuracy base | Accuracy novel | Accuracy H |" in markdown
@@ -137,6 +138,22 @@ def test_three_layouts_match_the_runs_metrics(tmp_path, grid):
                        eval_set="Average")  # fmt: skip
         assert float(average["mean"]) == pytest.approx(np.mean(shifts), abs=1e-9)
     assert "| learner | method | source | " + " | ".join(DOMAIN_SHIFTS) + " | Average |" in markdown
+
+
+def test_rows_name_the_cmp_form_and_flag_test_sets_that_are_not_coops(tmp_path):
+    rng = np.random.default_rng(1)
+    for dataset, coop_test in (("dtd", False), ("eurosat", True)):
+        for form in ("log_ratio", "ratio"):
+            directory = tmp_path / "runs" / dataset / form
+            write_run(directory, "all_8shot", dataset, "CoOp", CMP, 1, ["test"], rng)
+            info = json.loads((directory / "run.json").read_text()) | {"cmp_form": form}
+            (directory / "run.json").write_text(json.dumps(info | {"coop_test": {dataset: coop_test}}))
+    markdown = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert "| CoOp | CMP (log_ratio) |" in markdown and "| CoOp | CMP (ratio) |" in markdown
+    assert "Test sets that are not CoOp's" in markdown and "tables): dtd." in markdown
+    flags = {(r["dataset"], r["method"]): r["coop_test"] for r in csv_rows(tmp_path / "report.csv")}
+    assert flags[("dtd", "CMP (ratio)")] == flags[("Average", "CMP (ratio)")] == "False"  # the average holds dtd
+    assert flags[("eurosat", "CMP (ratio)")] == "True"
 
 
 def test_push_to_hub_uploads_the_tables_as_a_dataset(tmp_path, grid):

@@ -60,12 +60,12 @@ def test_local_grid_runs_every_job_then_skips_them(tmp_path, testbed):
 
     # the few-shot table of recipes/report.py holds each cell's seeds, checked against the runs' own files
     markdown = report.main([str(runs), "--out", str(tmp_path / "report")])
-    assert "## Few-shot (all_2shot)" in markdown and "| CoOp | CMP |" in markdown and "(n=2)" in markdown
+    assert "## Few-shot (all_2shot)" in markdown and "| CoOp | CMP (log_ratio) |" in markdown and "(n=2)" in markdown
     with open(tmp_path / "report.csv", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["layout"] == "few_shot" and r["dataset"] == str(testbed / "data")]
     for metric in ("accuracy_pct", "ece_pct", "ace_pct", "mce_pct"):
         values = [metrics(d)["test"][metric] for d in run_dirs]
-        (row,) = [r for r in rows if r["method"] == "CMP" and r["metric"] == metric]
+        (row,) = [r for r in rows if r["method"] == "CMP (log_ratio)" and r["metric"] == metric]
         assert float(row["mean"]) == pytest.approx(np.mean(values), abs=1e-9)
         assert float(row["std"]) == pytest.approx(np.std(values), abs=1e-9) and row["n"] == "2"
 
@@ -140,7 +140,9 @@ def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path,
     assert maple["num_train_epochs"] == 5 and maple["ctx_init"] == "a photo of a"  # its own epochs, not CoOp's
     assert runs["few_shot/animals/coop/ce/seed1"]["num_train_epochs"] == 100  # CoOp's epochs for 4 shots
     assert runs["base_to_novel/animals/proda/ce/seed1"]["shots"] == 16
-    assert runs["base_to_novel/animals/proda/ce/seed1"]["num_train_epochs"] == 200
+    proda = runs["base_to_novel/animals/proda/ce/seed1"]  # the released recipe, its own epochs
+    assert proda["num_train_epochs"] == 100 and proda["proda_prompts_per_step"] == 4
+    assert proda["proda_diversity_weight"] == 0.1
     assert runs["few_shot/animals/proda/ce/seed1"]["ctx_init"] is None
     assert runs["few_shot/animals/kgcoop/cmp/seed1"]["kgcoop_weight"] == 8.0
     assert runs["few_shot/animals/cocoop/cmp/seed1"]["cmp_lambda"] == 1.0

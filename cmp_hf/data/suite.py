@@ -15,6 +15,9 @@ split names and columns, plus ``classnames.txt`` where the repo has one), throug
 Splits: ``train`` is the pool the few-shot training and validation sets are drawn from, ``test`` the evaluation
 set. Where the Hub test split is not CoOp's (Caltech101, Flowers102, Food101, DTD, EuroSAT: CoOp re-split all
 images at random), numbers are not comparable with CoOp's tables; ``coop_test`` says so.
+
+``coop_root`` reads CoOp's own data folder instead (``cmp_hf.data.coop_layout``; ``hub:<repo>`` a Hub repo holding
+it): CoOp's train / val / test splits exactly, every test set CoOp's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from importlib import resources
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+
+from .coop_hub import resolve_coop_root
+from .coop_layout import load_coop_folder, unique_names
 
 IMAGENET_A_INDICES = (6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97, 99, 105, 107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277, 283, 287, 291, 295, 298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324, 326, 327, 330, 334, 335, 336, 347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411, 416, 417, 420, 425, 428, 430, 437, 438, 445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492, 496, 514, 516, 528, 530, 539, 542, 543, 549, 552, 557, 561, 562, 569, 572, 573, 575, 579, 589, 606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668, 677, 682, 684, 687, 701, 704, 719, 736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786, 792, 797, 802, 803, 804, 813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880, 888, 890, 897, 900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972, 980, 981, 984, 986, 987, 988)  # fmt: skip  # noqa: E501
 IMAGENET_R_INDICES = (1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99, 100, 105, 107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163, 171, 172, 178, 187, 195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251, 254, 259, 260, 263, 265, 267, 269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308, 309, 310, 311, 314, 315, 319, 323, 327, 330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355, 361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397, 401, 407, 413, 414, 425, 428, 430, 435, 437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483, 487, 515, 546, 555, 558, 570, 579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701, 717, 724, 763, 768, 774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889, 895, 907, 928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967, 980, 981, 983, 988)  # fmt: skip  # noqa: E501
@@ -284,13 +290,27 @@ class SuiteData:
     spec: SuiteDataset
     splits: DatasetDict
     class_names: list[str] = field(default_factory=list)
+    coop_splits: bool = False  # read from CoOp's data folder: CoOp's splits (with "val"), whatever the Hub has
+
+    @property
+    def coop_test(self) -> bool:
+        """Whether the test split is CoOp's, so that numbers compare with CoOp-family tables."""
+        return self.coop_splits or self.spec.coop_test
 
 
-def load_suite_dataset(key: str, data_dir: str | None = None, revision: str | None = None) -> SuiteData:
-    """Load ``key`` from its Hub repo (or ``data_dir``) and normalise it to CoOp's classes and labels."""
+def load_suite_dataset(
+    key: str, data_dir: str | None = None, revision: str | None = None, coop_root: str | None = None
+) -> SuiteData:
+    """Load ``key`` from its Hub repo (or ``data_dir``) and normalise it to CoOp's classes and labels; with
+    ``coop_root`` (CoOp's data folder, or ``hub:<repo id>``), read CoOp's own splits from there instead."""
     if key not in SUITE:
         raise ValueError(f"Unknown suite dataset {key!r}: choose one of {sorted(SUITE)}.")
     spec = SUITE[key]
+    if coop_root is not None:
+        if data_dir is not None:
+            raise ValueError(f"{key}: set data_dir (a Hub-schema copy) or data_root (CoOp's folder), not both.")
+        splits, class_names = load_coop_folder(key, resolve_coop_root(coop_root, key, revision))
+        return SuiteData(spec, splits, class_names, coop_splits=True)
     raw, source, revision, split_map = _load_raw(spec, data_dir, revision)
     wanted = [split for theirs in split_map.values() for split in _as_tuple(theirs)]
     missing = [split for split in wanted if split not in raw]
@@ -339,15 +359,6 @@ def _normalise(dataset: Dataset, spec: SuiteDataset, mapping: np.ndarray, class_
     if spec.image_column != "image":
         dataset = dataset.rename_column(spec.image_column, "image")
     return dataset.add_column("label", labels[keep].tolist(), feature=ClassLabel(names=unique_names(class_names)))
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """``datasets.ClassLabel`` needs unique names; CLIP's ImageNet list repeats two. Repeats get their label index
-    appended ("missile (744)") in the ClassLabel only: ``SuiteData.class_names`` keeps the exact CoOp names."""
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    return [name if counts[name] == 1 else f"{name} ({i})" for i, name in enumerate(names)]
 
 
 def middle_frame_rows(dataset: Dataset) -> list[int]:

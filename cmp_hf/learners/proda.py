@@ -14,8 +14,12 @@ with (``cmp_hf.losses.objective`` says why not the bound's surrogate logits); fo
 have no such bound, are refused. K = 1 has zero covariance and is CoOp exactly.
 
 Prompt 0's context is the peft prompt embedding; the other K - 1 are this module's parameter ``contexts``, saved
-as ``proda_contexts.safetensors`` beside the adapter. Every step encodes K x C prompts (the released recipe trains
-on 4 random prompts of the 32 per step to save memory; here all K take part, so the bound is the same each step).
+as ``proda_contexts.safetensors`` beside the adapter. A training step encodes K x C prompts, or, with
+``proda_prompts_per_step`` = k, k x C as the released trainer does (4 of 32): the K contexts in a random order, k at
+a time, a new order once all were used (:meth:`ProDALearner.select_prompts`); the step's mean and spread are those
+of its k contexts (spread / (k + 1), as released). Evaluation always uses all K. The released diversity term,
+the mean |cosine| between the features of the K class-free prompts ``[SOS] ctx_k . [EOS]``, is
+:meth:`ProDALearner.prompt_diversity` (``proda_diversity_weight``, released 0.1).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from ..constants import PRODA_CONTEXTS_NAME
 from ..losses import GAUSSIAN_FEATURES_REFUSE, LossOptions
 from ..prompts.config import CoOpPromptConfig, tokenize_prompts
+from ..prompts.hook import replaced_embeddings
 from .coop import CoOpLearner
 
 
@@ -62,8 +68,19 @@ class ProDALearner(CoOpLearner):
             for k, p in enumerate(positions)
         ])  # fmt: skip
         self.num_prompts = num_prompts
+        self.active_prompts: torch.Tensor | None = None  # the contexts of this training step (None: all K)
         self.register_buffer("all_input_ids", ids.to(clip.device), persistent=False)
         self.register_buffer("all_context_index", index.to(clip.device), persistent=False)
+        # the class-free prompt "[SOS] ctx . [EOS]" is the prompt of a class named "." with template "{}"
+        free = tokenize_prompts(replace(config, class_names=["."], template="{}", class_specific_context=False,
+                                        class_token_position="end"), tokenizer, max_positions)  # fmt: skip
+        offsets = torch.arange(num_prompts)[:, None] * config.n_ctx
+        self.register_buffer("free_input_ids", free.input_ids.repeat(num_prompts, 1).to(clip.device), persistent=False)
+        self.register_buffer(
+            "free_context_index",
+            torch.where(free.context_index >= 0, free.context_index + offsets, -1).to(clip.device),
+            persistent=False,
+        )
         width = clip.config.text_config.hidden_size
         self.contexts = nn.Parameter(torch.randn(num_prompts - 1, config.n_ctx, width, device=clip.device) * 0.02)
 
@@ -95,12 +112,41 @@ class ProDALearner(CoOpLearner):
     def text_distribution(
         self, clip: CLIPModel, context: torch.Tensor, image_features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        vectors = torch.cat([context, self.contexts.flatten(0, 1).to(context.dtype)])
-        features = self.encode_prompts(clip, vectors, self.all_input_ids, self.all_context_index)
-        features = features.unflatten(0, (self.num_prompts, -1)).transpose(0, 1)  # (C, K, D)
+        ids, index = self.all_input_ids, self.all_context_index
+        if self.training and self.active_prompts is not None:  # the step's k contexts: their k x C prompts
+            ids, index = (
+                t.unflatten(0, (self.num_prompts, -1))[self.active_prompts].flatten(0, 1) for t in (ids, index)
+            )
+        features = self.encode_prompts(clip, self._vectors(context), ids, index)
+        features = features.unflatten(0, (len(ids) // len(self.prompt_input_ids), -1)).transpose(0, 1)  # (C, k, D)
         mean = features.mean(dim=1)
-        spread = (features - mean[:, None]) / (self.num_prompts + 1) ** 0.5
+        spread = (features - mean[:, None]) / (features.shape[1] + 1) ** 0.5
         return mean, spread
+
+    def select_prompts(self, step: int, per_step: int, seed: int) -> None:
+        """The contexts training step ``step`` uses: the released sampling (a random order of the K, ``per_step`` at
+        a time, a new order each K / per_step steps), the order drawn from (seed, cycle) alone so that a resumed
+        run and every process of a distributed one draw the same."""
+        cycle, position = divmod(step, self.num_prompts // per_step)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + cycle)
+        order = torch.randperm(self.num_prompts, generator=generator)
+        self.active_prompts = order[position * per_step : (position + 1) * per_step].to(self.all_input_ids.device)
+
+    def prompt_diversity(self, clip: CLIPModel, context: torch.Tensor) -> torch.Tensor:
+        """The released diversity term: the mean |cosine| between the unit features of the K class-free prompts
+        ``[SOS] ctx_k . [EOS]``, over the K (K - 1) ordered pairs of different contexts."""
+        mask = torch.ones_like(self.free_input_ids)
+        with replaced_embeddings(clip.text_model.embeddings.token_embedding, self._vectors(context),
+                                 self.free_context_index):  # fmt: skip
+            pooled = clip.text_model(input_ids=self.free_input_ids, attention_mask=mask).pooler_output
+        features = F.normalize(clip.text_projection(pooled), dim=-1)
+        cosine = features @ features.t()
+        off_diagonal = ~torch.eye(self.num_prompts, dtype=torch.bool, device=cosine.device)
+        return cosine[off_diagonal].abs().mean()
+
+    def _vectors(self, context: torch.Tensor) -> torch.Tensor:
+        """The K contexts' vectors, (K * n_ctx, width): the peft context first."""
+        return torch.cat([context, self.contexts.flatten(0, 1).to(context.dtype)])
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         return {"contexts": self.contexts.detach().contiguous()}

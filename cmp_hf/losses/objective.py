@@ -1,7 +1,7 @@
 """The training objective of CMPTrainer, assembled in one place.
 
 loss = cross-entropy (or focal loss, or label-smoothed cross-entropy) + cmp_lambda * CMP
-       + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance
+       + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance + proda_diversity_weight * ProDA's prompt diversity
 Terms with weight 0 are not added (so KgCoOp with weight 0 is CoOp exactly); plain cross-entropy, CMP and the
 misclassified fraction are always returned for logging.
 
@@ -40,6 +40,7 @@ class LossOptions:
     mbls_weight: float
     mbls_margin: float
     kgcoop_weight: float
+    proda_diversity_weight: float = 0.0
 
     def __post_init__(self) -> None:
         non_finite = {f.name: getattr(self, f.name) for f in fields(self) if _non_finite(getattr(self, f.name))}
@@ -54,8 +55,11 @@ class LossOptions:
             raise ValueError(f"Unknown cmp_form {self.cmp_form!r}: use one of {CMP_FORMS}.")
         if self.cmp_competitors not in CMP_COMPETITORS:
             raise ValueError(f"Unknown cmp_competitors {self.cmp_competitors!r}: use one of {CMP_COMPETITORS}.")
-        if min(self.focal_gamma, self.mbls_weight, self.mbls_margin, self.kgcoop_weight) < 0:
-            raise ValueError("focal_gamma, mbls_weight, mbls_margin and kgcoop_weight must be >= 0.")
+        if min(self.focal_gamma, self.mbls_weight, self.mbls_margin, self.kgcoop_weight,
+               self.proda_diversity_weight) < 0:  # fmt: skip
+            raise ValueError(
+                "focal_gamma, mbls_weight, mbls_margin, kgcoop_weight and proda_diversity_weight must be >= 0."
+            )
         if self.focal_gamma and self.label_smoothing_factor:
             raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
 
@@ -78,9 +82,11 @@ def training_objective(
     text_features: torch.Tensor | None = None,
     hand_crafted_text_features: torch.Tensor | None = None,
     margin_variance: torch.Tensor | None = None,
+    prompt_diversity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and its named terms (unweighted) for a batch of class logits (float32 whatever their dtype);
-    ``margin_variance`` (B, C): the variances of the logit margins of a learner with Gaussian class features."""
+    ``margin_variance`` (B, C): the variances of the logit margins of a learner with Gaussian class features;
+    ``prompt_diversity``: ProDA's mean |cosine| between its class-free prompts (``ProDALearner.prompt_diversity``)."""
     logits = logits.float()
     terms = {"ce": F.cross_entropy(logits, labels)}
     if margin_variance is not None:
@@ -104,5 +110,10 @@ def training_objective(
             raise ValueError("kgcoop_weight > 0 needs the learned and the hand-crafted class text features.")
         terms["kgcoop"] = kgcoop_penalty(text_features, hand_crafted_text_features.to(text_features.device))
         loss = loss + options.kgcoop_weight * terms["kgcoop"]
+    if options.proda_diversity_weight:
+        if prompt_diversity is None:
+            raise ValueError("proda_diversity_weight > 0 needs ProDA's prompt diversity.")
+        terms["diversity"] = prompt_diversity.float()
+        loss = loss + options.proda_diversity_weight * terms["diversity"]
     terms["misclassified"] = (logits.argmax(dim=1) != labels).float().mean()
     return loss, terms

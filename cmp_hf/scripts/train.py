@@ -5,9 +5,10 @@
 
 (``recipes/train.py`` runs this module's :func:`main`; ``cmp-hf train`` is the same through the installed package.)
 
-Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub or ``data_dir``) or from
-``dataset_name`` (a Hub id, a local image folder or a ``save_to_disk`` DatasetDict). With ``shots``, k training and
-min(k, 4) validation examples per class are drawn with the seed and saved as ``fewshot_split.json`` (reused on a
+Data comes from ``benchmark`` (a suite dataset, ``cmp_hf.data.SUITE``, from the Hub, ``data_dir``, or CoOp's own
+splits in CoOp's data folder ``data_root``) or from ``dataset_name`` (a Hub id, a local image folder or a
+``save_to_disk`` DatasetDict). With ``shots``, k training and min(k, 4) validation examples per class are drawn with
+the seed (``fewshot_sampling``: cmp_hf's draw, or CoOp's exactly) and saved as ``fewshot_split.json`` (reused on a
 re-run). ``base_to_novel`` trains on the first half of the classes and evaluates on base and novel test classes;
 ``eval_benchmarks`` evaluates the same context on other suite datasets with their own classes (ImageNet -> shifts).
 
@@ -34,6 +35,8 @@ from ..base_model import check_clip_source
 from ..config import CMPConfig
 from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
+    FEWSHOT_SAMPLINGS,
+    SUITE,
     base_novel_classes,
     class_names_from_features,
     few_shot_sets,
@@ -57,12 +60,26 @@ class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP Hub id or local directory."})
     benchmark: str | None = field(default=None, metadata={"help": "Suite dataset key (cmp_hf.data.SUITE)."})
     data_dir: str | None = field(default=None, metadata={"help": "Local copy of the suite dataset."})
+    data_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "CoOp's data folder (DATASETS.md layout), or hub:<repo id> for a Hub repo holding it: CoOp's own "
+            "train/val/test splits for benchmark and eval_benchmarks."
+        },
+    )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub id, image folder or save_to_disk dir."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name on the Hub."})
     train_split: str = field(default="train", metadata={"help": "Split to train on (dataset_name)."})
     eval_splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "Splits to evaluate."})
     class_names: list[str] | None = field(default=None, metadata={"help": "Override the ClassLabel names."})
     shots: int | None = field(default=None, metadata={"help": "Train on this many examples per class (seeded)."})
+    fewshot_sampling: str = field(
+        default="numpy",
+        metadata={
+            "help": f"One of {FEWSHOT_SAMPLINGS}: cmp_hf's seeded draw, or CoOp's (Dassl's generate_fewshot_dataset: "
+            "the same images as CoOp for the same seed, on CoOp's splits from data_root)."
+        },
+    )
     base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
     eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
     eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
@@ -77,6 +94,8 @@ class ScriptArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.fewshot_sampling not in FEWSHOT_SAMPLINGS:
+            raise ValueError(f"fewshot_sampling is {self.fewshot_sampling!r}: use one of {FEWSHOT_SAMPLINGS}.")
         if self.shots is not None and self.shots < 1:
             raise ValueError(
                 f"shots is {self.shots}: set it to the number of training examples per class (>= 1), or leave it "
@@ -91,6 +110,7 @@ class RunData:
     evals: dict[str, Dataset]  # same classes as train
     transfers: dict[str, tuple[Dataset, list[str]]] = field(default_factory=dict)  # other classes, same context
     setting: str = "all"
+    coop_test: dict[str, bool] = field(default_factory=dict)  # suite dataset -> is its test set CoOp's?
 
 
 def make_parser() -> HfArgumentParser:
@@ -102,9 +122,11 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         raise ValueError(
             "Set exactly one of benchmark (a suite dataset) or dataset_name (in the YAML or as --option)."
         )
+    val_pool, coop_test = None, {}
     if script_args.benchmark:
-        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir)
+        suite = load_suite_dataset(script_args.benchmark, script_args.data_dir, coop_root=script_args.data_root)
         pool, test, names = suite.splits["train"], {"test": suite.splits["test"]}, suite.class_names
+        val_pool, coop_test[script_args.benchmark] = suite.splits.get("val"), suite.coop_test
     else:
         dataset = load_image_dataset(script_args.dataset_name, script_args.dataset_config)
         missing = [s for s in [script_args.train_split, *script_args.eval_splits] if s not in dataset]
@@ -115,10 +137,16 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         names = script_args.class_names or class_names_from_features(pool, config.label_column)
         for split, dataset in {script_args.train_split: pool, **test}.items():  # before any split by class
             check_labels(dataset, f"split {split!r}", config.label_column, len(names))
-    data = RunData(train=pool, class_names=list(names), evals=dict(test))
+    data = RunData(train=pool, class_names=list(names), evals=dict(test), coop_test=coop_test)
+    val = None
+    coop_draw = script_args.shots and script_args.fewshot_sampling == "coop"
+    if coop_draw:  # CoOp draws from every class, then keeps the base ones (subsample_classes)
+        data.train, val = few_shot_sets(pool, script_args.shots, config.seed, config.label_column, config.output_dir,
+                                        sampling="coop", val_pool=val_pool)  # fmt: skip
     if script_args.base_to_novel:
         base, novel = base_novel_classes(len(names))
-        data.train = subset_classes(pool, base, config.label_column)
+        data.train = subset_classes(data.train, base, config.label_column)
+        val = None if val is None else subset_classes(val, base, config.label_column)
         data.class_names = [names[c] for c in base]
         data.evals = {f"{split}_base": subset_classes(ds, base, config.label_column) for split, ds in test.items()}
         novel_names = [names[c] for c in novel]
@@ -128,16 +156,27 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         }
         data.setting = "base_to_novel"
     if script_args.shots:
-        data.train, val = few_shot_sets(
-            data.train, script_args.shots, config.seed, config.label_column, config.output_dir
-        )
+        if not coop_draw:
+            data.train, val = few_shot_sets(
+                data.train, script_args.shots, config.seed, config.label_column, config.output_dir
+            )
         data.evals = {"val": val, **data.evals}
         data.setting = f"{data.setting}_{script_args.shots}shot"
     dirs = script_args.eval_data_dirs or [None] * len(script_args.eval_benchmarks or [])
     for key, data_dir in zip(script_args.eval_benchmarks or [], dirs, strict=True):
-        shifted = load_suite_dataset(key, data_dir)
+        shifted = load_suite_dataset(key, data_dir, coop_root=None if data_dir else script_args.data_root)
         data.transfers[key] = (shifted.splits["test"], shifted.class_names)
+        data.coop_test[key] = shifted.coop_test
     return data
+
+
+def card_dataset_name(script_args: ScriptArguments, data: RunData) -> str:
+    """The dataset the model card names; a suite dataset says whether its test set is CoOp's."""
+    if not script_args.benchmark:
+        return script_args.dataset_name
+    if not data.coop_test[script_args.benchmark]:
+        return f"{script_args.benchmark} (the Hub repo's test split, not CoOp's)"
+    return f"{script_args.benchmark} (CoOp's splits)" if script_args.data_root else script_args.benchmark
 
 
 def evaluate_all(trainer: CMPTrainer, data: RunData, prefix: str) -> dict[str, float]:
@@ -197,6 +236,8 @@ def train_and_evaluate(
 ) -> tuple[CMPTrainer, dict[str, dict[str, float]]]:
     """Everything local: train, save the prompt, evaluate, save the reports, metrics.json and run.json."""
     data = load_run_data(script_args, config)
+    if script_args.benchmark and config.kgcoop_template is None:  # KgCoOp's anchor is the dataset's CoOp template
+        config.kgcoop_template = SUITE[script_args.benchmark].template
     trainer = CMPTrainer(
         model=script_args.model_name_or_path,
         args=config,
@@ -205,7 +246,7 @@ def train_and_evaluate(
         class_names=data.class_names,
     )
     bars_only(trainer)
-    trainer.create_model_card(dataset_name=script_args.benchmark or script_args.dataset_name)
+    trainer.create_model_card(dataset_name=card_dataset_name(script_args, data))
     flat = {}
     if script_args.zero_shot_baseline:  # before training the prompt *is* "<ctx_init> <class>."
         if not config.ctx_init:
@@ -240,6 +281,9 @@ def train_and_evaluate(
             "cmp_competitors": config.cmp_competitors,
             "kgcoop_weight": config.kgcoop_weight,
             "prompt_learner": config.prompt_learner,
+            "fewshot_sampling": script_args.fewshot_sampling if script_args.shots else None,
+            "data_root": script_args.data_root,
+            "coop_test": data.coop_test,  # per suite dataset: False = its test set is not CoOp's (Hub split)
             "temperature": trainer.model.calibration.temperature,
             "dac_k": trainer.model.calibration.dac_k,
             "preset": config.preset,
