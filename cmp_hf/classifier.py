@@ -37,11 +37,15 @@ class CalibratedCLIP:
         revision: str | None = None,
         token: str | None = None,
         base_model: str | None = None,
+        verify_digest: bool = True,
     ) -> CalibratedCLIP:
         """Load the prompt (JSON + safetensors only) and the base CLIP it names, unless ``clip`` is given;
-        ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere."""
+        ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere.
+        ``verify_digest``: see :meth:`PromptTunedCLIP.from_pretrained`."""
         prompt_dir = fetch_prompt(repo_or_dir, revision, token)
-        model = PromptTunedCLIP.from_pretrained(prompt_dir, clip, tokenizer, base_model=base_model)
+        model = PromptTunedCLIP.from_pretrained(
+            prompt_dir, clip, tokenizer, base_model=base_model, verify_digest=verify_digest
+        )
         if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
             image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor)

@@ -66,6 +66,10 @@ class PostHocCalibration:
             scales = distance_aware_scales(base_zero_shot, classes_zero_shot, base_tuned, classes_tuned, k=self.dac_k)
         return PostHocCalibration(self.temperature, self.dac_k, scales)
 
+    def saved_values(self) -> dict[str, float | int | None]:
+        """What ``calibration.json`` holds (the class scales follow from the prompt and are never saved)."""
+        return {"temperature": float(self.temperature), "dac_k": self.dac_k}
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``calibration.json``, or remove a stale one when there is nothing to apply."""
         path = os.path.join(save_directory, CALIBRATION_NAME)
@@ -73,7 +77,7 @@ class PostHocCalibration:
             if os.path.isfile(path):  # a directory reused for an uncalibrated prompt
                 os.remove(path)
             return
-        write_json(path, {"temperature": self.temperature, "dac_k": self.dac_k}, indent=2)
+        write_json(path, self.saved_values(), indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PostHocCalibration:

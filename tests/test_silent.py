@@ -1,0 +1,113 @@
+"""Inputs that used to pass silently (issue "Nothing silent"): each is now an error that names the problem and the
+fix, or is handled correctly. One test per case; the README's "What a bad input looks like" lists them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPModel, CLIPProcessor
+
+from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP
+
+
+def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptTunedCLIP:
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    prompt = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
+    model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(clip_dir), processor.tokenizer, prompt)
+    with torch.no_grad():
+        model.context.normal_(generator=torch.Generator().manual_seed(0))
+    model.calibration.temperature = temperature
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x10  # inside the last tensor's data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+# ---- 1. a prompt saved with a digest needs it ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, manifest, error, message",
+    [
+        ("digest_removed", None, FileNotFoundError, "has no prompt_digest.json, but its prompt_config.json says"),
+        ("digest_empty_object", {}, ValueError, "prompt_digest.json is corrupt"),
+        ("digest_lists_nothing", {"sha256": {}}, ValueError,
+         "records no digest of adapter_model.safetensors, the settings"),
+    ],
+)  # fmt: skip
+def test_lost_digest_is_an_error_even_with_damaged_weights(case, manifest, error, message, tmp_path, tiny_clip_dir):
+    saved_prompt(tmp_path / "p", tiny_clip_dir)
+    flip_last_byte(tmp_path / "p" / "adapter_model.safetensors")  # damaged: must not load unnoticed
+    digest = tmp_path / "p" / "prompt_digest.json"
+    digest.unlink() if manifest is None else digest.write_text(json.dumps(manifest))
+    with pytest.raises(error, match=message) as raised:
+        PromptTunedCLIP.from_pretrained(tmp_path / "p")
+    assert "verify_digest=False" in str(raised.value) or case == "digest_empty_object"
+
+
+def test_verify_digest_false_rescues_a_prompt_and_a_new_save_records_the_digest(tmp_path, tiny_clip_dir):
+    model = saved_prompt(tmp_path / "p", tiny_clip_dir)
+    (tmp_path / "p" / "prompt_digest.json").unlink()
+    rescued = PromptTunedCLIP.from_pretrained(tmp_path / "p", verify_digest=False)
+    torch.testing.assert_close(rescued.context, model.context)
+    rescued.save_pretrained(tmp_path / "p")
+    PromptTunedCLIP.from_pretrained(tmp_path / "p")  # verified again
+    assert CalibratedCLIP.from_pretrained(tmp_path / "p", verify_digest=False).class_names == ["red", "green", "blue"]
+
+
+def test_a_prompt_from_before_digests_is_recognised_by_its_config(tmp_path, tiny_clip_dir):
+    saved_prompt(tmp_path / "p", tiny_clip_dir)
+    config = json.loads((tmp_path / "p" / "prompt_config.json").read_text())
+    assert config.pop("format_version") == 2
+    (tmp_path / "p" / "prompt_config.json").write_text(json.dumps(config))  # as cmp_hf 0.1 wrote it
+    (tmp_path / "p" / "prompt_digest.json").unlink()
+    PromptTunedCLIP.from_pretrained(tmp_path / "p")
+
+
+# ---- 2. the digest covers every setting that changes the logits ---------------------------------------------------
+
+
+def reversed_classes(path: Path) -> None:
+    config = json.loads((path / "prompt_config.json").read_text())
+    config["class_names"] = config["class_names"][::-1]
+    (path / "prompt_config.json").write_text(json.dumps(config))
+
+
+def edited(name: str, key: str, value):
+    def edit(path: Path) -> None:
+        content = json.loads((path / name).read_text())
+        content[key] = value
+        (path / name).write_text(json.dumps(content))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "case, edit",
+    [
+        ("class_order_reversed", reversed_classes),
+        ("template_changed", edited("prompt_config.json", "template", "a {}.")),
+        ("temperature_changed", edited("calibration.json", "temperature", 0.5)),
+        ("dac_added", edited("calibration.json", "dac_k", 3)),
+        ("calibration_removed", lambda path: (path / "calibration.json").unlink()),
+    ],
+)
+def test_edited_prompt_settings_are_refused(case, edit, tmp_path, tiny_clip_dir):
+    saved_prompt(tmp_path / "p", tiny_clip_dir, temperature=2.0)
+    PromptTunedCLIP.from_pretrained(tmp_path / "p")
+    edit(tmp_path / "p")
+    with pytest.raises(ValueError, match="do not match the digest recorded in prompt_digest.json.*verify_digest"):
+        PromptTunedCLIP.from_pretrained(tmp_path / "p")
+
+
+def test_moving_the_base_model_is_not_an_edit(tmp_path, tiny_clip_dir):
+    model = saved_prompt(tmp_path / "p", tiny_clip_dir, temperature=2.0)
+    edited("prompt_config.json", "base_model_name_or_path", "/elsewhere/clip")(tmp_path / "p")
+    loaded = PromptTunedCLIP.from_pretrained(tmp_path / "p", base_model=tiny_clip_dir)
+    features = torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    torch.testing.assert_close(loaded(image_features=features).logits, model(image_features=features).logits)
