@@ -4,11 +4,15 @@ fix, or is handled correctly. One test per case; the README's "What a bad input 
 import json
 from pathlib import Path
 
+import evaluate
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
 from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf.evaluation import CALIBRATION_METRIC
+from cmp_hf.metrics import calibration_metrics
 
 
 def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptTunedCLIP:
@@ -111,3 +115,48 @@ def test_moving_the_base_model_is_not_an_edit(tmp_path, tiny_clip_dir):
     loaded = PromptTunedCLIP.from_pretrained(tmp_path / "p", base_model=tiny_clip_dir)
     features = torch.nn.functional.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     torch.testing.assert_close(loaded(image_features=features).logits, model(image_features=features).logits)
+
+
+# ---- 5. the calibration evaluate module validates its inputs -----------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+LOGITS = np.random.default_rng(0).normal(size=(40, 3)) * 3
+LABELS = np.random.default_rng(1).integers(0, 3, size=40)
+
+
+def with_value(array: np.ndarray, row: int, value: float) -> np.ndarray:
+    array = array.astype(np.float64).copy()
+    array.flat[row * (array.shape[1] if array.ndim == 2 else 1)] = value
+    return array
+
+
+@pytest.mark.parametrize(
+    "case, predictions, references, options, message",
+    [
+        ("nan_logit", with_value(LOGITS, 3, np.nan), LABELS, {}, r"NaN or infinite values in 1 rows \(first: \[3\]\)"),
+        ("inf_logit", with_value(LOGITS, 5, np.inf), LABELS, {}, r"NaN or infinite values in 1 rows \(first: \[5\]\)"),
+        ("probabilities_scaled", softmax(LOGITS) * 0.8, LABELS, {}, "all in .0, 1. but row 0 sums to 0.8, not 1"),
+        ("probabilities_told_but_scaled", softmax(LOGITS) * 0.8, LABELS, {"from_logits": False},
+         "from_logits=False, but row 0 sums to 0.8"),
+        ("probabilities_told_but_logits", LOGITS, LABELS, {"from_logits": False}, "from_logits=False, but row 0"),
+        ("label_one_and_a_half", softmax(LOGITS), with_value(LABELS, 2, 1.5), {}, "row 2 holds 1.5"),
+    ],
+)  # fmt: skip
+def test_calibration_module_refuses_what_it_cannot_read(case, predictions, references, options, message):
+    module = evaluate.load(CALIBRATION_METRIC)
+    with pytest.raises(ValueError, match=message):
+        module.compute(predictions=predictions, references=references, **options)
+
+
+def test_calibration_module_reads_unambiguous_scores_as_before():
+    module = evaluate.load(CALIBRATION_METRIC)
+    from_logits = module.compute(predictions=LOGITS, references=LABELS)
+    assert module.compute(predictions=softmax(LOGITS), references=LABELS) == pytest.approx(from_logits, abs=1e-9)
+    scaled = softmax(LOGITS) * 0.8  # logits in [0, 1] are taken as such when told
+    expected = calibration_metrics(LABELS, logits=scaled)["ece"] * 100
+    assert module.compute(predictions=scaled, references=LABELS, from_logits=True)["ece_pct"] == pytest.approx(expected)
