@@ -74,6 +74,12 @@ class CalibratedCLIP:
                     f"A pixel_values tensor must be (N, 3, H, W), got shape {tuple(images.shape)}: for one image, "
                     "add the batch dimension with .unsqueeze(0); or pass PIL images, which the processor prepares."
                 )
+            rows = torch.nonzero(~torch.isfinite(images.flatten(1)).all(dim=1)).flatten().tolist()
+            if rows:  # they would come out as rows of NaN probabilities
+                raise ValueError(
+                    f"pixel_values hold NaN or infinite values in {len(rows)} images (first: {rows[:10]}): fix or drop "
+                    "those images."
+                )
             return images
         if images is None:
             raise TypeError("images is None: pass a PIL image, an image path, a list of them, or pixel_values.")

@@ -207,6 +207,13 @@ class CMPConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         _check_numbers_are_numbers(self)
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(
+                f"num_train_epochs is {self.num_train_epochs:g} and max_steps is unset: training would take no step "
+                "and the untrained prompt's numbers would be reported as the trained run's. Set num_train_epochs "
+                "(or max_steps) > 0; to evaluate the untrained prompt, use zero_shot_baseline or trainer.evaluate() "
+                "without train()."
+            )
         self.loss_options()  # validates the loss fields now, before any model is loaded
         if self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")

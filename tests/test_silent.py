@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import CalibratedCLIP, CMPConfig, CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.metrics import calibration_metrics
+from cmp_hf.scripts.config_file import parse_config_and_overrides
+from cmp_hf.scripts.train import make_parser
 
 
 def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptTunedCLIP:
@@ -160,3 +162,26 @@ def test_calibration_module_reads_unambiguous_scores_as_before():
     scaled = softmax(LOGITS) * 0.8  # logits in [0, 1] are taken as such when told
     expected = calibration_metrics(LABELS, logits=scaled)["ece"] * 100
     assert module.compute(predictions=scaled, references=LABELS, from_logits=True)["ece_pct"] == pytest.approx(expected)
+
+
+# ---- 6. a run that would train nothing; NaN pixels --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("epochs", [-1, 0])
+def test_no_training_step_is_refused(epochs, tmp_path):
+    with pytest.raises(ValueError, match=f"num_train_epochs is {epochs} and max_steps is unset: training would take"):
+        CMPConfig(output_dir=str(tmp_path), num_train_epochs=epochs, use_cpu=True, report_to="none")
+    argv = ["--output_dir", str(tmp_path), "--num_train_epochs", str(epochs), "--model_name_or_path", "x"]
+    with pytest.raises(ValueError, match="training would take no step"):
+        parse_config_and_overrides(make_parser(), argv)
+    assert CMPConfig(output_dir=str(tmp_path), num_train_epochs=0, max_steps=5, use_cpu=True).max_steps == 5
+
+
+def test_nan_pixels_are_refused_by_predict_proba(tmp_path, tiny_clip_dir):
+    saved_prompt(tmp_path / "p", tiny_clip_dir)
+    model = CalibratedCLIP.from_pretrained(tmp_path / "p")
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(model.predict_proba(pixels)).all()
+    pixels[2, 1, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 1 images \(first: \[2\]\)"):
+        model.predict_proba(pixels)
