@@ -8,9 +8,11 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
 
 from cmp_hf import CalibratedCLIP, CMPConfig, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf.data import to_rgb
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.metrics import calibration_metrics
 from cmp_hf.scripts.config_file import parse_config_and_overrides
@@ -185,3 +187,31 @@ def test_nan_pixels_are_refused_by_predict_proba(tmp_path, tiny_clip_dir):
     pixels[2, 1, 5, 5] = float("nan")
     with pytest.raises(ValueError, match=r"NaN or infinite values in 1 images \(first: \[2\]\)"):
         model.predict_proba(pixels)
+
+
+# ---- 4. 16-bit and 32-bit integer images --------------------------------------------------------------------------
+
+
+def grey_levels(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
+
+
+def test_16_bit_greyscale_is_scaled_by_its_range(tmp_path, tiny_clip_dir):
+    saved_prompt(tmp_path / "p", tiny_clip_dir)
+    model = CalibratedCLIP.from_pretrained(tmp_path / "p")
+    grey = grey_levels()
+    PILImage.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit PNG: mode I;16
+    PILImage.fromarray(grey.astype(np.int32)).save(tmp_path / "small_values.tif")  # mode I, values in [0, 255]
+    assert PILImage.open(tmp_path / "deep.png").mode == "I;16"
+    eight_bit = model.predict_proba(PILImage.fromarray(grey))
+    np.testing.assert_array_equal(model.predict_proba(str(tmp_path / "deep.png")), eight_bit)
+    np.testing.assert_array_equal(model.predict_proba(PILImage.open(tmp_path / "deep.png")), eight_bit)
+    np.testing.assert_array_equal(model.predict_proba(str(tmp_path / "small_values.tif")), eight_bit)
+    np.testing.assert_array_equal(np.asarray(to_rgb(PILImage.open(tmp_path / "deep.png")))[..., 0], grey)
+
+
+def test_32_bit_image_of_unknown_range_is_refused(tmp_path):
+    PILImage.fromarray(grey_levels().astype(np.int32) * 257).save(tmp_path / "wide.tif")
+    assert PILImage.open(tmp_path / "wide.tif").mode == "I"
+    with pytest.raises(ValueError, match=r"32-bit integer image \(PIL mode 'I'\) with values in \[0, 65535\]"):
+        to_rgb(str(tmp_path / "wide.tif"))

@@ -19,15 +19,30 @@ def to_rgb(image: Any) -> Image.Image:
     """PIL image in RGB from a PIL image (any mode), an image file's path, or an HxW / HxWxC array of integer pixels
     in [0, 255] (grey digits, masks...).
 
-    Float pixels are refused rather than guessed: PIL would clip [0, 1] floats to an all-black image.
+    Float pixels are refused rather than guessed: PIL would clip [0, 1] floats to an all-black image. So would it
+    clip 16-bit greyscale (mode ``I;16``) to white: those are scaled from [0, 65535] to [0, 255]. A 32-bit integer
+    image (mode ``I``) is taken as it is when its values lie in [0, 255], and refused otherwise (its range is
+    unknown).
     """
     if isinstance(image, str | os.PathLike):
         with Image.open(image) as opened:  # FileNotFoundError / UnidentifiedImageError name the path
-            image = opened.convert("RGB")
-    elif not isinstance(image, Image.Image):
+            opened.load()
+            return to_rgb(opened)
+    if not isinstance(image, Image.Image):
         image = Image.fromarray(_pixel_array(image))
     if image.mode == "F":
         raise ValueError(f"Got a float image (PIL mode 'F'), whose pixels PIL clips to black: {_CONVERT_FLOATS}.")
+    if image.mode.startswith("I;16"):  # 65535 / 255 = 257, rounded to the nearest level
+        image = Image.fromarray(((np.asarray(image).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    elif image.mode == "I":
+        array = np.asarray(image)
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"Got a 32-bit integer image (PIL mode 'I') with values in [{array.min()}, {array.max()}], which PIL "
+                "clips to white: convert it to 8 bits by its real range first, e.g. "
+                "Image.fromarray((np.asarray(image) / 65535 * 255).round().astype(np.uint8)) for 16-bit data."
+            )
+        image = Image.fromarray(array.astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
