@@ -199,7 +199,8 @@ class CMPConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Train into an output_dir that already holds a finished run (a saved prompt or a recipe's "
-            "metrics.json), replacing the files this run writes. Off: such a run is refused, so a second run cannot "
+            "metrics.json), replacing it: its prompt, card, metrics, eval/<set>/ reports and checkpoints are removed "
+            "before training (other files stay). Off: such a run is refused, so a second run cannot "
             "silently overwrite the first (transformers 5 removed TrainingArguments' own option). Resuming a run "
             "(resume_from_checkpoint) needs no overwrite."
         },

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -24,10 +25,18 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import (
+    CALIBRATION_NAME,
+    EVAL_DIR,
+    MAPLE_PROMPTS_NAME,
+    META_NET_NAME,
+    MODEL_CARD_NAME,
     OUTPUT_DIR_LOCK_NAME,
+    PRODA_CONTEXTS_NAME,
     PROMPT_CONFIG_NAME,
+    PROMPT_DIGEST_NAME,
     PROMPT_FILES,
     RUN_IDENTITY_FIELDS,
+    RUN_INFO_NAME,
     RUN_METRICS_NAME,
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
@@ -160,6 +169,34 @@ def check_output_dir_is_free(output_dir: str, overwrite: bool, resuming: bool) -
         )
 
 
+# What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints)
+RUN_OUTPUT_FILES = (
+    *PROMPT_FILES, PROMPT_DIGEST_NAME, CALIBRATION_NAME, META_NET_NAME, PRODA_CONTEXTS_NAME, MAPLE_PROMPTS_NAME,
+    TRAINING_ARGS_NAME, MODEL_CARD_NAME, RUN_INFO_NAME, RUN_METRICS_NAME,
+)  # fmt: skip
+
+
+def remove_replaced_run(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    """With ``overwrite_output_dir`` (and not resuming), remove the outputs of the finished run ``output_dir``
+    holds before the new run starts: its prompt, card, metrics, ``eval/<set>/`` reports and checkpoints. Left
+    alone, an eval set the new run does not evaluate would keep the old run's report beside the new card, and a
+    push would upload it. Other files (a sweep's records, the few-shot split, your own) stay. Call it with the lock
+    held, after :func:`check_output_dir_is_free`."""
+    if not overwrite or resuming or not finished_run_files(output_dir):
+        return
+    removed = [name for name in RUN_OUTPUT_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    for name in removed:
+        os.remove(os.path.join(output_dir, name))
+    folders = [EVAL_DIR] if os.path.isdir(os.path.join(output_dir, EVAL_DIR)) else []
+    folders += sorted(name for name in os.listdir(output_dir) if _CHECKPOINT.match(name))
+    for name in folders:
+        shutil.rmtree(os.path.join(output_dir, name))
+    logger.warning(
+        "overwrite_output_dir: removed the replaced run's outputs from %s: %s.",
+        output_dir, ", ".join([*removed, *(f"{name}/" for name in folders)]),
+    )  # fmt: skip
+
+
 def lock_output_dir(output_dir: str) -> None:
     """Hold ``output_dir``'s lock file until :func:`unlock_output_dir`; re-entrant within a process.
 
@@ -223,6 +260,7 @@ def output_dir_of_run(output_dir: str, overwrite: bool, resuming: bool, is_main_
     lock_output_dir(output_dir)
     try:
         check_output_dir_is_free(output_dir, overwrite, resuming)
+        remove_replaced_run(output_dir, overwrite, resuming)
         yield
     finally:
         unlock_output_dir(output_dir)

@@ -46,6 +46,7 @@ from .runs import (
     check_output_dir_is_free,
     checkpoint_to_resume,
     lock_output_dir,
+    remove_replaced_run,
     unlock_output_dir,
 )
 from .schedulers import coop_scheduler
@@ -268,6 +269,8 @@ class CMPTrainer(Trainer):
             self._locked_output_dir = self.args.output_dir
             lock_output_dir(self._locked_output_dir)
             weakref.finalize(self, unlock_output_dir, self._locked_output_dir)
+        if self.is_world_process_zero():
+            remove_replaced_run(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
         return super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )

@@ -11,9 +11,10 @@ import torch
 from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf import CalibratedCLIP, CMPConfig, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
 from cmp_hf.data import to_rgb
 from cmp_hf.evaluation import CALIBRATION_METRIC
+from cmp_hf.hub import pushed_files
 from cmp_hf.metrics import calibration_metrics
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 from cmp_hf.scripts.train import make_parser
@@ -215,3 +216,29 @@ def test_32_bit_image_of_unknown_range_is_refused(tmp_path):
     assert PILImage.open(tmp_path / "wide.tif").mode == "I"
     with pytest.raises(ValueError, match=r"32-bit integer image \(PIL mode 'I'\) with values in \[0, 65535\]"):
         to_rgb(str(tmp_path / "wide.tif"))
+
+
+# ---- 3. overwriting a run replaces all of it ---------------------------------------------------------------------
+
+
+def test_overwrite_removes_the_replaced_runs_outputs(tmp_path, tiny_clip_dir, train_set):
+    out = tmp_path / "out"
+    saved_prompt(out, tiny_clip_dir, temperature=2.0)
+    for name, text in {"metrics.json": "{}", "run.json": "{}", "README.md": "old card", "notes.txt": "mine",
+                       "eval/old_set/metrics.json": "{}", "checkpoint-7/trainer_state.json": "{}"}.items():  # fmt: skip
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    args = CMPConfig(output_dir=str(out), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+                     max_steps=1, n_ctx=2, image_feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        CMPTrainer(tiny_clip_dir, args, train_dataset=train_set).train()
+    args.overwrite_output_dir = True
+    trainer = CMPTrainer(tiny_clip_dir, args, train_dataset=train_set, eval_dataset={"new_set": train_set})
+    trainer.train()
+    left = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
+    assert left == [".cmp_hf.lock", "notes.txt"]  # (this run's lock) the old prompt, calibration, card, metrics, reports and checkpoint are gone
+    trainer.evaluate()
+    trainer.save_model()
+    assert [name for name in pushed_files(out) if name.startswith("eval/")] == ["eval/new_set/metrics.json",
+        "eval/new_set/reliability.png", "eval/new_set/risk_coverage.png"]  # fmt: skip
+    assert not (out / "calibration.json").exists()  # the new prompt is uncalibrated
