@@ -77,8 +77,8 @@ class CalibratedCLIP:
             rows = torch.nonzero(~torch.isfinite(images.flatten(1)).all(dim=1)).flatten().tolist()
             if rows:  # they would come out as rows of NaN probabilities
                 raise ValueError(
-                    f"pixel_values hold NaN or infinite values in {len(rows)} images (first: {rows[:10]}): fix or drop "
-                    "those images."
+                    f"pixel_values hold NaN or infinite values in {len(rows)} images (first: {rows[:10]}): fix or "
+                    "drop those images."
                 )
             return images
         if images is None:

@@ -80,7 +80,8 @@ def integer_labels(labels: np.ndarray) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
         if len(bad):
             raise ValueError(
-                f"Labels must be integer class indices; row {bad[0]} holds {values[bad[0]].item()!r} ({len(bad)} such rows)."
+                f"Labels must be integer class indices; row {bad[0]} holds {values[bad[0]].item()!r} "
+                f"({len(bad)} such rows)."
             )
     elif values.dtype.kind not in "iub":
         raise ValueError(f"Labels must be integer class indices, got dtype {values.dtype}.")

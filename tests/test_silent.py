@@ -164,7 +164,8 @@ def test_calibration_module_reads_unambiguous_scores_as_before():
     assert module.compute(predictions=softmax(LOGITS), references=LABELS) == pytest.approx(from_logits, abs=1e-9)
     scaled = softmax(LOGITS) * 0.8  # logits in [0, 1] are taken as such when told
     expected = calibration_metrics(LABELS, logits=scaled)["ece"] * 100
-    assert module.compute(predictions=scaled, references=LABELS, from_logits=True)["ece_pct"] == pytest.approx(expected)
+    told = module.compute(predictions=scaled, references=LABELS, from_logits=True)
+    assert told["ece_pct"] == pytest.approx(expected)
 
 
 # ---- 6. a run that would train nothing; NaN pixels --------------------------------------------------------------
@@ -224,8 +225,9 @@ def test_32_bit_image_of_unknown_range_is_refused(tmp_path):
 def test_overwrite_removes_the_replaced_runs_outputs(tmp_path, tiny_clip_dir, train_set):
     out = tmp_path / "out"
     saved_prompt(out, tiny_clip_dir, temperature=2.0)
-    for name, text in {"metrics.json": "{}", "run.json": "{}", "README.md": "old card", "notes.txt": "mine",
-                       "eval/old_set/metrics.json": "{}", "checkpoint-7/trainer_state.json": "{}"}.items():  # fmt: skip
+    old = {"metrics.json": "{}", "run.json": "{}", "README.md": "old card", "notes.txt": "mine",
+           "eval/old_set/metrics.json": "{}", "checkpoint-7/trainer_state.json": "{}"}  # fmt: skip
+    for name, text in old.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
     args = CMPConfig(output_dir=str(out), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
@@ -236,7 +238,7 @@ def test_overwrite_removes_the_replaced_runs_outputs(tmp_path, tiny_clip_dir, tr
     trainer = CMPTrainer(tiny_clip_dir, args, train_dataset=train_set, eval_dataset={"new_set": train_set})
     trainer.train()
     left = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
-    assert left == [".cmp_hf.lock", "notes.txt"]  # (this run's lock) the old prompt, calibration, card, metrics, reports and checkpoint are gone
+    assert left == [".cmp_hf.lock", "notes.txt"]  # this run's lock; the old prompt, card, reports... are gone
     trainer.evaluate()
     trainer.save_model()
     assert [name for name in pushed_files(out) if name.startswith("eval/")] == ["eval/new_set/metrics.json",
