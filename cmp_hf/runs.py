@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
@@ -38,6 +39,7 @@ from .constants import (
     RUN_IDENTITY_FIELDS,
     RUN_INFO_NAME,
     RUN_METRICS_NAME,
+    SWEEP_JOB_NAME,
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
 )
@@ -156,6 +158,43 @@ def finished_run_files(output_dir: str) -> list[str]:
     if all(os.path.isfile(os.path.join(output_dir, name)) for name in PROMPT_FILES):
         found += list(PROMPT_FILES)
     return found
+
+
+def is_finished(output_dir: str | os.PathLike) -> bool:
+    """A finished run: a readable ``metrics.json`` (the recipe writes it last, atomically) and the saved prompt."""
+    try:
+        metrics = json.loads(Path(output_dir, RUN_METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(metrics) and all(Path(output_dir, name).is_file() for name in PROMPT_FILES)
+
+
+def run_state(output_dir: str | os.PathLike) -> tuple[str, str | None, str | None]:
+    """(state, log, error line) of a run directory: ``done`` (finished), ``failed`` (its sweep job recorded an
+    error, in ``sweep_job.json``), ``incomplete`` (started, not finished, no error: still running, or killed; the
+    log's last line) or ``missing`` (no record of a start)."""
+    if is_finished(output_dir):
+        return "done", None, None
+    try:
+        record = json.loads(Path(output_dir, SWEEP_JOB_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "missing", None, None
+    log = record.get("log")
+    if "error" in record:
+        return "failed", log, record["error"]
+    return "incomplete", log, last_line(read_log(log)) or None
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def read_log(path: str | None) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
+    except OSError:
+        return ""
 
 
 def check_output_dir_is_free(output_dir: str, overwrite: bool, resuming: bool) -> None:

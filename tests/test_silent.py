@@ -18,6 +18,7 @@ from cmp_hf.hub import pushed_files
 from cmp_hf.metrics import calibration_metrics
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 from cmp_hf.scripts.train import make_parser
+from recipes import report
 
 
 def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptTunedCLIP:
@@ -244,3 +245,30 @@ def test_overwrite_removes_the_replaced_runs_outputs(tmp_path, tiny_clip_dir, tr
     assert [name for name in pushed_files(out) if name.startswith("eval/")] == ["eval/new_set/metrics.json",
         "eval/new_set/reliability.png", "eval/new_set/risk_coverage.png"]  # fmt: skip
     assert not (out / "calibration.json").exists()  # the new prompt is uncalibrated
+
+
+# ---- 7. the report says which runs its tables lack -----------------------------------------------------------------
+
+
+def test_report_names_the_runs_missing_from_its_tables(tmp_path, capsys):
+    info = dict(dataset="dtd", setting="all_8shot", seed=1, cmp_form="log_ratio", cmp_competitors="all",
+                prompt_learner="coop", kgcoop_weight=0.0, cmp_lambda=1.0)  # fmt: skip
+    done = tmp_path / "few_shot/dtd/coop/cmp/seed1"
+    done.mkdir(parents=True)
+    (done / "run.json").write_text(json.dumps(info))
+    (done / "metrics.json").write_text(json.dumps({"test": {"accuracy_pct": 50.0, "ece_pct": 5.0}}))
+    (done / "prompt_config.json").write_text("{}")
+    failed = tmp_path / "few_shot/dtd/coop/cmp/seed2"
+    failed.mkdir()
+    (failed / "sweep_job.json").write_text(json.dumps({"log": "/logs/2.err", "error": "ValueError: bad shots"}))
+    killed = tmp_path / "few_shot/dtd/coop/cmp/seed3"
+    (killed / "checkpoint-40").mkdir(parents=True)  # a run started outside a sweep, killed after a checkpoint
+    markdown = report.main([str(tmp_path)])
+    assert "## Runs not in these tables: 2 not finished" in markdown
+    assert "| few_shot/dtd/coop/cmp/seed2 | failed | /logs/2.err | ValueError: bad shots |" in markdown
+    assert "| few_shot/dtd/coop/cmp/seed3 | incomplete | - | - |" in markdown
+    assert "50.00 +- 0.00 (n=1)" in markdown and "seed1 |" not in markdown
+    assert "Runs not in these tables" in capsys.readouterr().out
+    (done / "metrics.json").unlink()  # no finished run at all: the error lists the unfinished ones too
+    with pytest.raises(SystemExit, match="(?s)No runs with metrics.json.*seed1 \\| incomplete.*seed2 \\| failed"):
+        report.main([str(tmp_path)])
