@@ -11,12 +11,14 @@ silently replacing the other's prompt and metrics. These checks run before any t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import STAGING_PREFIX, naming_failures
 from .constants import (
     CALIBRATION_NAME,
     EVAL_DIR,
@@ -197,6 +200,23 @@ def read_log(path: str | None) -> str:
         return ""
 
 
+def check_output_dir_is_writable(output_dir: str) -> None:
+    """Before any training: ``output_dir`` is (or can be made) a directory one can write a file into. A file of
+    that name, a read-only disk, missing permissions or a full disk fail now, naming the path, instead of after
+    training when the prompt is saved."""
+    with naming_failures(output_dir):
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=STAGING_PREFIX, dir=output_dir)
+        try:
+            os.write(fd, b"cmp_hf")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+
+
 def check_output_dir_is_free(output_dir: str, overwrite: bool, resuming: bool) -> None:
     """Refuse to train into a directory that holds a finished run, unless asked to overwrite it or resuming it."""
     found = finished_run_files(output_dir)
@@ -296,6 +316,7 @@ def output_dir_of_run(output_dir: str, overwrite: bool, resuming: bool, is_main_
         check_output_dir_is_free(output_dir, overwrite, resuming)
         yield
         return
+    check_output_dir_is_writable(output_dir)
     lock_output_dir(output_dir)
     try:
         check_output_dir_is_free(output_dir, overwrite, resuming)

@@ -1,17 +1,23 @@
 """Inputs that used to pass silently (issue "Nothing silent"): each is now an error that names the problem and the
 fix, or is handled correctly. One test per case; the README's "What a bad input looks like" lists them."""
 
+import errno
+import io
 import json
+import os
 from pathlib import Path
 
 import evaluate
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
+import dev
+from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP, cli
+from cmp_hf.atomic import OutputWriteError
 from cmp_hf.data import to_rgb
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.hub import pushed_files
@@ -272,3 +278,121 @@ def test_report_names_the_runs_missing_from_its_tables(tmp_path, capsys):
     (done / "metrics.json").unlink()  # no finished run at all: the error lists the unfinished ones too
     with pytest.raises(SystemExit, match="(?s)No runs with metrics.json.*seed1 \\| incomplete.*seed2 \\| failed"):
         report.main([str(tmp_path)])
+
+
+# ---- partly clear before: now clear ------------------------------------------------------------------------------
+
+
+def with_truncated_image(train_set, row: int) -> Dataset:
+    images = []
+    for i, example in enumerate(train_set):
+        buffer = io.BytesIO()
+        example["image"].save(buffer, format="PNG")
+        data = buffer.getvalue()
+        images.append({"bytes": data[: len(data) // 2] if i == row else data, "path": None})
+    return Dataset.from_dict({"image": images, "label": train_set["label"]}, features=train_set.features)
+
+
+def test_truncated_image_without_the_cache_names_its_row(tmp_path, tiny_clip_dir, train_set):
+    broken = with_truncated_image(train_set, row=5)
+    args = CMPConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no",
+                     disable_tqdm=True, max_steps=1, n_ctx=2, per_device_train_batch_size=len(train_set),
+                     cache_image_features=False)  # fmt: skip
+    trainer = CMPTrainer(tiny_clip_dir, args, train_dataset=broken)
+    message = r"Cannot read the image in row 5 of column 'image' \(OSError: image file is truncated.*fix or drop"
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    with pytest.raises(ValueError, match=message):
+        trainer.evaluate(broken)
+    args.augment = True  # the augmented path decodes in a transform: named too
+    with pytest.raises(ValueError, match=message):
+        CMPTrainer(tiny_clip_dir, args, train_dataset=broken).train()
+    trained = CMPTrainer(tiny_clip_dir, args, train_dataset=train_set)  # intact images train as before
+    trained.train()
+    assert trained.state.global_step == 1
+
+
+@pytest.mark.parametrize(
+    "case, path, error, message",
+    [
+        ("relative_path_missing", "./no/such/prompt", FileNotFoundError,
+         "Prompt './no/such/prompt' not found: there is no such directory and it is not a valid Hub repo id"),
+        ("hub_id_offline", "someone/no-such-prompt", ConnectionError,
+         "no such local directory, and no network to fetch it from the Hub"),
+        ("a_file", "file.txt", NotADirectoryError, "is a file, not a prompt directory"),
+    ],
+)  # fmt: skip
+def test_prompt_that_cannot_be_found(case, path, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("not a prompt")
+    with pytest.raises(error, match=message):
+        PromptTunedCLIP.from_pretrained(path)
+    with pytest.raises(error, match=message):
+        CalibratedCLIP.from_pretrained(path)
+
+
+def test_saving_over_a_directory_or_into_a_file_names_the_path(tmp_path, tiny_clip_dir):
+    model = saved_prompt(tmp_path / "p", tiny_clip_dir)
+    before = (tmp_path / "p" / "prompt_config.json").read_bytes()
+    (tmp_path / "p" / "adapter_model.safetensors").unlink()
+    (tmp_path / "p" / "adapter_model.safetensors").mkdir()
+    with pytest.raises(OutputWriteError, match=r"Cannot write .*p/adapter_model.safetensors \(Is a directory\): a "
+                       "directory has that name"):  # fmt: skip
+        model.save_pretrained(tmp_path / "p")
+    assert (tmp_path / "p" / "prompt_config.json").read_bytes() == before  # nothing was half-replaced
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputWriteError, match=r"Cannot write .*file .*a file stands where a directory is needed"):
+        model.save_pretrained(tmp_path / "file")
+
+
+def test_output_dir_that_cannot_be_written_fails_before_training(tmp_path, tiny_clip_dir, train_set, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    args = CMPConfig(output_dir=str(tmp_path / "file"), use_cpu=True, report_to="none", save_strategy="no",
+                     disable_tqdm=True, max_steps=1, n_ctx=2,
+                     image_feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(OutputWriteError, match=r"Cannot write .*file \(Not a directory\)"):
+        CMPTrainer(tiny_clip_dir, args, train_dataset=train_set)  # before the image features are encoded
+    assert not (tmp_path / "cache").exists()
+    args.output_dir = str(tmp_path / "full")
+    trainer = CMPTrainer(tiny_clip_dir, args, train_dataset=train_set)
+
+    def disk_full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # what a full disk does to the probe write
+    with pytest.raises(OutputWriteError, match=r"Cannot write .*full \(No space left on device\): the disk is full"):
+        trainer.train()  # (the disk filled up after the trainer was made): before the first step
+    assert trainer.state.global_step == 0
+    assert not [name for name in os.listdir(tmp_path / "full") if name.startswith(".cmp_hf-staging")]
+
+
+def test_cli_names_an_unknown_command_and_a_mistyped_option(capsys):
+    with pytest.raises(SystemExit, match="cmp-hf: unknown command 'trian': use one of train, push."):
+        cli.main(["trian"])
+    with pytest.raises(ValueError, match=r"Unknown option --cmp_lamda \(did you mean --cmp_lambda"):
+        parse_config_and_overrides(make_parser(), ["--output_dir", "x", "--cmp_lamda", "0.5"])
+    assert capsys.readouterr().out == ""  # no page of usage first
+    parse_config_and_overrides(make_parser(), ["--output_dir", "x", "--cmp_lambda", "0.5", "--seed=3"])
+
+
+def test_kgcoop_as_a_learner_points_at_kgcoop_weight(tmp_path):
+    with pytest.raises(
+        ValueError, match="Unknown prompt learner 'kgcoop'.*keep prompt_learner coop.*set kgcoop_weight"
+    ):
+        CMPConfig(output_dir=str(tmp_path), prompt_learner="kgcoop")
+
+
+def test_quickstart_run_again_replaces_its_output_and_says_so(tmp_path, monkeypatch, capsys):
+    commands = []
+    monkeypatch.setattr(dev, "run", lambda *command: commands.append([str(c) for c in command]))
+    monkeypatch.setattr(dev, "QUICKSTART_OUTPUT", tmp_path / "build" / "quickstart" / "prompt")
+    monkeypatch.setattr(dev, "ROOT", tmp_path)
+    dev.quickstart([])
+    assert commands[-1][-1] == "recipes/configs/quickstart.yaml" and capsys.readouterr().out == ""
+    (tmp_path / "build" / "quickstart" / "prompt").mkdir(parents=True)
+    (tmp_path / "build" / "quickstart" / "prompt" / "metrics.json").write_text("{}")
+    dev.quickstart(["--seed", "2"])
+    assert commands[-1][-5:] == ["recipes/configs/quickstart.yaml", "--overwrite_output_dir", "true", "--seed", "2"]
+    assert "build/quickstart/prompt holds the last quickstart run: replacing it" in capsys.readouterr().out
+    dev.quickstart(["--output_dir", "elsewhere"])  # another directory: nothing to replace
+    assert commands[-1][-3:] == ["recipes/configs/quickstart.yaml", "--output_dir", "elsewhere"]
