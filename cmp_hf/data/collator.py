@@ -71,8 +71,14 @@ def with_row_numbers(dataset: Any, image_column: str) -> Any:
         return dataset
     if not isinstance(dataset.features.get(image_column), ImageFeature):
         return dataset
-    undecoded = dataset.cast_column(image_column, ImageFeature(decode=False))
-    return undecoded.add_column(ROW_COLUMN, np.arange(len(dataset)))
+    return undecoded(dataset, image_column).add_column(ROW_COLUMN, np.arange(len(dataset)))
+
+
+def undecoded(dataset: Dataset, image_column: str) -> Dataset:
+    """``dataset`` with its ``Image`` column read as stored (bytes and path): :func:`to_rgb` decodes it later."""
+    if not isinstance(dataset.features.get(image_column), ImageFeature):
+        return dataset
+    return dataset.cast_column(image_column, ImageFeature(decode=False))
 
 
 def _pixel_array(image: Any) -> np.ndarray:

@@ -32,7 +32,7 @@ from datasets import Array2D, ClassLabel, Dataset, Features, Sequence, Value, lo
 from datasets.utils import tqdm  # tqdm.auto that obeys datasets.disable_progress_bars()
 
 from .augment import RandomResizedCropFlip
-from .collator import ROW_COLUMN, read_image, to_rgb
+from .collator import ROW_COLUMN, read_image, to_rgb, undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,9 @@ class ImageFeatureCache:
         try:
             return [to_rgb(image) for image in images[rows.start : rows.stop][self.image_column]]
         except Exception:  # find the row: decoding the batch names neither the row nor the column
+            stored = undecoded(images, self.image_column)  # decoding must happen inside read_image
             for row in rows:
-                read_image(images[row][self.image_column], row, self.image_column)
+                read_image(stored[row][self.image_column], row, self.image_column)
             raise
 
     @torch.no_grad()
