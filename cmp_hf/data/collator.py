@@ -66,10 +66,8 @@ def read_image(image: Any, row: int | None, column: str) -> Image.Image:
 def with_row_numbers(dataset: Any, image_column: str) -> Any:
     """For the uncached path: a dataset whose images the collator decodes (``datasets`` would decode them while
     fetching a batch, where a truncated file fails without saying which row) and whose rows carry their number
-    (column ``ROW_COLUMN``). Anything but a ``Dataset`` with an ``Image`` column is returned as it is."""
+    (column ``ROW_COLUMN``). Anything but a ``Dataset`` (a stream) is returned as it is."""
     if not isinstance(dataset, Dataset) or ROW_COLUMN in dataset.column_names:
-        return dataset
-    if not isinstance(dataset.features.get(image_column), ImageFeature):
         return dataset
     return undecoded(dataset, image_column).add_column(ROW_COLUMN, np.arange(len(dataset)))
 
