@@ -13,6 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from PIL import Image as PILImage
+from test_bad_inputs import flip_last_byte
 from transformers import CLIPModel, CLIPProcessor
 
 import dev
@@ -36,12 +37,6 @@ def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptT
     model.calibration.temperature = temperature
     model.save_pretrained(path)
     return model.eval()
-
-
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x10  # inside the last tensor's data: the file still parses
-    path.write_bytes(bytes(data))
 
 
 # ---- 1. a prompt saved with a digest needs it ---------------------------------------------------------------------
