@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up the project's environment and run its jobs, with nothing but Python 3 and pip on the machine.
 
-    python3 dev.py quickstart   # CoOp + CMP on the shipped micro-CLIP, offline data; prints base/novel/shifted
+    python3 dev.py quickstart [--option value ...]   # CoOp + CMP on the shipped micro-CLIP, offline data; prints
+                                                     # base/novel/shifted; options go to the recipe
     python3 dev.py test [pytest args]   # ruff, then the test suite
 
 Both create ``.venv`` on first use (``pip install -c constraints.txt -e .[dev,testbed,bench]`` with torch pinned to
@@ -22,6 +23,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if sys.platform == "win32" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".cmp_hf-install-stamp"
+QUICKSTART_OUTPUT = ROOT / "build" / "quickstart" / "prompt"  # recipes/configs/quickstart.yaml's output_dir
 
 
 def run(*command: str | Path) -> None:
@@ -41,11 +43,21 @@ def ensure_environment() -> None:
     STAMP.write_text(digest.hexdigest())
 
 
-def quickstart() -> None:
+def quickstart(options: list[str]) -> None:
+    """Build the testbed and run the quickstart recipe, ``options`` added to its command line. A quickstart run
+    again replaces the last one's output (said first), unless ``options`` name another output_dir."""
     run(PYTHON, "recipes/make_testbed_data.py", "build/testbed")
+    again = []
+    if (QUICKSTART_OUTPUT / "metrics.json").exists() and not any(o.startswith("--output_dir") for o in options):
+        print(
+            f"{QUICKSTART_OUTPUT.relative_to(ROOT)} holds the last quickstart run: replacing it "
+            "(--overwrite_output_dir true). To keep it, run with --output_dir <another directory>.",
+            flush=True,
+        )
+        again = ["--overwrite_output_dir", "true"]
     run(
         BIN / "accelerate", "launch", "--quiet", "--config_file", "recipes/accelerate/single_process.yaml",
-        "recipes/train.py", "recipes/configs/quickstart.yaml",
+        "recipes/train.py", "recipes/configs/quickstart.yaml", *again, *options,
     )  # fmt: skip
 
 
@@ -59,6 +71,6 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     ensure_environment()
     try:
-        quickstart() if sys.argv[1] == "quickstart" else test(sys.argv[2:])
+        quickstart(sys.argv[2:]) if sys.argv[1] == "quickstart" else test(sys.argv[2:])
     except subprocess.CalledProcessError as error:
         sys.exit(error.returncode)

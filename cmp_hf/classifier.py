@@ -37,11 +37,15 @@ class CalibratedCLIP:
         revision: str | None = None,
         token: str | None = None,
         base_model: str | None = None,
+        verify_digest: bool = True,
     ) -> CalibratedCLIP:
         """Load the prompt (JSON + safetensors only) and the base CLIP it names, unless ``clip`` is given;
-        ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere."""
+        ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere.
+        ``verify_digest``: see :meth:`PromptTunedCLIP.from_pretrained`."""
         prompt_dir = fetch_prompt(repo_or_dir, revision, token)
-        model = PromptTunedCLIP.from_pretrained(prompt_dir, clip, tokenizer, base_model=base_model)
+        model = PromptTunedCLIP.from_pretrained(
+            prompt_dir, clip, tokenizer, base_model=base_model, verify_digest=verify_digest
+        )
         if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
             image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor)
@@ -69,6 +73,12 @@ class CalibratedCLIP:
                 raise ValueError(
                     f"A pixel_values tensor must be (N, 3, H, W), got shape {tuple(images.shape)}: for one image, "
                     "add the batch dimension with .unsqueeze(0); or pass PIL images, which the processor prepares."
+                )
+            rows = torch.nonzero(~torch.isfinite(images.flatten(1)).all(dim=1)).flatten().tolist()
+            if rows:  # they would come out as rows of NaN probabilities
+                raise ValueError(
+                    f"pixel_values hold NaN or infinite values in {len(rows)} images (first: {rows[:10]}): fix or "
+                    "drop those images."
                 )
             return images
         if images is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from .atomic import OutputWriteError
 from .hub import HubError
 
 COMMANDS = ("train", "push")
@@ -19,8 +20,10 @@ COMMANDS = ("train", "push")
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
+    if argv[0] not in COMMANDS:
+        sys.exit(f"cmp-hf: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}.\n{__doc__}")
     command, rest = argv[0], argv[1:]
     try:
         if command == "train":
@@ -31,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from .scripts.push import run
 
             print(f"pushed to {run(rest)}")
-    except HubError as error:
+    except (HubError, OutputWriteError) as error:  # they say what happened and what to do: no traceback needed
         sys.exit(f"error: {error}")
 
 

@@ -262,7 +262,8 @@ class CMPConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Train into an output_dir that already holds a finished run (a saved prompt or a recipe's "
-            "metrics.json), replacing the files this run writes. Off: such a run is refused, so a second run cannot "
+            "metrics.json), replacing it: its prompt, card, metrics, eval/<set>/ reports and checkpoints are removed "
+            "before training (other files stay). Off: such a run is refused, so a second run cannot "
             "silently overwrite the first (transformers 5 removed TrainingArguments' own option). Resuming a run "
             "(resume_from_checkpoint) needs no overwrite."
         },
@@ -271,6 +272,13 @@ class CMPConfig(TrainingArguments):
     def __post_init__(self) -> None:
         _check_numbers_are_numbers(self)
         self._apply_preset()
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(
+                f"num_train_epochs is {self.num_train_epochs:g} and max_steps is unset: training would take no step "
+                "and the untrained prompt's numbers would be reported as the trained run's. Set num_train_epochs "
+                "(or max_steps) > 0; to evaluate the untrained prompt, use zero_shot_baseline or trainer.evaluate() "
+                "without train()."
+            )
         self.loss_options()  # validates the loss fields now, before any model is loaded
         if self.kgcoop_template is not None and self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")

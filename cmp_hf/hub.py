@@ -30,7 +30,7 @@ from huggingface_hub import (
     get_token,
     snapshot_download,
 )
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, LocalTokenNotFoundError
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import EVAL_DIR, MODEL_CARD_NAME, PROMPT_FILES
@@ -217,11 +217,32 @@ def card_for_repo(output_dir: str, repo_id: str) -> bytes | None:
 
 
 def fetch_prompt(repo_or_dir: str | os.PathLike, revision: str | None = None, token: str | None = None) -> str:
-    """A local directory holding the prompt: ``repo_or_dir`` itself, or a snapshot of JSON + safetensors files."""
+    """A local directory holding the prompt: ``repo_or_dir`` itself, or a snapshot of JSON + safetensors files; an
+    error says which it is not (no such directory, a file, not a Hub id, no network)."""
     if os.path.isdir(repo_or_dir):
         return os.fspath(repo_or_dir)
-    with hub_errors(f"downloading {repo_or_dir}", retry=None):
-        return snapshot_download(str(repo_or_dir), revision=revision, token=token, allow_patterns=PULL_PATTERNS)
+    if os.path.exists(repo_or_dir):
+        raise NotADirectoryError(
+            f"Prompt {os.fspath(repo_or_dir)!r} is a file, not a prompt directory; {_PROMPT_HINT}."
+        )
+    try:
+        with hub_errors(f"downloading {repo_or_dir}", retry=None):
+            return snapshot_download(str(repo_or_dir), revision=revision, token=token, allow_patterns=PULL_PATTERNS)
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"Prompt {os.fspath(repo_or_dir)!r} not found: there is no such directory and it is not a valid Hub repo "
+            f"id; {_PROMPT_HINT}."
+        ) from error
+    except LocalEntryNotFoundError as error:  # offline, or the Hub is unreachable, and no cached copy
+        raise ConnectionError(
+            f"Prompt {os.fspath(repo_or_dir)!r}: no such local directory, and no network to fetch it from the Hub "
+            f"({constants.ENDPOINT} could not be reached, or HF_HUB_OFFLINE is set) nor a copy in the local Hugging "
+            "Face cache. Check the path; for a Hub repo, connect and retry, or download it once where there is a "
+            f"network (`hf download {os.fspath(repo_or_dir)}`)."
+        ) from error
+
+
+_PROMPT_HINT = "pass the directory save_pretrained (or CMPTrainer.save_model) wrote, or a Hub repo id (user/name)"
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -64,6 +64,30 @@ def probabilities(*, probs: np.ndarray | None = None, logits: np.ndarray | None 
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _check_finite(scores: np.ndarray, name: str) -> None:
+    rows = np.flatnonzero(~np.isfinite(scores).all(axis=-1)) if scores.ndim == 2 else []
+    if len(rows):
+        raise ValueError(
+            f"{name} holds NaN or infinite values in {len(rows)} rows (first: {rows[:10].tolist()}): calibration "
+            "metrics of such scores mean nothing. Fix or drop those rows."
+        )
+
+
+def integer_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as int64, refusing values that are not whole numbers (1.5 would silently become class 1)."""
+    values = np.asarray(labels)
+    if values.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        if len(bad):
+            raise ValueError(
+                f"Labels must be integer class indices; row {bad[0]} holds {values[bad[0]].item()!r} "
+                f"({len(bad)} such rows)."
+            )
+    elif values.dtype.kind not in "iub":
+        raise ValueError(f"Labels must be integer class indices, got dtype {values.dtype}.")
+    return values.astype(np.int64)
+
+
 def _bin_statistics(
     confidences: np.ndarray, correct: np.ndarray, bin_ids: np.ndarray, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,9 +156,15 @@ def calibration_metrics(
     logits: np.ndarray | None = None,
     n_bins: int = 10,
 ) -> dict[str, float]:
-    """All calibration metrics as fractions (not percent). Give ``probs=`` or ``logits=``, not both."""
+    """All calibration metrics as fractions (not percent). Give ``probs=`` or ``logits=``, not both.
+
+    Non-finite scores and non-integer labels are refused (they would give numbers with no meaning, or a label
+    silently truncated to another class)."""
+    name, scores = ("logits", logits) if probs is None else ("probs", probs)
+    if scores is not None:
+        _check_finite(np.asarray(scores, dtype=np.float64), name)
     p = probabilities(probs=probs, logits=logits)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = integer_labels(labels)
     if p.ndim != 2 or labels.shape != (p.shape[0],):
         raise ValueError(f"Expected scores (N, C) and labels (N,), got {p.shape} and {labels.shape}.")
     if len(labels) == 0:

@@ -10,6 +10,7 @@ never calls it: the prompt learner (``cmp_hf.learners``) reads the vectors and w
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,9 @@ from .hub import fetch_prompt
 from .integrity import load_weights_file, verify_digests, write_digests
 from .learners import PromptLearner, learner_class
 from .posthoc import PostHocCalibration, distance_aware_scales
-from .prompts.config import CoOpPromptConfig, initial_context
+from .prompts.config import FORMAT_VERSION, CoOpPromptConfig, initial_context
+
+logger = logging.getLogger(__name__)
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."  # CLIP's generic prompt: KgCoOp's anchor where no dataset template is known
 
@@ -126,12 +129,15 @@ class PromptTunedCLIP(nn.Module):
         clip: CLIPModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         base_model: str | None = None,
+        verify_digest: bool = True,
     ) -> PromptTunedCLIP:
         """Load a prompt saved by :meth:`save_pretrained` (a directory or a Hub repo id) onto ``clip`` (default: the
         base model it names, or ``base_model`` when given: a Hub id or directory of the same CLIP elsewhere). Only
-        JSON and safetensors files are read, and the learned tensors are checked against their saved digests."""
+        JSON and safetensors files are read, and the learned tensors and the settings that change the logits are
+        checked against their saved digests (``verify_digest=False`` skips that, to rescue a prompt whose digest was
+        lost: save it again to record a new one)."""
         prompt_path = fetch_prompt(prompt_path)
-        prompt_config = read_prompt_files(prompt_path)
+        prompt_config, calibration = read_prompt_files(prompt_path, verify_digest)
         if base_model is not None:
             prompt_config = replace(prompt_config, base_model_name_or_path=portable_name(base_model))
         base = prompt_config.base_model_name_or_path
@@ -142,7 +148,7 @@ class PromptTunedCLIP(nn.Module):
         _check_adapter_shape(prompt_path, prompt_config, clip)
         model = cls(PeftModel.from_pretrained(clip, prompt_path), prompt_config, tokenizer)
         model.load_learner_weights(prompt_path)
-        model.calibration = PostHocCalibration.from_pretrained(prompt_path)
+        model.calibration = calibration
         return model
 
     def load_learner_weights(self, prompt_path: str | os.PathLike) -> None:
@@ -164,7 +170,8 @@ class PromptTunedCLIP(nn.Module):
             self.prompt_config.save_pretrained(staging)
             if self.learner.weights_name is not None:
                 save_safetensors(self.learner.extra_state_dict(), os.path.join(staging, self.learner.weights_name))
-            write_digests(staging, [ADAPTER_WEIGHTS_NAME, *filter(None, [self.learner.weights_name])])
+            weights = [ADAPTER_WEIGHTS_NAME, *filter(None, [self.learner.weights_name])]
+            write_digests(staging, weights, _logit_settings(self.prompt_config, self.calibration))
         self.calibration.save_pretrained(save_directory)
 
     def activation_checkpointing_enable(
@@ -337,9 +344,9 @@ def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip
         )
 
 
-def read_prompt_files(prompt_path: str) -> CoOpPromptConfig:
-    """The prompt's config, after checking that every file of the prompt is there and its tensors match their
-    digests; each error names the file (a missing, corrupt or altered one)."""
+def read_prompt_files(prompt_path: str, verify_digest: bool = True) -> tuple[CoOpPromptConfig, PostHocCalibration]:
+    """The prompt's config and calibration, after checking that every file of the prompt is there and that its
+    tensors and settings match their digests; each error names the file (a missing, corrupt or altered one)."""
     missing = [name for name in PROMPT_FILES if not os.path.isfile(os.path.join(prompt_path, name))]
     if missing:
         raise FileNotFoundError(
@@ -348,11 +355,22 @@ def read_prompt_files(prompt_path: str) -> CoOpPromptConfig:
         )
     path = os.path.join(prompt_path, PROMPT_CONFIG_NAME)
     try:
-        prompt_config = CoOpPromptConfig.from_json_file(path)
+        prompt_config, version = CoOpPromptConfig.from_saved(path)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is corrupt ({error}): save or download the prompt again.") from error
-    verify_digests(prompt_path)
-    return prompt_config
+    calibration = PostHocCalibration.from_pretrained(prompt_path)
+    if verify_digest:
+        weights = [ADAPTER_WEIGHTS_NAME, *filter(None, [learner_class(prompt_config).weights_name])]
+        settings = _logit_settings(prompt_config, calibration)
+        verify_digests(prompt_path, weights, settings, saved_with_digest=version >= FORMAT_VERSION)
+    else:
+        logger.warning("Loading %s without checking its digests (verify_digest=False).", prompt_path)
+    return prompt_config, calibration
+
+
+def _logit_settings(prompt_config: CoOpPromptConfig, calibration: PostHocCalibration) -> dict:
+    """What the settings digest covers: the prompt options that change the logits, and the saved calibration."""
+    return {"prompt": prompt_config.logit_settings(), "calibration": calibration.saved_values()}
 
 
 def _check_base_model(base: str | None, overridden: bool) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .atomic import save_safetensors, write_json
 from .constants import CALIBRATION_FEATURES_NAME, CALIBRATION_NAME
-from .integrity import load_weights_file
+from .integrity import load_weights_file, tensors_sha256
 
 TEMPERATURE_PRIOR_STD = 0.25  # prior std of log T: T within [0.6, 1.65] at 2 sigma unless the data insist
 
@@ -146,6 +146,17 @@ class PostHocCalibration:
         ``dac_k`` is set."""
         return replace(self, on_new_classes=True, class_scales=class_scales, zero_shot_text_features=None)
 
+    def saved_values(self) -> dict[str, float | int | None]:
+        """What the prompt's settings digest covers: ``calibration.json``'s values and the digest of the reference
+        features (the class scales follow from the prompt and are never saved)."""
+        values = {name: getattr(self, name) for name in _SAVED_FIELDS}
+        if self.shifts:
+            values["reference_features_sha256"] = tensors_sha256(self._reference_tensors())
+        return values
+
+    def _reference_tensors(self) -> dict[str, torch.Tensor]:
+        return {"reference_features": self.reference_features.float().contiguous()}
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``calibration.json`` (and ``calibration.safetensors`` with the reference features when the
         shift-aware temperature is set), or remove stale ones when there is nothing to apply."""
@@ -158,7 +169,7 @@ class PostHocCalibration:
                     os.remove(stale)
             return
         if self.shifts:
-            save_safetensors({"reference_features": self.reference_features.float().contiguous()}, features_path)
+            save_safetensors(self._reference_tensors(), features_path)
         elif os.path.isfile(features_path):
             os.remove(features_path)
         write_json(path, saved, indent=2)
@@ -180,7 +191,7 @@ class PostHocCalibration:
             if not os.path.isfile(features_path):
                 raise FileNotFoundError(
                     f"{path} sets a shift-aware temperature but {features_path} (the training images' features) is "
-                    "missing: copy it with the prompt, or set shift_strength to 0 in calibration.json."
+                    "missing: copy or download the whole prompt again."
                 )
             calibration.reference_features = load_weights_file(features_path)["reference_features"]
         return calibration

@@ -11,24 +11,39 @@ silently replacing the other's prompt and metrics. These checks run before any t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import STAGING_PREFIX, naming_failures
 from .constants import (
+    CALIBRATION_FEATURES_NAME,
+    CALIBRATION_NAME,
+    EVAL_DIR,
+    MAPLE_PROMPTS_NAME,
+    META_NET_NAME,
+    MODEL_CARD_NAME,
     OUTPUT_DIR_LOCK_NAME,
+    PRODA_CONTEXTS_NAME,
     PROMPT_CONFIG_NAME,
+    PROMPT_DIGEST_NAME,
     PROMPT_FILES,
     RUN_IDENTITY_FIELDS,
+    RUN_INFO_NAME,
     RUN_METRICS_NAME,
+    SWEEP_JOB_NAME,
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
 )
@@ -149,6 +164,60 @@ def finished_run_files(output_dir: str) -> list[str]:
     return found
 
 
+def is_finished(output_dir: str | os.PathLike) -> bool:
+    """A finished run: a readable ``metrics.json`` (the recipe writes it last, atomically) and the saved prompt."""
+    try:
+        metrics = json.loads(Path(output_dir, RUN_METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(metrics) and all(Path(output_dir, name).is_file() for name in PROMPT_FILES)
+
+
+def run_state(output_dir: str | os.PathLike) -> tuple[str, str | None, str | None]:
+    """(state, log, error line) of a run directory: ``done`` (finished), ``failed`` (its sweep job recorded an
+    error, in ``sweep_job.json``), ``incomplete`` (started, not finished, no error: still running, or killed; the
+    log's last line) or ``missing`` (no record of a start)."""
+    if is_finished(output_dir):
+        return "done", None, None
+    try:
+        record = json.loads(Path(output_dir, SWEEP_JOB_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "missing", None, None
+    log = record.get("log")
+    if "error" in record:
+        return "failed", log, record["error"]
+    return "incomplete", log, last_line(read_log(log)) or None
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def read_log(path: str | None) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
+def check_output_dir_is_writable(output_dir: str) -> None:
+    """Before any training: ``output_dir`` is (or can be made) a directory one can write a file into. A file of
+    that name, a read-only disk, missing permissions or a full disk fail now, naming the path, instead of after
+    training when the prompt is saved."""
+    with naming_failures(output_dir):
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=STAGING_PREFIX, dir=output_dir)
+        try:
+            os.write(fd, b"cmp_hf")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+
+
 def check_output_dir_is_free(output_dir: str, overwrite: bool, resuming: bool) -> None:
     """Refuse to train into a directory that holds a finished run, unless asked to overwrite it or resuming it."""
     found = finished_run_files(output_dir)
@@ -158,6 +227,34 @@ def check_output_dir_is_free(output_dir: str, overwrite: bool, resuming: bool) -
             "prompt and metrics. Choose another output_dir, continue that run with resume_from_checkpoint, or "
             "replace it with overwrite_output_dir: true (--overwrite_output_dir true)."
         )
+
+
+# What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints)
+RUN_OUTPUT_FILES = (
+    *PROMPT_FILES, PROMPT_DIGEST_NAME, CALIBRATION_NAME, CALIBRATION_FEATURES_NAME, META_NET_NAME,
+    PRODA_CONTEXTS_NAME, MAPLE_PROMPTS_NAME, TRAINING_ARGS_NAME, MODEL_CARD_NAME, RUN_INFO_NAME, RUN_METRICS_NAME,
+)  # fmt: skip
+
+
+def remove_replaced_run(output_dir: str, overwrite: bool, resuming: bool) -> None:
+    """With ``overwrite_output_dir`` (and not resuming), remove the outputs of the finished run ``output_dir``
+    holds before the new run starts: its prompt, card, metrics, ``eval/<set>/`` reports and checkpoints. Left
+    alone, an eval set the new run does not evaluate would keep the old run's report beside the new card, and a
+    push would upload it. Other files (a sweep's records, the few-shot split, your own) stay. Call it with the lock
+    held, after :func:`check_output_dir_is_free`."""
+    if not overwrite or resuming or not finished_run_files(output_dir):
+        return
+    removed = [name for name in RUN_OUTPUT_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    for name in removed:
+        os.remove(os.path.join(output_dir, name))
+    folders = [EVAL_DIR] if os.path.isdir(os.path.join(output_dir, EVAL_DIR)) else []
+    folders += sorted(name for name in os.listdir(output_dir) if _CHECKPOINT.match(name))
+    for name in folders:
+        shutil.rmtree(os.path.join(output_dir, name))
+    logger.warning(
+        "overwrite_output_dir: removed the replaced run's outputs from %s: %s.",
+        output_dir, ", ".join([*removed, *(f"{name}/" for name in folders)]),
+    )  # fmt: skip
 
 
 def lock_output_dir(output_dir: str) -> None:
@@ -220,9 +317,11 @@ def output_dir_of_run(output_dir: str, overwrite: bool, resuming: bool, is_main_
         check_output_dir_is_free(output_dir, overwrite, resuming)
         yield
         return
+    check_output_dir_is_writable(output_dir)
     lock_output_dir(output_dir)
     try:
         check_output_dir_is_free(output_dir, overwrite, resuming)
+        remove_replaced_run(output_dir, overwrite, resuming)
         yield
     finally:
         unlock_output_dir(output_dir)

@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 
 from .atomic import write_json, write_text
-from .constants import PRESETS, PROMPT_FILES, RUN_METRICS_NAME, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
-from .runs import last_checkpoint, lock_output_dir, unlock_output_dir
+from .constants import PRESETS, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
+from .runs import is_finished, last_checkpoint, last_line, lock_output_dir, read_log, run_state, unlock_output_dir
 from .schedulers import COOP_EPOCHS_BY_SHOTS
 from .scripts.config_file import read_config
 
@@ -145,27 +145,6 @@ def _recipe_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_sweep")}
 
 
-def is_finished(output_dir: str | os.PathLike) -> bool:
-    """A finished run: a readable ``metrics.json`` (the recipe writes it last, atomically) and the saved prompt."""
-    try:
-        metrics = json.loads(Path(output_dir, RUN_METRICS_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(metrics) and all(Path(output_dir, name).is_file() for name in PROMPT_FILES)
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _read_log(path: str | None) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8", errors="replace") if path else ""
-    except OSError:
-        return ""
-
-
 class TrainRun(submitit.helpers.Checkpointable):
     """The job of one run: skip it if finished, else write its config and run the train recipe's main, resuming
     from its last complete checkpoint. ``num_processes > 1`` launches the recipe with ``accelerate launch`` inside
@@ -215,7 +194,7 @@ class TrainRun(submitit.helpers.Checkpointable):
                 train(argv)
         except Exception as error:
             if isinstance(error, subprocess.CalledProcessError):  # the traceback went to the job's log
-                message = last_line(_read_log(record.get("log"))) or str(error)
+                message = last_line(read_log(record.get("log"))) or str(error)
             else:
                 message = last_line("".join(traceback.format_exception_only(type(error), error)))
             write_json(output_dir / SWEEP_JOB_NAME, {**record, "error": message}, indent=2)
@@ -233,23 +212,8 @@ class RunState:
 
 def run_states(runs: Sequence[PlannedRun]) -> list[RunState]:
     """done (finished), failed (its job raised: the error and the log), incomplete (started, not finished, no
-    error: still running, or killed; the log's last line), missing (never started)."""
-    states = []
-    for run in runs:
-        if is_finished(run.output_dir):
-            states.append(RunState(run, "done"))
-            continue
-        try:
-            record = json.loads(Path(run.output_dir, SWEEP_JOB_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            states.append(RunState(run, "missing"))
-            continue
-        log = record.get("log")
-        if "error" in record:
-            states.append(RunState(run, "failed", log, record["error"]))
-        else:
-            states.append(RunState(run, "incomplete", log, last_line(_read_log(log)) or None))
-    return states
+    error: still running, or killed; the log's last line), missing (never started): :func:`~cmp_hf.runs.run_state`."""
+    return [RunState(run, *run_state(run.output_dir)) for run in runs]
 
 
 def status_table(states: Sequence[RunState]) -> str:

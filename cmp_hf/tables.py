@@ -26,11 +26,23 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text
-from .constants import RUN_INFO_NAME, RUN_METRICS_NAME
+from .atomic import STAGING_PREFIX, write_text
+from .constants import (
+    FEWSHOT_SPLIT_NAME,
+    OUTPUT_DIR_LOCK_NAME,
+    PROMPT_CONFIG_NAME,
+    RUN_INFO_NAME,
+    RUN_METRICS_NAME,
+    SWEEP_CONFIG_NAME,
+    SWEEP_JOB_NAME,
+)
 from .data import DOMAIN_SHIFTS
 from .learners import LEARNERS
 from .reports import harmonic_mean
+from .runs import run_state
+
+# Files a run leaves in its directory from its start on: where one lies without a finished result, a run is missing
+STARTED_RUN_FILES = (SWEEP_JOB_NAME, SWEEP_CONFIG_NAME, FEWSHOT_SPLIT_NAME, PROMPT_CONFIG_NAME, OUTPUT_DIR_LOCK_NAME)
 
 METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}  # all in percent
 DEFAULT_CMP = ("all", 1.0)  # competitors and lambda the method column leaves out: "CMP (<form>)"
@@ -102,6 +114,43 @@ def load_runs(runs_dir: str | Path) -> list[RunResult]:
             RunResult(run["setting"], run["dataset"], learner_name(run), method_name(run), metrics, not_coop)
         )
     return results
+
+
+def unfinished_runs(runs_dir: str | Path) -> list[tuple[str, str, str | None, str | None]]:
+    """Run directories under ``runs_dir`` that were started but hold no result :func:`load_runs` reads, as
+    (directory, state, log, last error line): ``failed`` or ``incomplete`` as ``recipes/sweep.py --status`` says
+    (from ``sweep_job.json``), ``incomplete`` for a run started outside a sweep, or one whose result files are
+    missing or unreadable. Their cells are missing from the tables, or have fewer seeds."""
+    root = Path(runs_dir)
+    started = {path.parent for name in STARTED_RUN_FILES for path in root.rglob(name)}
+    started |= {path.parent for path in root.rglob("checkpoint-*") if path.is_dir()}
+    found = []
+    for directory in sorted(started):
+        parts = directory.relative_to(root).parts
+        if any(part.startswith(("checkpoint-", STAGING_PREFIX)) for part in parts) or _readable_run(directory):
+            continue
+        state, log, error = run_state(directory)
+        found.append((directory.relative_to(root).as_posix(), "incomplete" if state in ("done", "missing") else state,
+                      log, error))  # fmt: skip
+    return found
+
+
+def _readable_run(directory: Path) -> bool:
+    try:
+        json.loads((directory / RUN_INFO_NAME).read_text())
+        json.loads((directory / RUN_METRICS_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def unfinished_note(unfinished: list[tuple[str, str, str | None, str | None]]) -> str:
+    """A Markdown section naming the runs whose cells are missing from the tables, and why."""
+    lines = [f"## Runs not in these tables: {len(unfinished)} not finished", "",
+             "Their cells are missing (-) or averaged over fewer seeds (n).", "",
+             "| run | state | log | last error line |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {state} | {log or '-'} | {error or '-'} |" for name, state, log, error in unfinished]
+    return "\n".join(lines)
 
 
 def _cell(values: list[float]) -> str:

@@ -33,7 +33,7 @@ from .constants import (
 from .dashboards import EvalFiguresCallback
 from .data.augment import RandomResizedCropFlip
 from .data.checks import check_columns, check_labels, check_training_set
-from .data.collator import CLIPImageCollator, ImageFeatureCollator
+from .data.collator import ROW_COLUMN, CLIPImageCollator, ImageFeatureCollator, with_row_numbers
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
 from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
@@ -45,8 +45,10 @@ from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
     check_output_dir_is_free,
+    check_output_dir_is_writable,
     checkpoint_to_resume,
     lock_output_dir,
+    remove_replaced_run,
     unlock_output_dir,
 )
 from .schedulers import coop_scheduler
@@ -119,6 +121,8 @@ class CMPTrainer(Trainer):
             raise TypeError(f"args must be a CMPConfig (it carries the CMP and prompt options), got {type(args)}.")
         if args.push_to_hub:
             require_token(args.hub_token)
+        if args.should_save:  # Trainer creates output_dir: a file there, a read-only or full disk fail now, named
+            check_output_dir_is_writable(args.output_dir)
         datasets = _named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
@@ -200,6 +204,7 @@ class CMPTrainer(Trainer):
         if dataset is None or isinstance(dataset, str) or FEATURES_COLUMN in (dataset.column_names or []):
             return dataset
         if self._feature_cache is None:
+            dataset = with_row_numbers(dataset, args.image_column)
             if not views:
                 return dataset
             return augmented(dataset, self._crop, args.image_column, args.seed)
@@ -267,9 +272,12 @@ class CMPTrainer(Trainer):
         checkpoint = _checkpoint_of_this_run(resume_from_checkpoint, self.args, self.model)
         check_output_dir_is_free(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
         if self.is_world_process_zero() and self._locked_output_dir is None:  # held until this trainer is gone
+            check_output_dir_is_writable(self.args.output_dir)
             self._locked_output_dir = self.args.output_dir
             lock_output_dir(self._locked_output_dir)
             weakref.finalize(self, unlock_output_dir, self._locked_output_dir)
+        if self.is_world_process_zero():
+            remove_replaced_run(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
@@ -579,7 +587,14 @@ class CMPTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # The collator, not the model's forward, decides which columns matter.
         if self._signature_columns is None:
-            columns = [self.args.image_column, self.args.label_column, FEATURES_COLUMN, "pixel_values", "labels"]
+            columns = [
+                self.args.image_column,
+                self.args.label_column,
+                FEATURES_COLUMN,
+                ROW_COLUMN,
+                "pixel_values",
+                "labels",
+            ]
             self._signature_columns = columns
 
 

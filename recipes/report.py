@@ -5,7 +5,9 @@
 Few-shot (a column per dataset, plus the average), base-to-novel (base, novel and harmonic mean of accuracy, ECE,
 ACE and MCE per dataset and on average, CoCoOp's convention) and ImageNet -> V2 / Sketch / A / R, each with the
 methods as rows per learner and mean +- std over seeds (n seeds): ``cmp_hf.tables``. ``--out`` writes ``<out>.md``
-and the long-format ``<out>.csv``; ``--push_to_hub`` uploads both to a Hub dataset repo with a card.
+and the long-format ``<out>.csv``; ``--push_to_hub`` uploads both to a Hub dataset repo with a card. Runs that were
+started but did not finish (failed, still running or killed) are listed first, with their state and last error line
+as ``recipes/sweep.py --status`` gives them: their cells are missing or have fewer seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cmp_hf.hub import HubError, push_results
-from cmp_hf.tables import load_runs, paper_tables, publish
+from cmp_hf.tables import load_runs, paper_tables, publish, unfinished_note, unfinished_runs
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -26,10 +28,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--push_to_hub", default=None, metavar="REPO", help="Hub dataset repo for the CSV + tables")
     parser.add_argument("--private", action="store_true", default=None)
     args = parser.parse_args(argv)
-    runs = load_runs(args.runs_dir)
+    runs, unfinished = load_runs(args.runs_dir), unfinished_runs(args.runs_dir)
     if not runs:
-        raise SystemExit(f"No runs with metrics.json and run.json under {args.runs_dir}.")
+        note = f"\n\n{unfinished_note(unfinished)}" if unfinished else ""
+        raise SystemExit(f"No runs with metrics.json and run.json under {args.runs_dir}.{note}")
     markdown, rows = paper_tables(runs)
+    if unfinished:  # said first, and kept with the tables wherever they go
+        markdown = f"{unfinished_note(unfinished)}\n\n{markdown}"
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or os.path.join(scratch, "report")
         publish(markdown, rows, out)

@@ -118,8 +118,10 @@ def test_load_with_mismatched_shapes_names_the_file(model, tmp_path):
     prompt = json.loads((tmp_path / "prompt_config.json").read_text())
     prompt["n_ctx"] = 5
     (tmp_path / "prompt_config.json").write_text(json.dumps(prompt))
+    with pytest.raises(ValueError, match="do not match the digest recorded in prompt_digest.json"):
+        PromptTunedCLIP.from_pretrained(tmp_path)  # an edited config is caught by the digest first
     with pytest.raises(ValueError, match="adapter_config.json describes prompt vectors"):
-        PromptTunedCLIP.from_pretrained(tmp_path)
+        PromptTunedCLIP.from_pretrained(tmp_path, verify_digest=False)  # and without it, by the shapes
 
 
 def test_load_without_base_model_asks_for_one(model, tmp_path, tiny_clip_dir):

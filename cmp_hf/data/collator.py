@@ -8,8 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
+from datasets import Image as ImageFeature
 from PIL import Image
 
+ROW_COLUMN = "__cmp_hf_row__"  # the row number each row of an uncached dataset carries, to name an unreadable image
 _CONVERT_FLOATS = (
     "pass uint8 pixels in [0, 255] (e.g. (image * 255).round().astype(np.uint8) for floats in [0, 1]) or PIL images"
 )
@@ -19,16 +22,61 @@ def to_rgb(image: Any) -> Image.Image:
     """PIL image in RGB from a PIL image (any mode), an image file's path, or an HxW / HxWxC array of integer pixels
     in [0, 255] (grey digits, masks...).
 
-    Float pixels are refused rather than guessed: PIL would clip [0, 1] floats to an all-black image.
+    Float pixels are refused rather than guessed: PIL would clip [0, 1] floats to an all-black image. So would it
+    clip 16-bit greyscale (mode ``I;16``) to white: those are scaled from [0, 65535] to [0, 255]. A 32-bit integer
+    image (mode ``I``) is taken as it is when its values lie in [0, 255], and refused otherwise (its range is
+    unknown).
     """
+    if isinstance(image, dict) and "bytes" in image and "path" in image:  # an Image column read with decode=False
+        image = ImageFeature().decode_example(image)
     if isinstance(image, str | os.PathLike):
         with Image.open(image) as opened:  # FileNotFoundError / UnidentifiedImageError name the path
-            image = opened.convert("RGB")
-    elif not isinstance(image, Image.Image):
+            opened.load()
+            return to_rgb(opened)
+    if not isinstance(image, Image.Image):
         image = Image.fromarray(_pixel_array(image))
     if image.mode == "F":
         raise ValueError(f"Got a float image (PIL mode 'F'), whose pixels PIL clips to black: {_CONVERT_FLOATS}.")
+    if image.mode.startswith("I;16"):  # 65535 / 255 = 257, rounded to the nearest level
+        image = Image.fromarray(((np.asarray(image).astype(np.uint32) + 128) // 257).astype(np.uint8))
+    elif image.mode == "I":
+        array = np.asarray(image)
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"Got a 32-bit integer image (PIL mode 'I') with values in [{array.min()}, {array.max()}], which PIL "
+                "clips to white: convert it to 8 bits by its real range first, e.g. "
+                "Image.fromarray((np.asarray(image) / 65535 * 255).round().astype(np.uint8)) for 16-bit data."
+            )
+        image = Image.fromarray(array.astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(image: Any, row: int | None, column: str) -> Image.Image:
+    """:func:`to_rgb`, with a failure (a truncated or corrupt file, a float image...) named by its row and column."""
+    try:
+        return to_rgb(image)
+    except Exception as error:
+        where = f"row {row}" if row is not None else "a row"
+        raise ValueError(
+            f"Cannot read the image in {where} of column {column!r} ({type(error).__name__}: {error}): fix or drop "
+            "that row (dataset.select / dataset.filter) and run again."
+        ) from error
+
+
+def with_row_numbers(dataset: Any, image_column: str) -> Any:
+    """For the uncached path: a dataset whose images the collator decodes (``datasets`` would decode them while
+    fetching a batch, where a truncated file fails without saying which row) and whose rows carry their number
+    (column ``ROW_COLUMN``). Anything but a ``Dataset`` (a stream) is returned as it is."""
+    if not isinstance(dataset, Dataset) or ROW_COLUMN in dataset.column_names:
+        return dataset
+    return undecoded(dataset, image_column).add_column(ROW_COLUMN, np.arange(len(dataset)))
+
+
+def undecoded(dataset: Dataset, image_column: str) -> Dataset:
+    """``dataset`` with its ``Image`` column read as stored (bytes and path): :func:`to_rgb` decodes it later."""
+    if not isinstance(dataset.features.get(image_column), ImageFeature):
+        return dataset
+    return dataset.cast_column(image_column, ImageFeature(decode=False))
 
 
 def _pixel_array(image: Any) -> np.ndarray:
@@ -58,7 +106,7 @@ class CLIPImageCollator:
     label_column: str = "label"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [to_rgb(row[self.image_column]) for row in rows]
+        images = [read_image(row[self.image_column], row.get(ROW_COLUMN), self.image_column) for row in rows]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         labels = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
         return {"pixel_values": pixel_values, "labels": labels}

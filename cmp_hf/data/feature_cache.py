@@ -32,7 +32,7 @@ from datasets import Array2D, ClassLabel, Dataset, Features, Sequence, Value, lo
 from datasets.utils import tqdm  # tqdm.auto that obeys datasets.disable_progress_bars()
 
 from .augment import RandomResizedCropFlip
-from .collator import to_rgb
+from .collator import ROW_COLUMN, read_image, to_rgb, undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +148,9 @@ class ImageFeatureCache:
         try:
             return [to_rgb(image) for image in images[rows.start : rows.stop][self.image_column]]
         except Exception:  # find the row: decoding the batch names neither the row nor the column
+            stored = undecoded(images, self.image_column)  # decoding must happen inside read_image
             for row in rows:
-                try:
-                    to_rgb(images[row][self.image_column])
-                except Exception as error:
-                    raise ValueError(
-                        f"Cannot read the image in row {row} of column {self.image_column!r} ({type(error).__name__}: "
-                        f"{error}): fix or drop that row (dataset.select / dataset.filter) and run again."
-                    ) from error
+                read_image(stored[row][self.image_column], row, self.image_column)
             raise
 
     @torch.no_grad()
@@ -249,7 +244,11 @@ def augmented(dataset: Dataset, crop: RandomResizedCropFlip, image_column: str, 
     rng = np.random.default_rng(seed)
 
     def transform(batch: dict[str, list]) -> dict[str, list]:
-        batch[image_column] = [crop(to_rgb(image), rng) for image in batch[image_column]]
+        rows = batch.get(ROW_COLUMN, [None] * len(batch[image_column]))
+        batch[image_column] = [
+            crop(read_image(image, row, image_column), rng)
+            for image, row in zip(batch[image_column], rows, strict=True)
+        ]
         return batch
 
     return dataset.with_transform(transform)

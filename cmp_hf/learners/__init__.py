@@ -15,7 +15,13 @@ LEARNERS: dict[str, type[PromptLearner]] = {
 def learner_class(config: CoOpPromptConfig) -> type[PromptLearner]:
     """The learner ``config.learner`` names, after it has checked the prompt options (before any model is built)."""
     if config.learner not in LEARNERS:
-        raise ValueError(f"Unknown prompt learner {config.learner!r}: use one of {sorted(LEARNERS)}.")
+        hint = ""
+        if config.learner.lower() == "kgcoop":  # the paper's fifth method is a loss term, not a learner
+            hint = (
+                " KgCoOp is CoOp plus a loss term: keep prompt_learner coop (or another learner) and set "
+                "kgcoop_weight (its paper and recipes/configs/suite/learners/kgcoop.yaml: 8.0)."
+            )
+        raise ValueError(f"Unknown prompt learner {config.learner!r}: use one of {sorted(LEARNERS)}.{hint}")
     learner = LEARNERS[config.learner]
     learner.check_config(config)
     return learner

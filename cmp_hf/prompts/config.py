@@ -25,6 +25,9 @@ from ..constants import PROMPT_CONFIG_NAME
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 ClassTokenPosition = Literal["end", "middle", "front"]
+# Written into prompt_config.json beside the fields: 2 = saved with prompt_digest.json (weights and settings), which
+# is then required on load; a file without the key was saved before digests existed (cmp_hf 0.1).
+FORMAT_VERSION_KEY, FORMAT_VERSION = "format_version", 2
 
 
 @dataclass
@@ -91,16 +94,27 @@ class CoOpPromptConfig:
         return self.n_ctx * (len(self.class_names) if self.class_specific_context else 1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        write_json(os.path.join(save_directory, PROMPT_CONFIG_NAME), asdict(self), indent=2, ensure_ascii=False)
+        content = {**asdict(self), FORMAT_VERSION_KEY: FORMAT_VERSION}
+        write_json(os.path.join(save_directory, PROMPT_CONFIG_NAME), content, indent=2, ensure_ascii=False)
+
+    def logit_settings(self) -> dict:
+        """Every option that changes the logits: all but where the base model is (which a user may repoint)."""
+        return {key: value for key, value in asdict(self).items() if key != "base_model_name_or_path"}
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CoOpPromptConfig:
+        return cls.from_saved(path)[0]
+
+    @classmethod
+    def from_saved(cls, path: str | os.PathLike) -> tuple[CoOpPromptConfig, int]:
+        """The config in ``path`` and the format version it was saved with (1: before digests existed)."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        version = data.pop(FORMAT_VERSION_KEY, 1)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path} has unknown prompt-config keys {sorted(unknown)}; was it written by cmp_hf?")
-        return cls(**data)
+        return cls(**data), version
 
 
 def validate_class_names(class_names: list[str], allow_duplicates: bool = False) -> None:

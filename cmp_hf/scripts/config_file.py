@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Sequence
 
@@ -32,7 +33,20 @@ def parse_config_and_overrides(parser: HfArgumentParser, argv: Sequence[str]) ->
         if unknown:
             raise ValueError(f"Unknown keys in the config file: {unknown}. Check their spelling against --help.")
         parser.set_defaults(**values)
+    check_options(parser, argv)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_options(parser: HfArgumentParser, argv: Sequence[str]) -> None:
+    """Name a mistyped ``--option`` (with the closest real ones) before argparse prints its whole usage first."""
+    options = [option for option in parser._option_string_actions if option.startswith("--")]
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if not name.startswith("--") or any(option.startswith(name) for option in options):  # argparse takes prefixes
+            continue
+        close = difflib.get_close_matches(name, [option for option in options if "-" not in option[2:]], n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(f"Unknown option {name}{hint}: `cmp-hf train --help` lists every option.")
 
 
 def read_config(path: str) -> dict:

@@ -24,11 +24,13 @@ error, classwise ECE, the area under the risk-coverage curve (AURC), negative lo
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `list` of `float`, shape (N, C)): class probabilities (rows on the simplex) or logits.
-    references (`list` of `int`, shape (N,)): true class indices in [0, C).
+    references (`list` of `int`, shape (N,)): true class indices in [0, C); a non-integer value is an error.
     n_bins (`int`, defaults to 10): number of bins for ECE, ACE, MCE, RMSCE and classwise ECE.
     from_logits (`bool`, optional): whether `predictions` are logits (softmax is applied; NLL is then exact even
         where a probability underflows). By default, rows that are non-negative and sum to 1 (within 1e-4) are
-        taken as probabilities and anything else as logits.
+        taken as probabilities, scores with a value below 0 or above 1 as logits, and anything else (scores in
+        [0, 1] whose rows do not sum to 1) is an error that asks which they are. `from_logits=False` with rows that
+        are not on the simplex is an error too. NaN or infinite scores are refused.
 
 Returns:
     accuracy_pct, ece_pct, ace_pct, mce_pct, mce_weighted_pct, rmsce_pct, classwise_ece_pct (`float`): in percent,
@@ -91,8 +93,9 @@ class Calibration(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
+            # float references, so that a non-integer label reaches _compute (int64 would silently truncate it)
             features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
+                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("float64")}
             ),
             reference_urls=["https://arxiv.org/abs/1706.04599", "https://arxiv.org/abs/1904.01685"],
         )
@@ -103,7 +106,36 @@ class Calibration(evaluate.Metric):
         scores = np.asarray(predictions, dtype=np.float64)
         if scores.ndim != 2:
             raise ValueError(f"predictions must be (N, C) class scores, the same C in every row; got {scores.shape}.")
-        if from_logits is None:
-            from_logits = not looks_like_probabilities(scores)
-        given = {"logits": scores} if from_logits else {"probs": scores}
+        given = {"logits": scores} if read_as_logits(scores, from_logits) else {"probs": scores}
         return as_percent(calibration_metrics(references, n_bins=n_bins, **given))
+
+
+def read_as_logits(scores: np.ndarray, from_logits: bool | None) -> bool:
+    """Whether ``scores`` are logits: as told, else as only one reading allows; an error when it is ambiguous or
+    contradicts what was said, naming the row that was seen."""
+    if from_logits:
+        return True
+    if not np.isfinite(scores).all():
+        return True  # calibration_metrics names the rows
+    on_simplex = looks_like_probabilities(scores)
+    if from_logits is False and not on_simplex:
+        raise ValueError(
+            f"from_logits=False, but {_off_simplex(scores)}: probabilities are >= 0 and sum to 1 per row."
+        )
+    if from_logits is None and not on_simplex and scores.min() >= 0 and scores.max() <= 1:
+        raise ValueError(
+            f"predictions are all in [0, 1] but {_off_simplex(scores)}: they are not probabilities (normalise them, "
+            "e.g. scores / scores.sum(axis=1, keepdims=True), if they are) nor recognisably logits. Pass "
+            "from_logits=True if they are logits."
+        )
+    return not on_simplex
+
+
+def _off_simplex(scores: np.ndarray) -> str:
+    """Where ``scores`` leave the simplex: the first negative entry, or the first row not summing to 1."""
+    if scores.min() < 0:
+        row = int(np.flatnonzero((scores < 0).any(axis=1))[0])
+        return f"row {row} holds a negative value ({scores[row].min():.4g})"
+    sums = scores.sum(axis=1)
+    row = int(np.flatnonzero(np.abs(sums - 1) > PROBABILITY_ATOL)[0])
+    return f"row {row} sums to {sums[row]:.4g}, not 1"
