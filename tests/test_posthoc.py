@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf import CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
@@ -214,8 +215,6 @@ def test_shift_aware_anchored_calibration_is_saved_and_reapplied(tiny_clip_dir, 
         zero_shot = model.clip.logit_scale.exp() * features @ plain.hand_crafted_text_features().t()
         expected = 0.5 * plain(pixel_values=x).logits.softmax(1) + 0.5 * zero_shot.softmax(1)
         torch.testing.assert_close(other(pixel_values=x).logits.softmax(1), expected)
-    from safetensors.torch import save_file
-
     save_file({"reference_features": _unit(9, 16, 5)}, tmp_path / "calibration.safetensors")  # other features
     with pytest.raises(ValueError, match="do not match the digest"):
         PromptTunedCLIP.from_pretrained(tmp_path)
