@@ -314,9 +314,12 @@ def verdicts(rows: list[dict]) -> list[str]:
              f"lower; 2 no cell worse by > {WORST_ECE_INCREASE} ECE points; 3 base and novel accuracy no more than "
              f"{WORST_ACCURACY_DROP:g} point below in every cell", ""]  # fmt: skip
     groups = {f"{shots} shots, all tasks": [c for c in cells if c[3] == shots] for shots in {c[3] for c in cells}}
-    if len({c[0] for c in cells}) > 1:
-        groups.update({f"{shots} shots, {task}": [c for c in cells if c[:1] == (task,) and c[3] == shots]
-                       for task, shots in dict.fromkeys((c[0], c[3]) for c in cells)})  # fmt: skip
+    for position, name in ((0, "task"), (1, "noise")):  # the groups a choice may have been made on, or not
+        values = dict.fromkeys(c[position] for c in cells)
+        if len(values) > 1:
+            groups.update({f"{shots} shots, {name} {value:g}" if name == "noise" else f"{shots} shots, {value}":
+                           [c for c in cells if c[position] == value and c[3] == shots]
+                           for value in values for shots in {c[3] for c in cells}})  # fmt: skip
     for label, group in sorted(groups.items()):
         lines += [f"{label}:", ""]
         lines += [f"- {method}: {verdict(rows, method, group)}" for method in methods]
