@@ -10,6 +10,7 @@ batches (:mod:`cmp_hf.serving`) under ``torch.inference_mode``, so memory does n
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -68,7 +69,9 @@ class CalibratedCLIP:
         ``base_model`` (a Hub id or directory) replaces the base the prompt names, e.g. a copy of it elsewhere.
         ``device``: where to classify (e.g. ``"cuda"``); ``dtype``: see the class."""
         prompt_dir = fetch_prompt(repo_or_dir, revision, token)
-        model = PromptTunedCLIP.from_pretrained(prompt_dir, clip, tokenizer, base_model=base_model)
+        with warnings.catch_warnings():  # peft reads a property transformers 5.24 deprecates: nothing to act on
+            warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = PromptTunedCLIP.from_pretrained(prompt_dir, clip, tokenizer, base_model=base_model)
         if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
             image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor, dtype)

@@ -50,8 +50,8 @@ class CalibratedImageClassificationPipeline(Pipeline):
         super().__init__(model, *args, **kwargs)
 
     def __repr__(self) -> str:  # Pipeline's asks the model for generation and modality attributes
-        classes = len(self.model.class_names)
-        return f"{type(self).__name__}: {{'classes': {classes}, 'device': '{self.device}', 'dtype': {self.model.dtype}}}"
+        summary = {"classes": len(self.model.class_names), "device": str(self.device), "dtype": str(self.model.dtype)}
+        return f"{type(self).__name__}: {summary}"
 
     def _sanitize_parameters(self, top_k: int | None = None, timeout: float | None = None):
         preprocess = {} if timeout is None else {"timeout": timeout}
@@ -72,7 +72,7 @@ class CalibratedImageClassificationPipeline(Pipeline):
         probs = model_outputs["logits"][0].float().softmax(dim=-1)
         scores, indices = probs.topk(min(top_k, len(probs)))
         names = self.model.class_names
-        return [{"label": names[i], "score": score} for score, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+        return [{"label": names[i], "score": p} for p, i in zip(scores.tolist(), indices.tolist(), strict=True)]
 
 
 class CalibratedCLIPLoader:
