@@ -50,7 +50,7 @@ class CalibratedCLIP:
         self.image_processor = image_processor
         self.dtype = None if dtype == torch.float32 else dtype
         self.image_column = image_column
-        self._class_features: tuple[tuple, torch.Tensor] | None = None  # (weights key, features)
+        self._class_features: tuple[tuple, torch.Tensor] | None = None  # (_weights_key(), features)
 
     @classmethod
     def from_pretrained(
@@ -107,17 +107,19 @@ class CalibratedCLIP:
         if self.model.learner.conditional:
             return None
         key = self._weights_key()
-        if self._class_features is None or self._class_features[0] != key:
+        if self._class_features is None or not _same_key(self._class_features[0], key):
             with torch.no_grad(), self._autocast():  # not inference_mode: usable outside it too
                 self._class_features = key, self.model.text_features()
         return self._class_features[1]
 
-    def _weights_key(self) -> tuple:
-        """What the class features depend on. A tensor's ``_version`` counts its in-place changes (an optimizer
-        step, ``copy_``, loading a state dict), so changed weights are noticed without hashing them."""
-        learner = self.model.learner
-        versions = tuple(tensor._version for tensor in (self.model.context, *learner.parameters()))
-        return id(learner), self.device, self.dtype, versions
+    def _weights_key(self) -> tuple[tuple, tuple]:
+        """What the class features depend on: the learner and context objects themselves (compared by identity:
+        a new learner after ``over_classes``, a reloaded adapter), the device, the dtype, and the ``_version``
+        of every weight, which counts its in-place changes (an optimizer step, ``copy_``, ``load_state_dict``),
+        so that changed weights are noticed without hashing them."""
+        learner, context = self.model.learner, self.model.context
+        versions = tuple(tensor._version for tensor in (context, *learner.parameters()))
+        return (learner, context), (self.device, self.dtype, versions)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
@@ -168,3 +170,8 @@ class CalibratedCLIP:
     def predict(self, images: Any, batch_size: int = 64, progress: bool | None = None) -> np.ndarray:
         """(N,) class indices (``class_names`` maps them to names); arguments as for :meth:`logits`."""
         return self._map_batches(images, batch_size, progress, lambda logits: logits.argmax(dim=-1)).numpy()
+
+
+def _same_key(old: tuple[tuple, tuple], new: tuple[tuple, tuple]) -> bool:
+    """Same objects (by identity: a tensor's ``==`` is elementwise) and equal state."""
+    return all(a is b for a, b in zip(old[0], new[0], strict=True)) and old[1] == new[1]

@@ -94,6 +94,12 @@ def test_class_features_follow_changed_weights_and_classes(classifier):
     assert calls[0] == counted
     np.testing.assert_array_equal(proba, per_call_logits(classifier, batch).softmax(dim=-1).numpy())
 
+    with classifier.model.over_classes(["blue", "red", "green"]):  # another learner object, the same context
+        np.testing.assert_array_equal(
+            classifier.predict_proba(batch), per_call_logits(classifier, batch).softmax(dim=-1).numpy()
+        )
+    np.testing.assert_array_equal(classifier.predict_proba(batch), proba)  # the prompt's own classes again
+
 
 def test_cocoop_encodes_class_prompts_per_batch(tiny_clip_dir, class_names):
     classifier = build(tiny_clip_dir, class_names, learner="cocoop")
