@@ -108,7 +108,8 @@ class CalibratedCLIP:
             return None
         key = self._weights_key()
         if self._class_features is None or not _same_key(self._class_features[0], key):
-            with torch.no_grad(), self._autocast():  # not inference_mode: usable outside it too
+            # an ordinary tensor even when the first call runs under inference_mode: kept, it serves in and out of it
+            with torch.inference_mode(False), torch.no_grad(), self._autocast():
                 self._class_features = key, self.model.text_features()
         return self._class_features[1]
 

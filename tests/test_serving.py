@@ -71,6 +71,7 @@ def test_class_features_are_computed_once_and_give_todays_probabilities(classifi
     np.testing.assert_array_equal(labels, proba.argmax(axis=1))
     torch.testing.assert_close(logits, per_call_logits(classifier, first[:1]), rtol=0, atol=1e-5)
     assert not logits.is_inference() and logits.dtype == torch.float32  # an ordinary tensor for the caller
+    assert not classifier.class_features().is_inference()  # computed within the call's inference_mode, yet kept
 
 
 def test_class_features_follow_changed_weights_and_classes(classifier):
