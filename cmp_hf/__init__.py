@@ -7,6 +7,7 @@ from .learners import LEARNERS, PromptLearner
 from .losses import cmp_penalty
 from .metrics import CalibrationMetrics, ReliabilityTable, calibration_metrics, reliability_table
 from .modeling import PromptTunedCLIP, PromptTunedCLIPOutput
+from .pipeline import CalibratedImageClassificationPipeline  # registers "calibrated-image-classification"
 from .posthoc import PostHocCalibration
 from .prompts import CoOpPromptConfig
 from .trainer import CMPTrainer
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibratedCLIP",
+    "CalibratedImageClassificationPipeline",
     "CMPConfig",
     "CMPTrainer",
     "CalibrationMetrics",

@@ -270,14 +270,17 @@ class PromptTunedCLIP(nn.Module):
         return self.learner.image_features(self.clip, pixel_values, self.context)
 
     @contextmanager
-    def fixed_text_features(self) -> Iterator[None]:
-        """Compute the class text features once and reuse them for every forward inside the block (evaluation).
+    def fixed_text_features(self, features: torch.Tensor | None = None) -> Iterator[None]:
+        """Compute the class text features once and reuse them for every forward inside the block (evaluation);
+        ``features``: those of these very weights, computed earlier (``CalibratedCLIP`` keeps them across calls).
         A learner whose features depend on the image has nothing fixed."""
         if self.learner.conditional:
             yield
             return
-        with torch.no_grad():
-            self._fixed_text_features = self.text_features()
+        if features is None:
+            with torch.no_grad():
+                features = self.text_features()
+        self._fixed_text_features = features
         try:
             yield
         finally:

@@ -36,13 +36,23 @@ class EvalReport:
     risk: np.ndarray
 
     @classmethod
-    def from_logits(cls, name: str, logits: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> EvalReport:
-        metrics = calibration_metrics(labels, logits=logits, n_bins=n_bins)
+    def from_logits(
+        cls,
+        name: str,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        n_bins: int = 10,
+        metrics: dict[str, float] | None = None,
+    ) -> EvalReport:
+        """``metrics``: ``CalibrationMetrics``' result for these very logits when it is already at hand (the
+        trainer's evaluation), so that the N x C maths runs once per eval set."""
+        if metrics is None:
+            metrics = as_percent(calibration_metrics(labels, logits=logits, n_bins=n_bins))
         probs = probabilities(logits=logits)
         correct = probs.argmax(axis=1) == np.asarray(labels)
         table = reliability_table(probs.max(axis=1), correct, n_bins)
         _, risk = risk_coverage(probs.max(axis=1), correct)
-        return cls(name, as_percent(metrics), n_bins, len(labels), logits.shape[1], table, risk)
+        return cls(name, metrics, n_bins, len(labels), logits.shape[1], table, risk)
 
     @property
     def folder(self) -> str:

@@ -38,7 +38,7 @@ from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, s
 from .data.loading import class_names_from_features
 from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
-from .metrics import CalibrationMetrics
+from .metrics import METRIC_KEYS, CalibrationMetrics
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
@@ -384,10 +384,19 @@ class CMPTrainer(Trainer):
                     "their images hold NaN or infinite values. Fix or drop those rows of the "
                     f"{self.args.image_column} column; no report of this set was written."
                 )
+            computed = self._calibration_metrics(output.metrics, metric_key_prefix)
             self.eval_reports[name] = EvalReport.from_logits(
-                name, logits, output.label_ids, self.args.calibration_bins
+                name, logits, output.label_ids, self.args.calibration_bins, metrics=computed
             )
         return output
+
+    def _calibration_metrics(self, metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
+        """The calibration metrics that the default ``compute_metrics`` has just computed for this set (``None``
+        with another ``compute_metrics``): the report takes them instead of computing them a second time."""
+        computed = self.compute_metrics
+        if not (isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins):
+            return None
+        return {key: metrics[f"{prefix}_{key}"] for key in METRIC_KEYS}
 
     def fit_temperature(self, dataset: Dataset) -> float:
         """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,

@@ -70,7 +70,7 @@ PULL = textwrap.dedent(
     import numpy as np
     from PIL import Image
     from peft import PeftModel
-    from transformers import CLIPModel
+    from transformers import CLIPModel, pipeline
     from cmp_hf import CalibratedCLIP
 
     repo, out = sys.argv[1], sys.argv[2]
@@ -80,8 +80,11 @@ PULL = textwrap.dedent(
     base = model.model.prompt_config.base_model_name_or_path
     peft_model = PeftModel.from_pretrained(CLIPModel.from_pretrained(base), repo)
     vectors = peft_model.prompt_encoder["default"].embedding.weight
+    top = pipeline("calibrated-image-classification", model=repo, device="cpu")(images, top_k=1)  # the card's way
     np.savez(out, logits=model.logits(images).numpy(), proba=model.predict_proba(images),
-             vectors=vectors.detach().numpy(), names=np.array(model.class_names))
+             vectors=vectors.detach().numpy(), names=np.array(model.class_names),
+             top_labels=np.array([result[0]["label"] for result in top]),
+             top_scores=np.array([result[0]["score"] for result in top]))
     """
 )
 
@@ -114,6 +117,9 @@ def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub
     np.testing.assert_allclose(pulled["proba"].sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(pulled["vectors"], local.model.context.detach().numpy())
     assert list(pulled["names"]) == local.class_names
+    proba = local.predict_proba(images)  # the pipeline, from the repo id, gives the calibrated top class
+    assert list(pulled["top_labels"]) == [local.class_names[i] for i in proba.argmax(axis=1)]
+    np.testing.assert_allclose(pulled["top_scores"], proba.max(axis=1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -284,4 +290,5 @@ def test_pushed_card_loads_from_the_repo_id(tmp_path, hub, saved_run):
     assert result.returncode == 0, result.stderr[-3000:]
     card = hub.repos[REPO].files["README.md"].decode()
     assert f'CalibratedCLIP.from_pretrained("{REPO}")' in card and str(saved_run) not in card.split("## Use")[1]
+    assert f'pipeline("calibrated-image-classification", model="{REPO}")' in card  # tried in the push-pull test
     assert (saved_run / "README.md").read_text() == local  # the local directory is only read

@@ -6,7 +6,9 @@ from transformers import EvalPrediction
 
 from cmp_hf.evaluation import Calibration
 from cmp_hf.metrics import (
+    METRIC_KEYS,
     CalibrationMetrics,
+    as_percent,
     calibration_metrics,
     classwise_ece,
     equal_mass_table,
@@ -138,6 +140,11 @@ def test_nll_from_logits_survives_underflow():
     logits = np.array([[0.0, 2000.0], [5.0, 0.0]])
     m = calibration_metrics(np.array([0, 0]), logits=logits)
     assert np.isfinite(m["nll"]) and m["nll"] == pytest.approx((2000.0 + np.log1p(np.exp(-5.0))) / 2)
+
+
+def test_metric_keys_name_what_the_trainer_reports_in_order():
+    probs, labels = random_probs(50, 3, 0)
+    assert tuple(as_percent(calibration_metrics(labels, probs=probs))) == METRIC_KEYS
 
 
 def test_compute_metrics_reports_percent():

@@ -171,6 +171,29 @@ def test_cocoop_cost_benchmark_runs():
         ("proda_sampled", 2): 2 * 3 + 4}  # fmt: skip
 
 
+def test_serving_benchmark_runs_and_the_three_ways_agree(capsys):
+    from recipes import bench_serving
+
+    args = bench_serving.make_parser().parse_args([
+        "--size", "tiny", "--classes", "4", "12", "--images", "6", "--batch_size", "4", "--latency_repeats", "1",
+        "--throughput_repeats", "1",
+    ])  # fmt: skip
+    results = bench_serving.main(args)
+    assert set(results) == {4, 12} and all(set(ways) == {"before", "now", "floor"} for ways in results.values())
+    assert max(row["max_diff"] for ways in results.values() for row in ways.values()) < 1e-4
+    printed = capsys.readouterr().out
+    assert "| 12 | now / floor |" in printed and "| 4 | before / now |" in printed
+
+
+def test_evaluation_benchmark_runs():
+    from recipes import bench_evaluation
+
+    args = bench_evaluation.make_parser().parse_args(["--samples", "300", "--classes", "20", "--repeats", "1"])
+    results = bench_evaluation.main(args)
+    assert set(results) == {"maths", "trainer.evaluate", "metrics stage", "evaluate module"}
+    assert all(seconds > 0 for seconds in results.values())
+
+
 def test_cmp_hf_command_is_installed_and_explains_each_option():
     command = str(Path(sys.executable).with_name("cmp-hf"))
     usage = subprocess.run([command], capture_output=True, text=True)

@@ -8,10 +8,13 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
+import cmp_hf.metrics
+import cmp_hf.reports
 from cmp_hf import CMPConfig, CMPTrainer, HubError, PromptTunedCLIP, calibration_metrics
 from cmp_hf.data import CLIPImageCollator
 from cmp_hf.learners import LEARNERS, CoOpLearner
 from cmp_hf.losses import LossOptions
+from cmp_hf.metrics import METRIC_KEYS, as_percent
 from cmp_hf.testing.synthetic import colour_patches
 
 
@@ -317,6 +320,27 @@ def logits_of(model: PromptTunedCLIP, processor, dataset) -> np.ndarray:
     batch = CLIPImageCollator(processor.image_processor)(list(dataset))
     with torch.no_grad():
         return model.eval()(pixel_values=batch["pixel_values"]).logits.numpy(), batch["labels"].numpy()
+
+
+def test_evaluation_computes_the_calibration_maths_once_per_set(
+    tmp_path, tiny_clip_dir, train_set, test_set, monkeypatch
+):
+    calls = []
+    real = calibration_metrics
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for module in (cmp_hf.metrics, cmp_hf.reports):  # compute_metrics, then the report
+        monkeypatch.setattr(module, "calibration_metrics", counting)
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
+    metrics = trainer.evaluate({"a": test_set, "b": train_set})
+    assert len(calls) == 2  # once per eval set: the report reuses what compute_metrics returned
+    for name in ("a", "b"):
+        assert trainer.eval_reports[name].metrics == {key: metrics[f"eval_{name}_{key}"] for key in METRIC_KEYS}
+    logits, labels = logits_of(trainer.model, trainer.processing_class, test_set)
+    assert trainer.eval_reports["a"].metrics == pytest.approx(as_percent(real(labels, logits=logits)), abs=1e-4)
 
 
 def test_evaluate_takes_a_dict_of_sets_and_records_each(tmp_path, tiny_clip_dir, train_set, test_set):

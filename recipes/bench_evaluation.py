@@ -1,0 +1,109 @@
+"""What evaluating an ImageNet-sized set costs: the calibration maths, CMPTrainer.evaluate, the evaluate module.
+
+    OMP_NUM_THREADS=2 python recipes/bench_evaluation.py                            # 50,000 x 1,000 logits
+    python recipes/bench_evaluation.py --samples 2000 --classes 50 --repeats 1      # a smoke run
+
+(1) maths: ``calibration_metrics`` on logits in memory; (2) ``CMPTrainer.evaluate`` of a set of 50,000 cached image
+features over 1,000 classes on a tiny CLIP (so the forward passes cost little next to the metrics): dataloader,
+forward, loss terms, ``compute_metrics`` and the eval report with its reliability table and risk curve; of which
+(3) the metrics stage alone, ``CalibrationMetrics`` plus the report; (4) the ``calibration`` evaluate module on the
+same logits (``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). Medians of
+``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import evaluate
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import EvalPrediction
+
+from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
+from cmp_hf.data.collator import ImageFeatureCollator
+from cmp_hf.data.feature_cache import FEATURES_COLUMN
+from cmp_hf.evaluation import CALIBRATION_METRIC
+from cmp_hf.metrics import CalibrationMetrics, calibration_metrics
+from cmp_hf.progress import bars_only
+from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.reports import EvalReport
+from cmp_hf.testing.tiny import tiny_clip
+from recipes.bench_speed import class_names, print_table
+
+
+def seconds(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
+    names = class_names(args.classes)
+    clip, processor = tiny_clip(word for name in names for word in name.replace("_", " ").split())
+    prompt = CoOpPromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
+    model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, prompt)
+    rng = np.random.default_rng(args.seed)
+    features = rng.standard_normal((args.samples, clip.config.projection_dim)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    labels = rng.integers(0, args.classes, args.samples)
+    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": labels})
+    config = CMPConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_eval_batch_size=args.eval_batch_size, allow_duplicate_class_names=True,
+    )  # fmt: skip
+    trainer = CMPTrainer(
+        model, config, data_collator=ImageFeatureCollator(), eval_dataset=dataset, processing_class=processor
+    )
+    return bars_only(trainer), dataset
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+    trainer, dataset = trainer_for(args)
+    output = trainer.predict(dataset)  # the logits the evaluation computes metrics from
+    logits, labels = output.predictions, output.label_ids
+    prediction = EvalPrediction(predictions=logits, label_ids=labels)
+
+    def metrics_stage() -> None:  # what CMPTrainer runs on the gathered logits of one eval set
+        metrics = CalibrationMetrics(args.n_bins)(prediction)
+        EvalReport.from_logits("eval", logits, labels, args.n_bins, metrics=metrics)
+
+    results = {
+        "maths": seconds(lambda: calibration_metrics(labels, logits=logits, n_bins=args.n_bins), args.repeats),
+        "trainer.evaluate": seconds(trainer.evaluate, args.repeats),
+        "metrics stage": seconds(metrics_stage, args.repeats),
+    }
+    if not args.skip_module:
+        module = evaluate.load(CALIBRATION_METRIC)
+        compute = lambda: module.compute(predictions=logits, references=labels, n_bins=args.n_bins, from_logits=True)  # noqa: E731
+        results["evaluate module"] = seconds(compute, args.repeats)
+    threads = torch.get_num_threads()
+    print(f"{args.samples:,} x {args.classes:,} logits, {threads} CPU threads, median of {args.repeats}")
+    rows = [[name, f"{value:.2f}", f"{value / results['maths']:.2f}x"] for name, value in results.items()]
+    print_table(["path", "seconds", "/ maths"], rows)
+    return results
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=50_000)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--n_bins", type=int, default=10)
+    parser.add_argument("--eval_batch_size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_module", action="store_true", help="leave out the evaluate module (slow at scale)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())
