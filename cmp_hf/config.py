@@ -34,7 +34,8 @@ _SECTIONS = {
     ),
     "Learning-rate schedule": ("coop_schedule", "coop_warmup_epochs", "coop_warmup_lr"),
     "Post-hoc calibration, fitted after training and saved with the prompt": (
-        "shift_strength", "shift_neighbours", "zero_shot_weight", "transfer_zero_shot_weight",
+        "temperature_scaling", "shift_strength", "shift_neighbours", "zero_shot_weight", "transfer_zero_shot_weight",
+        "zero_shot_min_accuracy",
     ),
     "The recommended recipe": ("preset",),
     "Output directory": ("overwrite_output_dir",),
@@ -221,6 +222,14 @@ class CMPConfig(TrainingArguments):
     coop_warmup_epochs: int = field(default=1, metadata={"help": "CoOp's warm-up: epochs at coop_warmup_lr."})
     coop_warmup_lr: float = field(default=1e-5, metadata={"help": "CoOp's warm-up: its constant learning rate."})
 
+    temperature_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "Temperature scaling after training, fitted on held-out labelled images (CMPTrainer's "
+            "calibration_dataset; a recipe's few-shot validation split) with a N(0, 0.25^2) prior on log T; when "
+            "every held-out image is classified correctly, T stays 1 (they cannot say how often the prompt errs)."
+        },
+    )
     shift_strength: float = field(
         default=0.0,
         metadata={
@@ -247,6 +256,14 @@ class CMPConfig(TrainingArguments):
             "help": "Zero-shot anchoring once the prompt is transferred to other classes (for_classes, novel "
             "classes), where the learned context was never fitted and zero-shot CLIP is usually the better "
             "calibrated; 0 = off."
+        },
+    )
+    zero_shot_min_accuracy: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zero-shot anchoring only where zero-shot CLIP is competent: if its accuracy on the training "
+            "images (which it was never fitted to) is below this fraction, both zero-shot weights become 0, with a "
+            "log line (0 = always anchor)."
         },
     )
     preset: str | None = field(
@@ -313,7 +330,9 @@ class CMPConfig(TrainingArguments):
     @property
     def posthoc_requested(self) -> bool:
         """Whether training ends by fitting the post-hoc calibration (shift-aware temperature, anchoring)."""
-        return bool(self.shift_strength or self.zero_shot_weight or self.transfer_zero_shot_weight)
+        return bool(
+            self.temperature_scaling or self.shift_strength or self.zero_shot_weight or self.transfer_zero_shot_weight
+        )
 
     def _check_proda_options(self) -> None:
         per_step, k = self.proda_prompts_per_step, self.proda_num_prompts

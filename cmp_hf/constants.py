@@ -44,9 +44,11 @@ TEXT_LENGTH_BUCKETS = 4  # class suffixes run in at most this many length groups
 PRESETS = {
     "calibrated": {
         "cmp_lambda": 0.0,
+        "temperature_scaling": True,
         "shift_strength": 0.2,
         "shift_neighbours": 5,
-        "zero_shot_weight": 0.2,
+        "zero_shot_weight": 0.0,
         "transfer_zero_shot_weight": 0.5,
+        "zero_shot_min_accuracy": 0.8,
     },
 }

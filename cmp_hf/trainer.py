@@ -114,6 +114,7 @@ class CMPTrainer(Trainer):
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        calibration_dataset: Dataset | None = None,
     ) -> None:
         if args is None:
             args = CMPConfig(output_dir="cmp-output")
@@ -137,7 +138,14 @@ class CMPTrainer(Trainer):
         model, processing_class = _prompt_model(model, args, class_names, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         self._feature_cache: ImageFeatureCache | None = None
+        if args.temperature_scaling and calibration_dataset is None:
+            raise ValueError(
+                "temperature_scaling fits T on held-out labelled images after training: pass calibration_dataset= "
+                "(e.g. the validation half of cmp_hf.data.few_shot_sets; a recipe uses its few-shot validation split: "
+                "set shots), or turn temperature_scaling off."
+            )
         self._train_images = train_dataset  # the un-augmented training images (the shift-aware temperature's)
+        self._calibration_images = calibration_dataset
         if data_collator is None:
             data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
             train_dataset = self._model_inputs(
@@ -409,19 +417,40 @@ class CMPTrainer(Trainer):
         return calibration.temperature
 
     def fit_posthoc_calibration(self) -> None:
-        """Set the post-hoc options of ``args`` on the prompt (run at the end of :meth:`train`): the zero-shot
-        anchoring weights, and for the shift-aware temperature the training images' features, encoded as the
-        learner encodes images (un-augmented)."""
+        """Fit the post-hoc steps ``args`` ask for (run at the end of :meth:`train`), replacing any earlier ones:
+        temperature scaling on ``calibration_dataset``, then the shift-aware temperature (the training images'
+        features, encoded as the learner encodes images, un-augmented) and the zero-shot anchoring weights, which
+        are set to 0 where zero-shot CLIP classifies fewer than ``zero_shot_min_accuracy`` of the training images."""
         args = self.args
+        self.model.calibration = posthoc.PostHocCalibration()
+        if args.temperature_scaling:
+            self.fit_temperature(self._calibration_images)
+        anchoring = args.zero_shot_weight or args.transfer_zero_shot_weight
+        features = self.image_features(self._train_images) if args.shift_strength or anchoring else None
+        weights = args.zero_shot_weight, args.transfer_zero_shot_weight
+        if anchoring and args.zero_shot_min_accuracy:
+            accuracy = self._zero_shot_accuracy(features)
+            if accuracy < args.zero_shot_min_accuracy:
+                logger.info(
+                    "Zero-shot anchoring off: zero-shot CLIP classifies %.1f %% of the training images correctly, "
+                    "below zero_shot_min_accuracy (%.1f %%).", 100 * accuracy, 100 * args.zero_shot_min_accuracy,
+                )  # fmt: skip
+                weights = 0.0, 0.0
         self.model.calibration = replace(
             self.model.calibration,
-            zero_shot_weight=args.zero_shot_weight,
-            transfer_zero_shot_weight=args.transfer_zero_shot_weight,
+            zero_shot_weight=weights[0],
+            transfer_zero_shot_weight=weights[1],
             shift_strength=args.shift_strength,
             shift_neighbours=args.shift_neighbours,
-            reference_features=self.image_features(self._train_images) if args.shift_strength else None,
-            zero_shot_text_features=None,
+            reference_features=features if args.shift_strength else None,
         )
+
+    def _zero_shot_accuracy(self, train_features: torch.Tensor) -> float:
+        """Zero-shot CLIP's accuracy on the training images, from their features."""
+        labels = torch.as_tensor(self._train_images[self.args.label_column])
+        with torch.no_grad():
+            zero_shot = self.model.hand_crafted_text_features().float().cpu()
+        return float(((train_features @ zero_shot.t()).argmax(dim=1) == labels).float().mean())
 
     @torch.no_grad()
     def image_features(self, dataset: Dataset) -> torch.Tensor:

@@ -52,7 +52,7 @@ PRODA_RECIPE = {"prompt_learner": "proda", "proda_num_prompts": 4, "n_ctx": 16, 
 
 class Method(NamedTuple):
     options: dict[str, Any]  # CMPConfig fields
-    posthoc: str | None = None  # "ts" (temperature on the few-shot val set) or "dac" (on transfer to novel classes)
+    posthoc: str | None = None  # "dac": distance-aware calibration of the transfer to novel classes
     baseline: str = "CoOp-CE"  # the method its paired differences are taken against
 
 
@@ -71,11 +71,12 @@ METHODS: dict[str, Method] = {
     # "w=8" is the paper's form, 8 |t - t_hand|^2 = 16 (1 - cos): kgcoop_weight 16 in the released form cmp_hf uses
     "KgCoOp w=8": Method({**CE, "kgcoop_weight": 16.0}),
     "KgCoOp w=8 + CMP l=1": Method({"kgcoop_weight": 16.0}, baseline="KgCoOp w=8"),
-    "CoOp-CE + TS": Method(CE, "ts"),
+    "CoOp-CE + TS": Method({**CE, "temperature_scaling": True}),  # on the few-shot validation set
     "CoOp-CE + shift T": Method({**CE, "shift_strength": PRESETS["calibrated"]["shift_strength"]}),
     "CoOp-CE + anchor": Method({**CE, **{k: v for k, v in PRESETS["calibrated"].items() if "zero_shot" in k}}),
+    "CoOp-CE + anchor, ungated": Method({**CE, "transfer_zero_shot_weight": 0.5}),
     "Calibrated (preset)": Method({"preset": "calibrated"}),
-    "CMP l=1 + TS": Method({}, "ts"),
+    "CMP l=1 + TS": Method({"temperature_scaling": True}),
     "CoOp-CE + DAC": Method(CE, "dac"),
     "CMP l=1 + DAC": Method({}, "dac"),
     "CoCoOp": Method({**CE, **COCOOP_RECIPE}),
@@ -147,18 +148,16 @@ def run(
     prompt = trained.get(key) if trained is not None and train is not None else None
     trainer = CMPTrainer(
         model=clip if prompt is None else prompt, args=config, train_dataset=train, processing_class=processor,
-        class_names=setting.base_names,
+        class_names=setting.base_names, calibration_dataset=val,
     )  # fmt: skip
     if prompt is not None:
         prompt.calibration = PostHocCalibration()  # another method's post-hoc steps are not this one's
-        if config.posthoc_requested:
+        if config.posthoc_requested:  # what train() ends with
             trainer.fit_posthoc_calibration()
     elif train is not None:
         trainer.train()
         if trained is not None:
             trained[key] = trainer.model
-    if method.posthoc == "ts":
-        trainer.fit_temperature(val)
     if method.posthoc == "dac":
         trainer.model.calibration.dac_k = 5
     flat = trainer.evaluate({name: setting.evals[name] for name in ("base", "shifted")})

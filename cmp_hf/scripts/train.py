@@ -83,9 +83,6 @@ class ScriptArguments:
     base_to_novel: bool = field(default=False, metadata={"help": "Train on base classes, test base and novel."})
     eval_benchmarks: list[str] | None = field(default=None, metadata={"help": "Suite datasets to transfer to."})
     eval_data_dirs: list[str] | None = field(default=None, metadata={"help": "Local copies of eval_benchmarks."})
-    temperature_scaling: bool = field(
-        default=False, metadata={"help": "Fit a temperature on the few-shot validation set after training."}
-    )
     dac: bool = field(
         default=False, metadata={"help": "Distance-aware calibration (k=5) of the transfers to other classes."}
     )
@@ -244,6 +241,7 @@ def train_and_evaluate(
         train_dataset=data.train,
         eval_dataset=data.evals,
         class_names=data.class_names,
+        calibration_dataset=data.evals.get("val"),  # the few-shot validation split (shots: k)
     )
     bars_only(trainer)
     trainer.create_model_card(dataset_name=card_dataset_name(script_args, data))
@@ -260,10 +258,6 @@ def train_and_evaluate(
     trainer.save_locally(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
         trainer.model.calibration.dac_k = 5
-    if script_args.temperature_scaling:
-        if "val" not in data.evals:
-            raise ValueError("temperature_scaling fits on the few-shot validation set: set shots.")
-        print(f"temperature scaling: T = {trainer.fit_temperature(data.evals['val']):.4f}")
     flat.update(evaluate_all(trainer, data, prefix="eval"))
     trainer.save_locally(config.output_dir)  # now with eval/<set>/ metrics, reliability diagrams and the card
     names = [*data.evals, *data.transfers]
