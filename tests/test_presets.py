@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from cmp_hf import CMPConfig, CMPTrainer, calibration_metrics
 from cmp_hf.constants import PRESETS
 from cmp_hf.data import CLIPImageCollator
+from cmp_hf.posthoc import fit_temperature
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:
@@ -64,3 +65,37 @@ def test_training_ends_by_fitting_the_posthoc_calibration(tmp_path, tiny_clip_di
     assert metrics["eval_test_nll"] == pytest.approx(expected["nll"], rel=1e-4)
     trainer.save_model()
     assert (tmp_path / "out" / "calibration.safetensors").is_file()
+
+
+def test_temperature_scaling_needs_held_out_images(tmp_path, tiny_clip_dir, train_set):
+    with pytest.raises(ValueError, match="pass calibration_dataset="):
+        CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, preset="calibrated"), train_dataset=train_set)
+
+
+def test_the_preset_fits_t_on_the_held_out_set_and_gates_anchoring_on_zero_shot_accuracy(
+    tmp_path, tiny_clip_dir, train_set, test_set, caplog
+):
+    """T is the fit on the held-out set's raw logits; the anchoring weight is kept only when zero-shot CLIP's
+    accuracy on the training images (recomputed here from the processor's pixels) reaches the threshold."""
+    collate = None
+    options = {**PRESETS["calibrated"]}
+    for threshold, kept in ((0.1, True), (0.99, False)):  # zero-shot gets 31 % of these training images right
+        options["zero_shot_min_accuracy"] = threshold
+        args = make_config(tmp_path / str(threshold), **options)
+        trainer = CMPTrainer(model=tiny_clip_dir, args=args, train_dataset=train_set, calibration_dataset=test_set)
+        with caplog.at_level("INFO", logger="cmp_hf.trainer"):
+            trainer.train()
+        model, calibration = trainer.model.eval(), trainer.model.calibration
+        collate = collate or CLIPImageCollator(trainer.processing_class.image_processor)
+        held_out, train = collate(list(test_set)), collate(list(train_set))
+        with torch.no_grad():
+            features = model.image_features(held_out["pixel_values"])
+            raw = model.clip.logit_scale.exp() * features @ model.text_features().t()
+            zero_shot = model.image_features(train["pixel_values"]) @ model.hand_crafted_text_features().t()
+        assert calibration.temperature == pytest.approx(fit_temperature(raw, held_out["labels"]), rel=1e-6)
+        accuracy = (zero_shot.argmax(1) == train["labels"]).float().mean().item()
+        assert trainer._zero_shot_accuracy(calibration.reference_features) == pytest.approx(accuracy)
+        expected = PRESETS["calibrated"]["transfer_zero_shot_weight"] if kept else 0.0
+        assert calibration.transfer_zero_shot_weight == expected and calibration.zero_shot_weight == 0.0
+        assert ("Zero-shot anchoring off" in caplog.text) == (not kept)
+        assert calibration.shift_strength == PRESETS["calibrated"]["shift_strength"]
