@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from cmp_hf import CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
+from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
 from cmp_hf.posthoc import (
     TEMPERATURE_PRIOR_STD,
     PostHocCalibration,
@@ -209,6 +209,9 @@ def test_shift_aware_anchored_calibration_is_saved_and_reapplied(tiny_clip_dir, 
     loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, calibrated, rtol=0, atol=0)
+    served = CalibratedCLIP.from_pretrained(tmp_path)  # the serving path: cached class features, batches of 2
+    np.testing.assert_allclose(served.predict_proba(x, batch_size=2), calibrated.softmax(1).numpy(), atol=1e-5)
+    with torch.no_grad():
         other = loaded.for_classes(["pink", "cyan"])
         plain = model.for_classes(["pink", "cyan"])
         plain.calibration = PostHocCalibration()
