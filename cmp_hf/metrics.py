@@ -81,12 +81,21 @@ def _softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, (z_max + np.log(total)).ravel()
 
 
+class NonFiniteScoresError(ValueError):
+    """Scores with NaN or infinite values; ``rows`` are the rows that hold them."""
+
+    def __init__(self, message: str, rows: np.ndarray) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 def _check_finite(scores: np.ndarray, name: str) -> None:
     rows = np.flatnonzero(~np.isfinite(scores).all(axis=-1)) if scores.ndim == 2 else []
     if len(rows):
-        raise ValueError(
+        raise NonFiniteScoresError(
             f"{name} holds NaN or infinite values in {len(rows)} rows (first: {rows[:10].tolist()}): calibration "
-            "metrics of such scores mean nothing. Fix or drop those rows."
+            "metrics of such scores mean nothing. Fix or drop those rows.",
+            rows,
         )
 
 

@@ -38,7 +38,7 @@ from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, s
 from .data.loading import class_names_from_features
 from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
-from .metrics import METRIC_KEYS, CalibrationMetrics
+from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .prompts.config import CoOpPromptConfig, validate_class_names
 from .reports import EvalReport
@@ -377,26 +377,32 @@ class CMPTrainer(Trainer):
         """Evaluate with the class text features computed once, and add the mean loss terms to the metrics."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
-        with self.model.fixed_text_features():
-            output = super().evaluation_loop(
-                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-            )
-        output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
         name = self._report_name
+        try:
+            with self.model.fixed_text_features():
+                output = super().evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+        except NonFiniteScoresError as error:  # from the default compute_metrics
+            raise self._non_finite_eval_error(name, error.rows) from error
+        output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
         if name is not None and output.predictions is not None and output.label_ids is not None:
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
             if len(rows):
-                raise ValueError(
-                    f"Eval set {name!r} gives non-finite logits for {len(rows)} rows (first: {rows[:10].tolist()}): "
-                    "their images hold NaN or infinite values. Fix or drop those rows of the "
-                    f"{self.args.image_column} column; no report of this set was written."
-                )
+                raise self._non_finite_eval_error(name, rows)
             computed = self._calibration_metrics(output.metrics, metric_key_prefix)
             self.eval_reports[name] = EvalReport.from_logits(
                 name, logits, output.label_ids, self.args.calibration_bins, metrics=computed
             )
         return output
+
+    def _non_finite_eval_error(self, name: str | None, rows: np.ndarray) -> ValueError:
+        return ValueError(
+            f"Eval set {name!r} gives non-finite logits for {len(rows)} rows (first: {rows[:10].tolist()}): their "
+            f"images hold NaN or infinite values. Fix or drop those rows of the {self.args.image_column} column; no "
+            "report of this set was written."
+        )
 
     def _calibration_metrics(self, metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
         """The calibration metrics that the default ``compute_metrics`` has just computed for this set (``None``

@@ -19,6 +19,7 @@ os.environ["HF_METRICS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_metrics_"
 import datasets  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from cmp_hf.testing.synthetic import colour_patches  # noqa: E402
 from cmp_hf.testing.tiny import save_tiny_clip  # noqa: E402
@@ -55,11 +56,12 @@ def lock_holder():
 
 @pytest.fixture(autouse=True)
 def progress_bars_restored():
-    """A recipe run in-process switches the datasets progress bars globally (``quiet_console``): undo it after each
-    test, so that a later test sees the default."""
-    enabled = datasets.is_progress_bar_enabled()
+    """A recipe run in-process switches the datasets and transformers progress bars globally (``quiet_console``):
+    undo it after each test, so that a later test sees the default."""
+    enabled = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     yield
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    (datasets.enable_progress_bars if enabled[0] else datasets.disable_progress_bars)()
+    (hf_logging.enable_progress_bar if enabled[1] else hf_logging.disable_progress_bar)()
 
 
 @pytest.fixture(scope="session")
