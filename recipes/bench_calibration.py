@@ -76,6 +76,10 @@ METHODS: dict[str, Method] = {
     "CoOp-CE + anchor": Method({**CE, **{k: v for k, v in PRESETS["calibrated"].items() if "zero_shot" in k}}),
     "CoOp-CE + anchor, ungated": Method({**CE, "transfer_zero_shot_weight": 0.5}),
     "Calibrated (preset)": Method({"preset": "calibrated"}),
+    # augmentation (random resized crop + flip): a fixed pool of cached views per image, or a fresh crop every step
+    "CoOp-CE, 8 cached views": Method({**CE, "augment": True, "augmented_views": 8}),
+    "CoOp-CE, 32 cached views": Method({**CE, "augment": True, "augmented_views": 32}),
+    "CoOp-CE, fresh crops": Method({**CE, "augment": True, "cache_image_features": False}),
     "CMP l=1 + TS": Method({"temperature_scaling": True}),
     "CoOp-CE + DAC": Method(CE, "dac"),
     "CMP l=1 + DAC": Method({}, "dac"),
@@ -166,7 +170,8 @@ def run(
 
 
 # Besides RUN_IDENTITY_FIELDS, what else decides the trained prompt: the learner, its prompt and the length.
-_PROMPT_FIELDS = ("num_train_epochs", "prompt_learner", "n_ctx", "ctx_init", "maple_prompt_depth", "proda_num_prompts")
+_PROMPT_FIELDS = ("num_train_epochs", "prompt_learner", "n_ctx", "ctx_init", "maple_prompt_depth", "proda_num_prompts",
+                  "cache_image_features")  # fmt: skip
 
 
 def training_key(config: CMPConfig) -> tuple:
