@@ -248,7 +248,9 @@ class CalibrationMetrics:
     n_bins: int = 10
 
     def __call__(self, eval_prediction) -> dict[str, float]:
-        logits = eval_prediction.predictions
-        if isinstance(logits, (tuple, list)):
+        logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+        if isinstance(logits, tuple):  # (logits, other model outputs)
             logits = logits[0]
-        return as_percent(calibration_metrics(eval_prediction.label_ids, logits=logits, n_bins=self.n_bins))
+        if isinstance(logits, list):  # one array per batch (eval_do_concat_batches=False): concatenated once
+            logits, labels = np.concatenate(logits), np.concatenate(labels)
+        return as_percent(calibration_metrics(labels, logits=logits, n_bins=self.n_bins))

@@ -378,6 +378,9 @@ class CMPTrainer(Trainer):
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
+        concatenate = self.args.eval_do_concat_batches
+        if name is not None:  # Trainer concatenates at every batch (quadratic in the set's size): once, here
+            self.args.eval_do_concat_batches = False
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
@@ -385,6 +388,14 @@ class CMPTrainer(Trainer):
                 )
         except NonFiniteScoresError as error:  # from the default compute_metrics
             raise self._non_finite_eval_error(name, error.rows) from error
+        finally:
+            self.args.eval_do_concat_batches = concatenate
+        if isinstance(output.predictions, list):
+            labels = output.label_ids
+            output = output._replace(
+                predictions=np.concatenate(output.predictions),
+                label_ids=np.concatenate(labels) if isinstance(labels, list) else labels,
+            )
         output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
         if name is not None and output.predictions is not None and output.label_ids is not None:
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
