@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import evaluate
 import numpy as np
@@ -34,7 +36,9 @@ from cmp_hf.progress import bars_only
 from cmp_hf.prompts import CoOpPromptConfig
 from cmp_hf.reports import EvalReport
 from cmp_hf.testing.tiny import tiny_clip
-from recipes.bench_speed import class_names, print_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
+from recipes.bench_speed import class_names, print_table  # noqa: E402
 
 
 def seconds(call, repeats: int) -> float:

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,9 @@ from transformers import CLIPImageProcessorPil, CLIPModel, set_seed
 from cmp_hf import CalibratedCLIP, PromptTunedCLIP
 from cmp_hf.prompts import CoOpPromptConfig
 from cmp_hf.testing.tiny import random_clip_config, tiny_tokenizer
-from recipes.bench_speed import class_names, peak_memory, print_table, synchronize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
+from recipes.bench_speed import class_names, peak_memory, print_table, synchronize  # noqa: E402
 
 
 def build(args: argparse.Namespace, names: list[str]) -> CalibratedCLIP:
