@@ -270,9 +270,10 @@ def card_summary(rows: list[dict], method: str = "Calibrated (preset)") -> str:
     the cells of each shot count, and in how many cells its paired mean ECE is lower."""
     cells = list(dict.fromkeys((r["task"], r["noise"], r["partition"], r["shots"]) for r in rows))
     tasks = ", ".join(dict.fromkeys(c[0] for c in cells))
-    seeds = sorted({r["seed"] for r in rows})
+    counts = sorted({len(_values(rows, REFERENCE, (*c, "base"), "ece")) for c in cells})
+    seeds = f"{counts[0]} seeds per cell" if len(counts) == 1 else f"{counts[0]} to {counts[-1]} seeds per cell"
     lines = [f"On cmp_hf's micro-CLIP benchmark (`recipes/bench_calibration.py`: {tasks}; {len(cells)} cells of "
-             f"task x noise x base/novel partition; seeds {seeds[0]}-{seeds[-1]}), against plain CoOp (cross-entropy) "
+             f"task x noise x base/novel partition; {seeds}), against plain CoOp (cross-entropy) "
              "with the same few-shot sample and seed (ECE and accuracy in %, mean over cells; cells with a lower "
              "paired ECE in brackets):", "",
              "| shots | method | base acc | base ECE | novel acc | novel ECE | shifted acc | shifted ECE |",
