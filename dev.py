@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project's environment and run its jobs, with nothing but Python 3 and pip on the machine.
 
-    python3 dev.py quickstart [--option value ...]   # CoOp, calibrated preset, shipped micro-CLIP, offline data; prints
+    python3 dev.py quickstart [--option value ...]   # calibrated CoOp, shipped micro-CLIP, offline data; prints
                                                      # base/novel/shifted; options go to the recipe
     python3 dev.py test [pytest args]   # ruff, then the test suite
 
