@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from .constants import PRESETS
 from .learners import LEARNERS, learner_class
 from .losses import CMP_COMPETITORS, CMP_FORMS, LossOptions
+from .posthoc import PostHocCalibration
 from .prompts.config import CLASS_TOKEN_POSITIONS, CoOpPromptConfig
 
 _INTRO = """Configuration of [`CMPTrainer`]: every [`~transformers.TrainingArguments`] option plus the fields below.
@@ -297,6 +298,12 @@ class CMPConfig(TrainingArguments):
                 "without train()."
             )
         self.loss_options()  # validates the loss fields now, before any model is loaded
+        self.posthoc_calibration()  # and the post-hoc ones, which are only used after training
+        if not 0 <= self.zero_shot_min_accuracy <= 1:
+            raise ValueError(
+                "zero_shot_min_accuracy is a fraction of the training images, in [0, 1]; got "
+                f"{self.zero_shot_min_accuracy}."
+            )
         if self.kgcoop_template is not None and self.kgcoop_template.count("{}") != 1:
             raise ValueError(f"kgcoop_template must contain '{{}}' once, got {self.kgcoop_template!r}.")
         if self.calibration_bins < 1:
@@ -327,9 +334,19 @@ class CMPConfig(TrainingArguments):
                 )
             setattr(self, name, value)
 
+    def posthoc_calibration(self) -> PostHocCalibration:
+        """The post-hoc steps these arguments ask for, before fitting (``CMPTrainer.fit_posthoc_calibration`` adds the
+        temperature, the training images' features and the zero-shot gate); building it validates the values."""
+        return PostHocCalibration(
+            shift_strength=self.shift_strength,
+            shift_neighbours=self.shift_neighbours,
+            zero_shot_weight=self.zero_shot_weight,
+            transfer_zero_shot_weight=self.transfer_zero_shot_weight,
+        )
+
     @property
     def posthoc_requested(self) -> bool:
-        """Whether training ends by fitting the post-hoc calibration (shift-aware temperature, anchoring)."""
+        """Whether training ends by fitting post-hoc calibration (temperature, shift-aware temperature, anchoring)."""
         return bool(
             self.temperature_scaling or self.shift_strength or self.zero_shot_weight or self.transfer_zero_shot_weight
         )

@@ -149,10 +149,13 @@ class PostHocCalibration:
     def saved_values(self) -> dict[str, float | int | None]:
         """What the prompt's settings digest covers: ``calibration.json``'s values and the digest of the reference
         features (the class scales follow from the prompt and are never saved)."""
-        values = {name: getattr(self, name) for name in _SAVED_FIELDS}
+        values = self._json_values()
         if self.shifts:
             values["reference_features_sha256"] = tensors_sha256(self._reference_tensors())
         return values
+
+    def _json_values(self) -> dict[str, float | int | None]:
+        return {name: getattr(self, name) for name in _SAVED_FIELDS}
 
     def _reference_tensors(self) -> dict[str, torch.Tensor]:
         return {"reference_features": self.reference_features.float().contiguous()}
@@ -162,7 +165,7 @@ class PostHocCalibration:
         shift-aware temperature is set), or remove stale ones when there is nothing to apply."""
         path = os.path.join(save_directory, CALIBRATION_NAME)
         features_path = os.path.join(save_directory, CALIBRATION_FEATURES_NAME)
-        saved = {name: getattr(self, name) for name in _SAVED_FIELDS}
+        saved = self._json_values()
         if saved == {name: f.default for name, f in _DEFAULTS.items()}:
             for stale in (path, features_path):  # a directory reused for an uncalibrated prompt
                 if os.path.isfile(stale):
@@ -185,16 +188,15 @@ class PostHocCalibration:
         unknown = set(saved) - set(_SAVED_FIELDS)
         if unknown:
             raise ValueError(f"{path} holds unknown fields {sorted(unknown)}: it was written by a newer cmp_hf.")
-        calibration = cls(**saved)
-        if calibration.shift_strength > 0:
+        if saved.get("shift_strength", 0) > 0:
             features_path = os.path.join(directory, CALIBRATION_FEATURES_NAME)
             if not os.path.isfile(features_path):
                 raise FileNotFoundError(
                     f"{path} sets a shift-aware temperature but {features_path} (the training images' features) is "
                     "missing: copy or download the whole prompt again."
                 )
-            calibration.reference_features = load_weights_file(features_path)["reference_features"]
-        return calibration
+            saved["reference_features"] = load_weights_file(features_path)["reference_features"]
+        return cls(**saved)
 
 
 def describe(calibration: PostHocCalibration) -> str:

@@ -439,35 +439,36 @@ class CMPTrainer(Trainer):
         features, encoded as the learner encodes images, un-augmented) and the zero-shot anchoring weights, which
         are set to 0 where zero-shot CLIP classifies fewer than ``zero_shot_min_accuracy`` of the training images."""
         args = self.args
-        self.model.calibration = posthoc.PostHocCalibration()
+        self.model.calibration = posthoc.PostHocCalibration()  # T is fitted on the prompt's own logits
         if args.temperature_scaling:
             self.fit_temperature(self._calibration_images)
         anchoring = args.zero_shot_weight or args.transfer_zero_shot_weight
         features = self.image_features(self._train_images) if args.shift_strength or anchoring else None
-        weights = args.zero_shot_weight, args.transfer_zero_shot_weight
-        if anchoring and args.zero_shot_min_accuracy:
-            accuracy = self._zero_shot_accuracy(features)
+        weights, zero_shot = (args.zero_shot_weight, args.transfer_zero_shot_weight), None
+        if anchoring:
+            with torch.no_grad():  # kept with the calibration: the forward would compute the same features again
+                zero_shot = self.model.hand_crafted_text_features()
+            accuracy = self._zero_shot_accuracy(features, zero_shot)
             if accuracy < args.zero_shot_min_accuracy:
                 logger.info(
                     "Zero-shot anchoring off: zero-shot CLIP classifies %.1f %% of the training images correctly, "
                     "below zero_shot_min_accuracy (%.1f %%).", 100 * accuracy, 100 * args.zero_shot_min_accuracy,
                 )  # fmt: skip
-                weights = 0.0, 0.0
+                weights, zero_shot = (0.0, 0.0), None
         self.model.calibration = replace(
-            self.model.calibration,
+            args.posthoc_calibration(),
+            temperature=self.model.calibration.temperature,
             zero_shot_weight=weights[0],
             transfer_zero_shot_weight=weights[1],
-            shift_strength=args.shift_strength,
-            shift_neighbours=args.shift_neighbours,
             reference_features=features if args.shift_strength else None,
+            zero_shot_text_features=zero_shot,
         )
 
-    def _zero_shot_accuracy(self, train_features: torch.Tensor) -> float:
-        """Zero-shot CLIP's accuracy on the training images, from their features."""
+    def _zero_shot_accuracy(self, train_features: torch.Tensor, zero_shot: torch.Tensor) -> float:
+        """Zero-shot CLIP's accuracy on the training images, from their features and its class text features."""
         labels = torch.as_tensor(self._train_images[self.args.label_column])
-        with torch.no_grad():
-            zero_shot = self.model.hand_crafted_text_features().float().cpu()
-        return float(((train_features @ zero_shot.t()).argmax(dim=1) == labels).float().mean())
+        predicted = (train_features @ zero_shot.float().cpu().t()).argmax(dim=1)
+        return float((predicted == labels).float().mean())
 
     @torch.no_grad()
     def image_features(self, dataset: Dataset) -> torch.Tensor:

@@ -94,8 +94,22 @@ def test_the_preset_fits_t_on_the_held_out_set_and_gates_anchoring_on_zero_shot_
             zero_shot = model.image_features(train["pixel_values"]) @ model.hand_crafted_text_features().t()
         assert calibration.temperature == pytest.approx(fit_temperature(raw, held_out["labels"]), rel=1e-6)
         accuracy = (zero_shot.argmax(1) == train["labels"]).float().mean().item()
-        assert trainer._zero_shot_accuracy(calibration.reference_features) == pytest.approx(accuracy)
+        text = model.hand_crafted_text_features()
+        assert trainer._zero_shot_accuracy(calibration.reference_features, text) == pytest.approx(accuracy)
         expected = PRESETS["calibrated"]["transfer_zero_shot_weight"] if kept else 0.0
         assert calibration.transfer_zero_shot_weight == expected and calibration.zero_shot_weight == 0.0
         assert ("Zero-shot anchoring off" in caplog.text) == (not kept)
         assert calibration.shift_strength == PRESETS["calibrated"]["shift_strength"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"zero_shot_weight": 1.5}, r"zero_shot_weight must be in \[0, 1\)"),
+     ({"shift_strength": -1.0}, "shift_strength must be >= 0"),
+     ({"shift_neighbours": 0}, "shift_neighbours >= 1"),
+     ({"zero_shot_min_accuracy": 2.0}, r"zero_shot_min_accuracy is a fraction .* in \[0, 1\]")],
+)  # fmt: skip
+def test_bad_posthoc_options_are_refused_before_training(tmp_path, overrides, message):
+    """Post-hoc options are only used after training: a bad one must fail when the config is built, not then."""
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
