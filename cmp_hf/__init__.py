@@ -9,7 +9,7 @@ from .metrics import CalibrationMetrics, ReliabilityTable, calibration_metrics, 
 from .modeling import PromptTunedCLIP, PromptTunedCLIPOutput
 from .pipeline import CalibratedImageClassificationPipeline  # registers "calibrated-image-classification"
 from .posthoc import PostHocCalibration
-from .prompts import CoOpPromptConfig
+from .prompts import CoOpPromptConfig, PromptConfig
 from .trainer import CMPTrainer
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "CMPTrainer",
     "CalibrationMetrics",
     "CoOpPromptConfig",
+    "PromptConfig",
     "HubError",
     "LEARNERS",
     "PostHocCalibration",

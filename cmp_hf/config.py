@@ -10,7 +10,7 @@ from .constants import PRESETS
 from .learners import LEARNERS, learner_class
 from .losses import CMP_COMPETITORS, CMP_FORMS, LossOptions
 from .posthoc import PostHocCalibration
-from .prompts.config import CLASS_TOKEN_POSITIONS, CoOpPromptConfig
+from .prompts.config import CLASS_TOKEN_POSITIONS, PromptConfig
 
 _INTRO = """Configuration of [`CMPTrainer`]: every [`~transformers.TrainingArguments`] option plus the fields below.
 
@@ -370,9 +370,9 @@ class CMPConfig(TrainingArguments):
         """The training objective these arguments describe (``cmp_hf.losses.training_objective``)."""
         return LossOptions(**{name: getattr(self, name) for name in LossOptions.__dataclass_fields__})
 
-    def prompt_config(self, class_names: list[str], base_model_name_or_path: str | None = None) -> CoOpPromptConfig:
+    def prompt_config(self, class_names: list[str], base_model_name_or_path: str | None = None) -> PromptConfig:
         """The prompt these arguments describe, for ``class_names``."""
-        return CoOpPromptConfig(
+        return PromptConfig(
             class_names=class_names,
             n_ctx=self.n_ctx,
             ctx_init=self.ctx_init,

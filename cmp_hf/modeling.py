@@ -30,7 +30,7 @@ from .hub import fetch_prompt
 from .integrity import load_weights_file, verify_digests, write_digests
 from .learners import PromptLearner, learner_class
 from .posthoc import PostHocCalibration, distance_aware_scales
-from .prompts.config import FORMAT_VERSION, CoOpPromptConfig, initial_context
+from .prompts.config import FORMAT_VERSION, PromptConfig, initial_context
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class PromptTunedCLIP(nn.Module):
     def __init__(
         self,
         peft_model: PeftModel,
-        prompt_config: CoOpPromptConfig,
+        prompt_config: PromptConfig,
         tokenizer: PreTrainedTokenizerBase,
         pad_prompts_to: int | None = None,
     ) -> None:
@@ -95,7 +95,7 @@ class PromptTunedCLIP(nn.Module):
         cls,
         clip: CLIPModel,
         tokenizer: PreTrainedTokenizerBase,
-        prompt_config: CoOpPromptConfig,
+        prompt_config: PromptConfig,
         pad_prompts_to: int | None = None,
     ) -> PromptTunedCLIP:
         """Attach a new prompt to ``clip`` (initialised from ``ctx_init`` or N(0, 0.02)).
@@ -215,7 +215,7 @@ class PromptTunedCLIP(nn.Module):
         finally:
             self.learner, self.prompt_config, self.calibration = saved
 
-    def _transfer(self, class_names: list[str]) -> tuple[PromptLearner, CoOpPromptConfig, PostHocCalibration]:
+    def _transfer(self, class_names: list[str]) -> tuple[PromptLearner, PromptConfig, PostHocCalibration]:
         if self.prompt_config.class_specific_context:
             raise ValueError("A class-specific context (CSC) has no vectors for new classes: it cannot transfer.")
         config = replace(self.prompt_config, class_names=list(class_names), ctx_init=None)
@@ -330,7 +330,7 @@ def hand_crafted_text_features(
     return F.normalize(clip.text_projection(pooled), dim=-1)
 
 
-def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip: CLIPModel) -> None:
+def _check_adapter_shape(prompt_path: str, prompt_config: PromptConfig, clip: CLIPModel) -> None:
     """Name the mismatching file before peft fails deep inside ``load_state_dict``."""
     with open(os.path.join(prompt_path, ADAPTER_CONFIG_NAME), encoding="utf-8") as f:
         adapter = json.load(f)
@@ -347,7 +347,7 @@ def _check_adapter_shape(prompt_path: str, prompt_config: CoOpPromptConfig, clip
         )
 
 
-def read_prompt_files(prompt_path: str, verify_digest: bool = True) -> tuple[CoOpPromptConfig, PostHocCalibration]:
+def read_prompt_files(prompt_path: str, verify_digest: bool = True) -> tuple[PromptConfig, PostHocCalibration]:
     """The prompt's config and calibration, after checking that every file of the prompt is there and that its
     tensors and settings match their digests; each error names the file (a missing, corrupt or altered one)."""
     missing = [name for name in PROMPT_FILES if not os.path.isfile(os.path.join(prompt_path, name))]
@@ -358,7 +358,7 @@ def read_prompt_files(prompt_path: str, verify_digest: bool = True) -> tuple[CoO
         )
     path = os.path.join(prompt_path, PROMPT_CONFIG_NAME)
     try:
-        prompt_config, version = CoOpPromptConfig.from_saved(path)
+        prompt_config, version = PromptConfig.from_saved(path)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is corrupt ({error}): save or download the prompt again.") from error
     calibration = PostHocCalibration.from_pretrained(prompt_path)
@@ -371,7 +371,7 @@ def read_prompt_files(prompt_path: str, verify_digest: bool = True) -> tuple[CoO
     return prompt_config, calibration
 
 
-def _logit_settings(prompt_config: CoOpPromptConfig, calibration: PostHocCalibration) -> dict:
+def _logit_settings(prompt_config: PromptConfig, calibration: PostHocCalibration) -> dict:
     """What the settings digest covers: the prompt options that change the logits, and the saved calibration."""
     return {"prompt": prompt_config.logit_settings(), "calibration": calibration.saved_values()}
 

@@ -40,7 +40,7 @@ from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_
 from .losses import margin_variance, training_objective
 from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
-from .prompts.config import CoOpPromptConfig, validate_class_names
+from .prompts.config import PromptConfig, validate_class_names
 from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
@@ -683,7 +683,7 @@ def _checkpoint_of_this_run(value: str | bool | None, args: CMPConfig, model: Pr
 
 def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
     """Restore the prompt vectors of a checkpoint into ``model``, refusing a checkpoint of another prompt."""
-    saved = CoOpPromptConfig.from_json_file(os.path.join(checkpoint, PROMPT_CONFIG_NAME))
+    saved = PromptConfig.from_json_file(os.path.join(checkpoint, PROMPT_CONFIG_NAME))
     if saved.class_names != model.prompt_config.class_names or saved.n_ctx != model.prompt_config.n_ctx:
         raise ValueError(f"Checkpoint {checkpoint} holds a prompt for other classes or another n_ctx.")
     set_peft_model_state_dict(model.peft_model, load_file(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)))

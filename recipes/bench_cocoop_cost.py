@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from transformers import CLIPModel
 
-from cmp_hf import CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import PromptConfig, PromptTunedCLIP
 from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
 
 N_CTX = {"coop": 4, "cocoop": 4, "maple": 2, "proda": 4, "proda_sampled": 4}  # context lengths as released
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> dict[tuple[str, int], StepCost]:
     costs = {}
     for learner in args.learners:
         sampled = learner == "proda_sampled"
-        prompt = CoOpPromptConfig(class_names=names, n_ctx=N_CTX[learner], learner="proda" if sampled else learner,
+        prompt = PromptConfig(class_names=names, n_ctx=N_CTX[learner], learner="proda" if sampled else learner,
                                   proda_num_prompts=args.proda_num_prompts)  # fmt: skip
         model = PromptTunedCLIP.from_clip(clip, tokenizer, prompt).train()
         for batch in args.batches:

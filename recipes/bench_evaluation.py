@@ -33,7 +33,7 @@ from cmp_hf.data.feature_cache import FEATURES_COLUMN
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.metrics import CalibrationMetrics, calibration_metrics
 from cmp_hf.progress import bars_only
-from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.prompts import PromptConfig
 from cmp_hf.reports import EvalReport
 from cmp_hf.testing.tiny import tiny_clip
 
@@ -53,7 +53,7 @@ def seconds(call, repeats: int) -> float:
 def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
     names = class_names(args.classes)
     clip, processor = tiny_clip(word for name in names for word in name.replace("_", " ").split())
-    prompt = CoOpPromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
+    prompt = PromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, prompt)
     rng = np.random.default_rng(args.seed)
     features = rng.standard_normal((args.samples, clip.config.projection_dim)).astype(np.float32)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import CLIPImageProcessorPil, CLIPModel, set_seed
 
 from cmp_hf import CalibratedCLIP, PromptTunedCLIP
-from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.prompts import PromptConfig
 from cmp_hf.testing.tiny import random_clip_config, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
@@ -46,7 +46,7 @@ def build(args: argparse.Namespace, names: list[str]) -> CalibratedCLIP:
     tokenizer = tiny_tokenizer(word for name in names for word in name.replace("_", " ").split())
     config = random_clip_config(args.size, tokenizer)
     set_seed(args.seed)
-    prompt = CoOpPromptConfig(class_names=names, n_ctx=16, allow_duplicate_names=True)
+    prompt = PromptConfig(class_names=names, n_ctx=16, allow_duplicate_names=True)
     model = PromptTunedCLIP.from_clip(CLIPModel(config).eval(), tokenizer, prompt).to(args.device)
     size = config.vision_config.image_size
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})

@@ -40,7 +40,7 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, set_se
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.data.suite import imagenet_classnames
-from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.prompts import PromptConfig
 from cmp_hf.testing.tiny import SIZES, random_clip_config, tiny_tokenizer
 
 VARIANTS = {  # name: (cached image features, 77-token prompts, shared prefix)
@@ -99,7 +99,7 @@ def prompt_model(args, clip_dir: str, names: list[str], variant: str, **prompt) 
     _, padded, shared = VARIANTS[variant]
     processor = CLIPProcessor.from_pretrained(clip_dir)
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    config = CoOpPromptConfig(
+    config = PromptConfig(
         class_names=names, allow_duplicate_names=True, base_model_name_or_path=clip_dir, **prompt
     )
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, config, pad_prompts_to=77 if padded else None)

@@ -17,7 +17,7 @@ from hub_server import FakeHub
 from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
 from cmp_hf.base_model import check_clip_source
 from cmp_hf.data import ImageFeatureCache, to_rgb
 from cmp_hf.data.feature_cache import FEATURES_COLUMN
@@ -81,7 +81,7 @@ def test_bad_recipe_data_options(case, overrides, message, tmp_path, testbed):
 @pytest.fixture
 def classifier(tiny_clip_dir, class_names) -> CalibratedCLIP:
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
-    prompt = CoOpPromptConfig(class_names=class_names, n_ctx=2)
+    prompt = PromptConfig(class_names=class_names, n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), processor.tokenizer, prompt)
     return CalibratedCLIP(model, processor.image_processor)
 
@@ -178,7 +178,7 @@ def test_config_file_with_another_extension(tmp_path):
 
 def prompt_dir(tmp_path, clip_dir) -> Path:
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    prompt = CoOpPromptConfig(class_names=["red", "green"], n_ctx=2)
+    prompt = PromptConfig(class_names=["red", "green"], n_ctx=2)
     PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(clip_dir), processor.tokenizer, prompt).save_pretrained(
         tmp_path / "prompt"
     )
@@ -265,7 +265,7 @@ def test_damaged_prompt_files_are_named(case, damage, error, message, tmp_path, 
 
 def test_learner_weights_are_verified_too(tmp_path, tiny_clip_dir):
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
-    prompt = CoOpPromptConfig(class_names=["red", "green"], n_ctx=2, learner="cocoop")
+    prompt = PromptConfig(class_names=["red", "green"], n_ctx=2, learner="cocoop")
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), processor.tokenizer, prompt)
     model.save_pretrained(tmp_path / "p")
     digests = json.loads((tmp_path / "p" / "prompt_digest.json").read_text())["sha256"]
@@ -279,7 +279,7 @@ def test_base_model_is_recorded_absolute_and_can_be_overridden(tmp_path, tiny_cl
     monkeypatch.chdir(Path(tiny_clip_dir).parent)
     relative = os.path.basename(tiny_clip_dir)
     processor = CLIPProcessor.from_pretrained(relative)
-    prompt = CoOpPromptConfig(class_names=["red", "green"], n_ctx=2)
+    prompt = PromptConfig(class_names=["red", "green"], n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(relative), processor.tokenizer, prompt)
     model.save_pretrained(tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "prompt_config.json").read_text())

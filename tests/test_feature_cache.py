@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from cmp_hf import CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
 from cmp_hf.data import (
     CLIPImageCollator,
     ImageFeatureCache,
@@ -20,7 +20,7 @@ from cmp_hf.testing.tiny import save_tiny_clip
 
 def prompt_model(clip_dir):
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    config = CoOpPromptConfig(class_names=["red", "green", "blue", "yellow"], n_ctx=4)
+    config = PromptConfig(class_names=["red", "green", "blue", "yellow"], n_ctx=4)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(clip_dir), processor.tokenizer, config)
     return model.eval(), processor
 

@@ -12,7 +12,7 @@ from cmp_hf.data import CLIPImageCollator
 from cmp_hf.learners.proda import class_token_positions
 from cmp_hf.losses import LossOptions, expected_cross_entropy_bound, margin_variance, training_objective
 from cmp_hf.posthoc import PostHocCalibration
-from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.prompts import PromptConfig
 from cmp_hf.testing.synthetic import colour_patches
 from cmp_hf.testing.tiny import tiny_clip_config
 
@@ -27,7 +27,7 @@ def pixels(n=5, seed=0):
 def prompt_model(clip, tokenizer, class_names, seed=0, **options) -> PromptTunedCLIP:
     """A prompt whose every learned tensor is far from its init, as after training."""
     torch.manual_seed(seed)
-    model = PromptTunedCLIP.from_clip(clip, tokenizer, CoOpPromptConfig(class_names=class_names, **options))
+    model = PromptTunedCLIP.from_clip(clip, tokenizer, PromptConfig(class_names=class_names, **options))
     with torch.no_grad():
         model.context.normal_(0, 0.5)
         for param in model.learner.parameters():
@@ -157,7 +157,7 @@ def test_maple_gradients_reach_every_learned_tensor(wide_clip, tokenizer, class_
 
 def test_maple_init_text_longer_than_the_context_stays_as_text(tiny_clip_dir, tokenizer):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    config = CoOpPromptConfig(["red"], n_ctx=2, ctx_init="a photo of a", learner="maple")
+    config = PromptConfig(["red"], n_ctx=2, ctx_init="a photo of a", learner="maple")
     maple = PromptTunedCLIP.from_clip(clip, tokenizer, config)
     assert (maple.prompt_config.ctx_init, maple.prompt_config.template) == ("a photo", "of a {}.")
     full = tokenizer(["a photo of a red."])["input_ids"][0]
@@ -165,7 +165,7 @@ def test_maple_init_text_longer_than_the_context_stays_as_text(tiny_clip_dir, to
     assert maple.learner.prompt_context_index[0].tolist()[:3] == [-1, 0, 1]
     embeddings = clip.text_model.embeddings.token_embedding.weight
     torch.testing.assert_close(maple.context, embeddings[full[1:3]], rtol=0, atol=0)  # from "a", "photo"
-    coop = PromptTunedCLIP.from_clip(clip, tokenizer, CoOpPromptConfig(["red"], n_ctx=2, ctx_init="a photo of a"))
+    coop = PromptTunedCLIP.from_clip(clip, tokenizer, PromptConfig(["red"], n_ctx=2, ctx_init="a photo of a"))
     assert coop.prompt_config.n_ctx == 4  # CoOp's rule is unchanged
 
 

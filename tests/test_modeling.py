@@ -10,12 +10,12 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf.learners import learner_class
 from cmp_hf.modeling import PromptTunedCLIP
-from cmp_hf.prompts import CoOpPromptConfig
+from cmp_hf.prompts import PromptConfig
 
 
 def trained_like(clip_dir: str, class_names: list[str], **options) -> PromptTunedCLIP:
     """A prompt whose context is far from its init, as after training."""
-    config = CoOpPromptConfig(class_names=class_names, n_ctx=3, **options)
+    config = PromptConfig(class_names=class_names, n_ctx=3, **options)
     model = PromptTunedCLIP.from_clip(
         CLIPModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir), config
     )  # fmt: skip
@@ -141,7 +141,7 @@ def test_context_transfers_to_other_classes(model, tiny_clip_dir):
     torch.testing.assert_close(other.context, model.context, rtol=0, atol=0)
     fresh = PromptTunedCLIP.from_clip(
         CLIPModel.from_pretrained(tiny_clip_dir), model.tokenizer,
-        CoOpPromptConfig(class_names=["pink", "cyan"], n_ctx=3, class_token_position="middle"),
+        PromptConfig(class_names=["pink", "cyan"], n_ctx=3, class_token_position="middle"),
     )  # fmt: skip
     with torch.no_grad():
         fresh.context.copy_(model.context)
@@ -154,7 +154,7 @@ def test_context_transfers_to_other_classes(model, tiny_clip_dir):
 
 
 def test_class_specific_context_does_not_transfer(tiny_clip_dir):
-    config = CoOpPromptConfig(class_names=["red", "blue"], n_ctx=2, class_specific_context=True)
+    config = PromptConfig(class_names=["red", "blue"], n_ctx=2, class_specific_context=True)
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
     csc = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
     with pytest.raises(ValueError, match="class-specific context"):
@@ -201,7 +201,7 @@ def test_cocoop_with_a_silent_meta_net_is_coop(cocoop, tiny_clip_dir, class_name
         cocoop.learner.meta_net[2].weight.zero_()
         cocoop.learner.meta_net[2].bias.zero_()
     coop = PromptTunedCLIP.from_clip(
-        cocoop.clip, cocoop.tokenizer, CoOpPromptConfig(class_names=class_names, n_ctx=3)
+        cocoop.clip, cocoop.tokenizer, PromptConfig(class_names=class_names, n_ctx=3)
     ).eval()  # fmt: skip
     with torch.no_grad():
         coop.context.copy_(cocoop.context)
@@ -222,7 +222,7 @@ def test_cocoop_save_load_and_transfer(cocoop, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds a cocoop prompt but has no meta_net.safetensors"):
         PromptTunedCLIP.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="class_specific_context must be off"):
-        learner_class(CoOpPromptConfig(class_names=["a"], learner="cocoop", class_specific_context=True))
+        learner_class(PromptConfig(class_names=["a"], learner="cocoop", class_specific_context=True))
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saved_by_v0_1"

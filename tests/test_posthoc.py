@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer
 
-from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP, calibration_metrics
+from cmp_hf import CalibratedCLIP, PromptConfig, PromptTunedCLIP, calibration_metrics
 from cmp_hf.posthoc import (
     TEMPERATURE_PRIOR_STD,
     PostHocCalibration,
@@ -39,7 +39,7 @@ def test_temperature_reduces_nll_and_is_the_minimum():
 
 def test_temperature_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
+    config = PromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
     x = torch.randn(4, 3, 32, 32)
     raw = model(pixel_values=x).logits
@@ -73,9 +73,10 @@ def test_a_fully_correct_validation_set_keeps_t_1(caplog):
     with_ts = calibration_metrics(labels[test].numpy(), logits=(logits[test] / t).numpy())["ece"]
     assert with_ts <= no_ts
     unguarded = _nll_minimiser(logits[val], labels[val], prior_std=None)  # what an unguarded fit would do
-    assert unguarded < 0.3 and calibration_metrics(
-        labels[test].numpy(), logits=(logits[test] / unguarded).numpy()
-    )["ece"] > no_ts
+    assert (
+        unguarded < 0.3
+        and calibration_metrics(labels[test].numpy(), logits=(logits[test] / unguarded).numpy())["ece"] > no_ts
+    )
 
 
 def _nll_minimiser(logits: torch.Tensor, labels: torch.Tensor, prior_std: float | None) -> float:
@@ -131,7 +132,7 @@ def test_class_scales_never_change_the_prediction():
 
 def test_dac_applies_on_transfer_and_is_saved(tiny_clip_dir, tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
+    config = PromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -192,7 +193,7 @@ def test_anchoring_is_the_probability_mixture():
 
 def test_shift_aware_anchored_calibration_is_saved_and_reapplied(tiny_clip_dir, tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2, ctx_init="a photo of")
+    config = PromptConfig(class_names=["red", "green", "blue"], n_ctx=2, ctx_init="a photo of")
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config).eval()
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():

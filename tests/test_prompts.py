@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf.modeling import PromptTunedCLIP
-from cmp_hf.prompts import CoOpPromptConfig, replaced_embeddings, tokenize_prompts
+from cmp_hf.prompts import PromptConfig, replaced_embeddings, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def ids(tokenizer, text):
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_prompt_layout(tokenizer, position):
-    config = CoOpPromptConfig(class_names=["red", "light_blue"], n_ctx=4, class_token_position=position)
+    config = PromptConfig(class_names=["red", "light_blue"], n_ctx=4, class_token_position=position)
     tokens = tokenize_prompts(config, tokenizer, max_positions=77)
     bos, eos, dot = tokenizer.bos_token_id, tokenizer.eos_token_id, ids(tokenizer, ".")
     for c, name in enumerate(["red", "light blue"]):  # underscores read as spaces
@@ -41,7 +41,7 @@ def test_prompt_layout(tokenizer, position):
 
 
 def test_class_specific_context_indexes_one_block_per_class(tokenizer):
-    config = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2, class_specific_context=True)
+    config = PromptConfig(class_names=["red", "green", "blue"], n_ctx=2, class_specific_context=True)
     tokens = tokenize_prompts(config, tokenizer, max_positions=77)
     for c in range(3):
         assert sorted(k for k in tokens.context_index[c].tolist() if k >= 0) == [2 * c, 2 * c + 1]
@@ -49,19 +49,19 @@ def test_class_specific_context_indexes_one_block_per_class(tokenizer):
 
 
 def test_template_wraps_the_class_name(tokenizer):
-    config = CoOpPromptConfig(class_names=["red"], n_ctx=2, template="a {} photo.")
+    config = PromptConfig(class_names=["red"], n_ctx=2, template="a {} photo.")
     row = tokenize_prompts(config, tokenizer, max_positions=77).input_ids[0].tolist()
     assert row[3:-1] == ids(tokenizer, "a red") + ids(tokenizer, " photo.")
 
 
 def test_prompts_are_padded_only_to_the_longest(tokenizer):
-    config = CoOpPromptConfig(class_names=["red", "green yellow blue"], n_ctx=3)
+    config = PromptConfig(class_names=["red", "green yellow blue"], n_ctx=3)
     tokens = tokenize_prompts(config, tokenizer, max_positions=77)
     assert tokens.input_ids.shape[1] == 1 + 3 + len(ids(tokenizer, "green yellow blue")) + 1 + 1
 
 
 def test_too_long_class_name_names_the_class(tokenizer):
-    config = CoOpPromptConfig(class_names=["red", "zzzzzzzzzzzz qqqqqqqqqq"], n_ctx=16)
+    config = PromptConfig(class_names=["red", "zzzzzzzzzzzz qqqqqqqqqq"], n_ctx=16)
     with pytest.raises(ValueError, match="'zzzzzzzzzzzz qqqqqqqqqq' needs 41 tokens .* at most 30"):
         tokenize_prompts(config, tokenizer, max_positions=30)
 
@@ -80,12 +80,12 @@ def test_too_long_class_name_names_the_class(tokenizer):
 )
 def test_bad_prompt_configs_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        CoOpPromptConfig(**kwargs)
+        PromptConfig(**kwargs)
 
 
 def test_ctx_init_sets_length_and_vectors(tiny_clip_dir, tokenizer):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    config = CoOpPromptConfig(class_names=["red", "blue"], ctx_init="a photo of a", class_specific_context=True)
+    config = PromptConfig(class_names=["red", "blue"], ctx_init="a photo of a", class_specific_context=True)
     model = PromptTunedCLIP.from_clip(clip, tokenizer, config)
     assert model.prompt_config.n_ctx == 4
     init_ids = torch.tensor(ids(tokenizer, "a photo of a"))
@@ -96,7 +96,7 @@ def test_ctx_init_sets_length_and_vectors(tiny_clip_dir, tokenizer):
 def test_random_init_has_coop_scale(tiny_clip_dir, tokenizer):
     torch.manual_seed(0)
     model = PromptTunedCLIP.from_clip(
-        CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, CoOpPromptConfig(class_names=["red"], n_ctx=64)
+        CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, PromptConfig(class_names=["red"], n_ctx=64)
     )
     assert model.context.std().item() == pytest.approx(0.02, rel=0.1)
 
@@ -123,7 +123,7 @@ def reference_text_features(model: PromptTunedCLIP, length: int = 77, legacy_poo
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 @pytest.mark.parametrize("legacy_pooling", [False, True])
 def test_truncated_prompts_match_77_token_prompts(tiny_clip_dir, tokenizer, position, legacy_pooling):
-    config = CoOpPromptConfig(
+    config = PromptConfig(
         class_names=["red", "green blue", "yellow"], n_ctx=5, class_token_position=position
     )  # fmt: skip
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
@@ -141,7 +141,7 @@ def test_hook_is_inert_outside_the_prompt_forward(tiny_clip_dir, tokenizer):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     text = tokenizer(["a photo of a red", "blue"], padding=True, return_tensors="pt")
     before = clip.get_text_features(**text).pooler_output
-    model = PromptTunedCLIP.from_clip(clip, tokenizer, CoOpPromptConfig(class_names=["red"], n_ctx=2))
+    model = PromptTunedCLIP.from_clip(clip, tokenizer, PromptConfig(class_names=["red"], n_ctx=2))
     model.text_features()
     torch.testing.assert_close(clip.get_text_features(**text).pooler_output, before, rtol=0, atol=0)
     assert not clip.text_model.embeddings.token_embedding._forward_hooks  # no prompt leaves a hook behind
@@ -150,7 +150,7 @@ def test_hook_is_inert_outside_the_prompt_forward(tiny_clip_dir, tokenizer):
 
 
 def test_fixed_length_padding(tiny_clip_dir, tokenizer):
-    config = CoOpPromptConfig(class_names=["red", "green"], n_ctx=4)
+    config = PromptConfig(class_names=["red", "green"], n_ctx=4)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config, pad_prompts_to=77)
     assert model.learner.prompt_input_ids.shape == (2, 77)
     short = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), tokenizer, config)
@@ -159,3 +159,11 @@ def test_fixed_length_padding(tiny_clip_dir, tokenizer):
     torch.testing.assert_close(model.text_features(), short.text_features(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="pad_to=5 must lie between the longest prompt"):
         tokenize_prompts(config, tokenizer, max_positions=77, pad_to=5)
+
+
+def test_old_config_name_still_imports():
+    """Code written before the rename (``CoOpPromptConfig``) keeps working: it is the same class."""
+    import cmp_hf
+    from cmp_hf.prompts import CoOpPromptConfig
+
+    assert CoOpPromptConfig is cmp_hf.CoOpPromptConfig is cmp_hf.PromptConfig

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 from transformers.utils import logging as hf_logging
 
-from cmp_hf import CalibratedCLIP, CalibratedImageClassificationPipeline, CoOpPromptConfig, PromptTunedCLIP
+from cmp_hf import CalibratedCLIP, CalibratedImageClassificationPipeline, PromptConfig, PromptTunedCLIP
 from cmp_hf.pipeline import TASK
 
 
@@ -27,7 +27,7 @@ def images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def build(tiny_clip_dir: str, class_names: list[str], learner: str = "coop") -> CalibratedCLIP:
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
-    prompt = CoOpPromptConfig(class_names=class_names, n_ctx=2, learner=learner)
+    prompt = PromptConfig(class_names=class_names, n_ctx=2, learner=learner)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), processor.tokenizer, prompt)
@@ -191,11 +191,11 @@ MEMORY = textwrap.dedent(
     import numpy as np, torch
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
-    from cmp_hf import CalibratedCLIP, CoOpPromptConfig, PromptTunedCLIP
+    from cmp_hf import CalibratedCLIP, PromptConfig, PromptTunedCLIP
 
     clip_dir, batch_size = sys.argv[1], int(sys.argv[2])
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    prompt = CoOpPromptConfig(class_names=["cat", "dog", "bird", "fish"], n_ctx=4)
+    prompt = PromptConfig(class_names=["cat", "dog", "bird", "fish"], n_ctx=4)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(clip_dir), processor.tokenizer, prompt)
     classifier = CalibratedCLIP(model, processor.image_processor)
 

@@ -15,7 +15,7 @@ from cmp_hf import CMPConfig, CMPTrainer
 from cmp_hf.data.suite import imagenet_classnames
 from cmp_hf.losses import kgcoop_penalty
 from cmp_hf.modeling import PromptTunedCLIP
-from cmp_hf.prompts import CoOpPromptConfig, tokenize_prompts
+from cmp_hf.prompts import PromptConfig, tokenize_prompts
 from cmp_hf.prompts.shared_prefix import length_buckets
 from cmp_hf.testing.tiny import tiny_clip_config
 
@@ -84,10 +84,10 @@ def assert_same_as_full_forward(model, image_features=None, kgcoop=False, tolera
 @pytest.mark.parametrize(("n_ctx", "ctx_init"), [(4, None), (16, None), (4, "a photo of a"), (16, "a photo of a")])
 def test_coop_features_and_context_gradients_equal_the_full_forward(bpe, bpe_clip, n_ctx, ctx_init):
     names = mixed_names(bpe, n_ctx)
-    config = CoOpPromptConfig(class_names=names, n_ctx=n_ctx, ctx_init=ctx_init)
+    config = PromptConfig(class_names=names, n_ctx=n_ctx, ctx_init=ctx_init)
     if ctx_init is not None:  # the init text sets M; make the long name fit it
         m = len(bpe(ctx_init, add_special_tokens=False)["input_ids"])
-        config = CoOpPromptConfig(class_names=mixed_names(bpe, m), n_ctx=n_ctx, ctx_init=ctx_init)
+        config = PromptConfig(class_names=mixed_names(bpe, m), n_ctx=n_ctx, ctx_init=ctx_init)
     model = PromptTunedCLIP.from_clip(bpe_clip, bpe, config)
     plan = model.learner.shared_prefix_plan(model.clip)
     assert model.learner.prompt_input_ids.shape[1] == 77 and len(plan.groups) > 1  # mixed lengths, buckets
@@ -96,7 +96,7 @@ def test_coop_features_and_context_gradients_equal_the_full_forward(bpe, bpe_cli
 
 def test_suffixes_are_packed_without_padding(bpe, bpe_clip):
     """The packed tokens are exactly each class's suffix up to EOS; the buckets' padded rows map back onto them."""
-    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
     plan = model.learner.shared_prefix_plan(model.clip)
     (chunk,) = plan.chunks
     ids, n_prefix = model.learner.prompt_input_ids, len(plan.prefix_ids)
@@ -114,13 +114,13 @@ def test_suffixes_are_packed_without_padding(bpe, bpe_clip):
 def test_float64_shows_the_difference_is_rounding_only(bpe, bpe_clip):
     clip = CLIPModel(bpe_clip.config).eval()
     clip.load_state_dict(bpe_clip.state_dict())
-    config = CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4)
+    config = PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4)
     model = PromptTunedCLIP.from_clip(clip.double(), bpe, config).double()
     assert_same_as_full_forward(model, kgcoop=True, tolerance=1e-12)
 
 
 def test_cocoop_features_and_gradients_equal_the_full_forward(bpe, bpe_clip):
-    config = CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4, learner="cocoop")
+    config = PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4, learner="cocoop")
     model = PromptTunedCLIP.from_clip(bpe_clip, bpe, config)
     image_features = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
     assert_same_as_full_forward(model, image_features)
@@ -134,7 +134,7 @@ def test_cocoop_features_and_gradients_equal_the_full_forward(bpe, bpe_clip):
 
 
 def test_legacy_argmax_pooling_and_checkpointed_chunks_are_exact(bpe, bpe_clip):
-    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
     model.activation_checkpointing_enable(text_chunk_classes=3)
     plan = model.learner.shared_prefix_plan(model.clip)
     assert max(end - first for first, end, _ in plan.groups) <= 3
@@ -147,7 +147,7 @@ def test_legacy_argmax_pooling_and_checkpointed_chunks_are_exact(bpe, bpe_clip):
 
 
 def test_bf16_autocast_runs_the_shared_prefix(bpe, bpe_clip):
-    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
     full, _ = features_and_grad(model, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast = model.text_features()
@@ -163,7 +163,7 @@ def test_bf16_autocast_runs_the_shared_prefix(bpe, bpe_clip):
      ("coop", {"class_token_position": "middle"}), ("coop", {"class_token_position": "front"})],
 )  # fmt: skip
 def test_learners_and_layouts_without_a_shared_prefix_keep_the_full_forward(bpe, bpe_clip, learner, overrides):
-    config = CoOpPromptConfig(class_names=["tench", "goldfish", "kite (bird of prey)"], n_ctx=4, learner=learner,
+    config = PromptConfig(class_names=["tench", "goldfish", "kite (bird of prey)"], n_ctx=4, learner=learner,
                               proda_num_prompts=4, maple_prompt_depth=2, **overrides)  # fmt: skip
     model = PromptTunedCLIP.from_clip(bpe_clip, bpe, config)
     assert model.learner.shared_prefix_plan(model.clip) is None
@@ -176,7 +176,7 @@ def test_learners_and_layouts_without_a_shared_prefix_keep_the_full_forward(bpe,
 
 
 def test_an_unrecognised_text_tower_falls_back_with_one_log_line(bpe, bpe_clip, caplog):
-    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, CoOpPromptConfig(class_names=["tench", "goldfish"], n_ctx=4))
+    model = PromptTunedCLIP.from_clip(bpe_clip, bpe, PromptConfig(class_names=["tench", "goldfish"], n_ctx=4))
     layer = model.clip.text_model.encoder.layers[0]
     handle = layer.register_forward_hook(lambda module, args, output: output * 2)
     try:
@@ -201,7 +201,7 @@ def test_attention_dropout_takes_the_full_forward_in_training_only(bpe, caplog):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         clip = CLIPModel(config)
-    model = PromptTunedCLIP.from_clip(clip, bpe, CoOpPromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
+    model = PromptTunedCLIP.from_clip(clip, bpe, PromptConfig(class_names=mixed_names(bpe, 4), n_ctx=4))
     model.eval()
     assert_same_as_full_forward(model)  # no dropout in eval: the fast path is taken and exact
     model.train()
@@ -236,7 +236,7 @@ def test_length_buckets_minimise_padding_like_brute_force():
 def test_prompts_are_tokenized_as_one_string_like_coop(bpe):
     """CoOp tokenizes "X X .. X <name>." whole; so must the prompt ids, for every ImageNet name."""
     names = list(imagenet_classnames())
-    config = CoOpPromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
+    config = PromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
     tokens = tokenize_prompts(config, bpe, max_positions=77)
     x = bpe("X", add_special_tokens=False)["input_ids"]
     assert len(x) == 1
@@ -258,7 +258,7 @@ def test_trainer_run_gives_the_same_prompt_with_the_shared_prefix(tmp_path, tiny
     contexts = []
     for shared, checkpointing in ((True, True), (False, False)):
         processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
-        config = CoOpPromptConfig(class_names=class_names, n_ctx=4)
+        config = PromptConfig(class_names=class_names, n_ctx=4)
         torch.manual_seed(0)
         model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), processor.tokenizer, config)
         model.learner.shares_prefix = shared

@@ -17,7 +17,7 @@ from test_bad_inputs import flip_last_byte
 from transformers import CLIPModel, CLIPProcessor
 
 import dev
-from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, CoOpPromptConfig, PromptTunedCLIP, cli
+from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP, cli
 from cmp_hf.atomic import OutputWriteError
 from cmp_hf.data import to_rgb
 from cmp_hf.evaluation import CALIBRATION_METRIC
@@ -30,7 +30,7 @@ from recipes import report
 
 def saved_prompt(path: Path, clip_dir: str, temperature: float = 1.0) -> PromptTunedCLIP:
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    prompt = CoOpPromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
+    prompt = PromptConfig(class_names=["red", "green", "blue"], n_ctx=2)
     model = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(clip_dir), processor.tokenizer, prompt)
     with torch.no_grad():
         model.context.normal_(generator=torch.Generator().manual_seed(0))

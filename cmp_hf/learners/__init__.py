@@ -1,6 +1,6 @@
 """Prompt learners, one module each, and the registry that maps ``prompt_learner`` names to them."""
 
-from ..prompts.config import CoOpPromptConfig
+from ..prompts.config import PromptConfig
 from .base import PromptLearner
 from .cocoop import CoCoOpLearner
 from .coop import CoOpLearner
@@ -12,7 +12,7 @@ LEARNERS: dict[str, type[PromptLearner]] = {
 }
 
 
-def learner_class(config: CoOpPromptConfig) -> type[PromptLearner]:
+def learner_class(config: PromptConfig) -> type[PromptLearner]:
     """The learner ``config.learner`` names, after it has checked the prompt options (before any model is built)."""
     if config.learner not in LEARNERS:
         hint = ""

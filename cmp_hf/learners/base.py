@@ -20,7 +20,7 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from ..losses import LossOptions
-from ..prompts.config import CoOpPromptConfig, resolve_n_ctx
+from ..prompts.config import PromptConfig, resolve_n_ctx
 
 
 class PromptLearner(nn.Module):
@@ -61,7 +61,7 @@ class PromptLearner(nn.Module):
     text_chunk_classes: int | None = None
 
     @classmethod
-    def check_config(cls, config: CoOpPromptConfig) -> None:
+    def check_config(cls, config: PromptConfig) -> None:
         """Raise ``ValueError`` for prompt options this learner cannot take (called before any model is built)."""
 
     @classmethod
@@ -69,11 +69,11 @@ class PromptLearner(nn.Module):
         """Raise ``ValueError`` for training losses that make no sense with this learner (called by ``CMPConfig``)."""
 
     @classmethod
-    def resolve_config(cls, config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) -> CoOpPromptConfig:
+    def resolve_config(cls, config: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> PromptConfig:
         """The prompt config a new prompt is built from: with ``ctx_init``, M is its token count (CoOp's rule)."""
         return resolve_n_ctx(config, tokenizer)
 
-    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
         """Create the learner's own parameters (CoCoOp's meta-network, ...), once its prompts are tokenized; a
         learner whose only weights are the peft context has none."""
 
@@ -110,9 +110,7 @@ class PromptLearner(nn.Module):
     def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`extra_state_dict` returned."""
 
-    def for_classes(
-        self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig
-    ) -> PromptLearner:
+    def for_classes(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> PromptLearner:
         """The same learner for ``config``'s classes, carrying this one's weights (a transfer to new classes)."""
         other = type(self)(clip, tokenizer, config)
         other.load_extra_state_dict(self.extra_state_dict())

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from ..constants import META_NET_NAME
-from ..prompts.config import CoOpPromptConfig
+from ..prompts.config import PromptConfig
 from .coop import CoOpLearner
 
 
@@ -26,14 +26,14 @@ class CoCoOpLearner(CoOpLearner):
     conditional = True
     weights_name = META_NET_NAME
 
-    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
         width, hidden = clip.config.projection_dim, max(clip.config.projection_dim // 16, 1)
         self.meta_net = nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, clip.config.text_config.hidden_size)
         ).to(clip.device)
 
     @classmethod
-    def check_config(cls, config: CoOpPromptConfig) -> None:
+    def check_config(cls, config: PromptConfig) -> None:
         if config.class_specific_context:
             raise ValueError("CoCoOp conditions one shared context on the image: class_specific_context must be off.")
 

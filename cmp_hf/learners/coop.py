@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from ..prompts.config import CoOpPromptConfig, PromptTokens, tokenize_prompts
+from ..prompts.config import PromptConfig, PromptTokens, tokenize_prompts
 from ..prompts.hook import replaced_embeddings
 from ..prompts.shared_prefix import (
     SharedPrefixPlan,
@@ -41,7 +41,7 @@ class CoOpLearner(PromptLearner):
         self,
         clip: CLIPModel,
         tokenizer: PreTrainedTokenizerBase,
-        config: CoOpPromptConfig,
+        config: PromptConfig,
         pad_prompts_to: int | None = None,
     ) -> None:
         super().__init__()

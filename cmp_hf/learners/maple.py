@@ -33,12 +33,12 @@ from torch import nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from ..constants import MAPLE_PROMPTS_NAME
-from ..prompts.config import CoOpPromptConfig
+from ..prompts.config import PromptConfig
 from ..prompts.hook import transformed_layer_inputs, transformed_output
 from .coop import CoOpLearner
 
 
-def prompt_depth(clip: CLIPModel, config: CoOpPromptConfig) -> int:
+def prompt_depth(clip: CLIPModel, config: PromptConfig) -> int:
     """J: the configured depth, capped by the shallower tower."""
     layers = min(clip.config.text_config.num_hidden_layers, clip.config.vision_config.num_hidden_layers)
     return min(config.maple_prompt_depth, layers)
@@ -54,7 +54,7 @@ class MaPLeLearner(CoOpLearner):
     weights_name = MAPLE_PROMPTS_NAME
     shares_prefix = False
 
-    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
         depth = prompt_depth(clip, config)
         text_width, vision_width = clip.config.text_config.hidden_size, clip.config.vision_config.hidden_size
         self.deep_prompts = nn.ParameterList(
@@ -63,14 +63,14 @@ class MaPLeLearner(CoOpLearner):
         self.couplings = nn.ModuleList([nn.Linear(text_width, vision_width) for _ in range(depth)]).to(clip.device)
 
     @classmethod
-    def check_config(cls, config: CoOpPromptConfig) -> None:
+    def check_config(cls, config: PromptConfig) -> None:
         if config.class_specific_context:
             raise ValueError(
                 "MaPLe couples one shared context to the vision prompts: class_specific_context must be off."
             )
 
     @classmethod
-    def resolve_config(cls, config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) -> CoOpPromptConfig:
+    def resolve_config(cls, config: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> PromptConfig:
         """MaPLe's rule for an init text longer than n_ctx tokens: the first n_ctx tokens become the learned
         context, the rest stays as text at the start of the template. Otherwise CoOp's rule."""
         if config.ctx_init is None:

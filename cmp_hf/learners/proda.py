@@ -33,7 +33,7 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from ..constants import PRODA_CONTEXTS_NAME
 from ..losses import GAUSSIAN_FEATURES_REFUSE, LossOptions
-from ..prompts.config import CoOpPromptConfig, tokenize_prompts
+from ..prompts.config import PromptConfig, tokenize_prompts
 from ..prompts.hook import replaced_embeddings
 from .coop import CoOpLearner
 
@@ -53,7 +53,7 @@ class ProDALearner(CoOpLearner):
     weights_name = PRODA_CONTEXTS_NAME
     shares_prefix = False
 
-    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: CoOpPromptConfig) -> None:
+    def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
         num_prompts, max_positions = config.proda_num_prompts, clip.config.text_config.max_position_embeddings
         # one tokenization per layout; each class's prompt has the same tokens in every layout, so the same length
         layouts = {
@@ -85,7 +85,7 @@ class ProDALearner(CoOpLearner):
         self.contexts = nn.Parameter(torch.randn(num_prompts - 1, config.n_ctx, width, device=clip.device) * 0.02)
 
     @classmethod
-    def check_config(cls, config: CoOpPromptConfig) -> None:
+    def check_config(cls, config: PromptConfig) -> None:
         if config.class_specific_context:
             raise ValueError("ProDA learns K contexts shared by all classes: class_specific_context must be off.")
         if config.class_token_position != "end":

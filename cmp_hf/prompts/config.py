@@ -1,7 +1,7 @@
 """CoOp-style prompts (Zhou et al., IJCV 2022): ``[SOS] ctx_1 .. ctx_M [class tokens] "." [EOS]``.
 
 Every prompt learner (``cmp_hf.learners``) builds its class prompts this way. This module turns a
-:class:`CoOpPromptConfig` and a tokenizer into token ids plus a map of where each learned context vector goes. The
+:class:`PromptConfig` and a tokenizer into token ids plus a map of where each learned context vector goes. The
 vectors themselves are owned by peft (see ``cmp_hf.modeling``) and written into the token-embedding output by
 :func:`cmp_hf.prompts.hook.replaced_embeddings`, so positions, attention mask and EOS pooling stay Hugging Face's
 own code.
@@ -31,8 +31,9 @@ FORMAT_VERSION_KEY, FORMAT_VERSION = "format_version", 2
 
 
 @dataclass
-class CoOpPromptConfig:
-    """Everything needed to rebuild a CoOp prompt; saved as ``prompt_config.json`` next to the peft adapter.
+class PromptConfig:
+    """Everything needed to rebuild a trained prompt of any learner (CoOp's options and each learner's own); saved
+    as ``prompt_config.json`` next to the peft adapter.
 
     Args:
         class_names: one name per class, in label order. Underscores are read as spaces, as CoOp does.
@@ -102,11 +103,11 @@ class CoOpPromptConfig:
         return {key: value for key, value in asdict(self).items() if key != "base_model_name_or_path"}
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> CoOpPromptConfig:
+    def from_json_file(cls, path: str | os.PathLike) -> PromptConfig:
         return cls.from_saved(path)[0]
 
     @classmethod
-    def from_saved(cls, path: str | os.PathLike) -> tuple[CoOpPromptConfig, int]:
+    def from_saved(cls, path: str | os.PathLike) -> tuple[PromptConfig, int]:
         """The config in ``path`` and the format version it was saved with (1: before digests existed)."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -147,7 +148,7 @@ def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
 
 
-def resolve_n_ctx(config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) -> CoOpPromptConfig:
+def resolve_n_ctx(config: PromptConfig, tokenizer: PreTrainedTokenizerBase) -> PromptConfig:
     """With ``ctx_init``, M is the number of tokens of that text (CoOp's rule)."""
     if config.ctx_init is None:
         return config
@@ -155,7 +156,7 @@ def resolve_n_ctx(config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase) 
 
 
 def tokenize_prompts(
-    config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int, pad_to: int | None = None
+    config: PromptConfig, tokenizer: PreTrainedTokenizerBase, max_positions: int, pad_to: int | None = None
 ) -> PromptTokens:
     """Build the C prompts, right-padded to the longest one (or to ``pad_to``, e.g. CoOp's 77).
 
@@ -208,7 +209,7 @@ def tokenize_prompts(
 
 
 def initial_context(
-    config: CoOpPromptConfig, tokenizer: PreTrainedTokenizerBase, token_embedding: torch.nn.Embedding
+    config: PromptConfig, tokenizer: PreTrainedTokenizerBase, token_embedding: torch.nn.Embedding
 ) -> torch.Tensor:
     """CoOp's initial context: the embeddings of ``ctx_init`` (copied per class for CSC) or N(0, 0.02) draws from
     torch's global generator (seed it for reproducible runs; ``CMPTrainer`` does)."""
@@ -220,3 +221,7 @@ def initial_context(
         raise ValueError(f"ctx_init {config.ctx_init!r} has {len(ids)} tokens but n_ctx is {config.n_ctx}.")
     vectors = weight[ids].detach().float().cpu()
     return vectors.repeat(config.num_context_vectors // config.n_ctx, 1)
+
+
+CoOpPromptConfig = PromptConfig
+"""The name ``PromptConfig`` had before it held every learner's options; kept so that saved code still imports."""
