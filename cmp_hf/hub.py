@@ -1,4 +1,5 @@
-"""The Hub side of a trained prompt: its model card, pushing an output directory, and fetching a repo.
+"""The Hub side of a trained prompt: pushing an output directory (whole, or a checkpoint's prompt during training),
+and fetching a repo. The card it uploads is rendered by :mod:`cmp_hf.card`.
 
 A pushed repo holds exactly what ``CMPTrainer.save_model`` writes: the peft adapter (safetensors), the JSON that
 rebuilds the prompt, one ``eval/<set>/`` folder per eval set (metrics JSON, reliability diagram, risk-coverage
@@ -11,21 +12,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import (
     CommitOperationAdd,
     DatasetCard,
     DatasetCardData,
-    EvalResult,
     HfApi,
-    ModelCard,
-    ModelCardData,
     constants,
     get_token,
     snapshot_download,
@@ -34,67 +31,15 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import EVAL_DIR, MODEL_CARD_NAME, PROMPT_FILES
-from .reports import EvalReport
 
-CARD_TEMPLATE = "prompt_card.md"
+logger = logging.getLogger(__name__)
+
 PUSHED_SUFFIXES = (".safetensors", ".json", ".md")  # top-level files a push uploads, with everything under eval/
 PULL_PATTERNS = ["*.safetensors", "*.json"]
-# model-index entries: metric type -> (key in the eval report's metrics, name shown on the Hub)
-CARD_METRICS = {
-    "accuracy": ("accuracy_pct", "Accuracy (%)"),
-    "ece": ("ece_pct", "ECE (%)"),
-    "ace": ("ace_pct", "ACE (%)"),
-    "mce": ("mce_pct", "MCE (%)"),
-    "classwise_ece": ("classwise_ece_pct", "Classwise ECE (%)"),
-    "nll": ("nll", "NLL"),
-    "brier": ("brier", "Brier"),
-    "aurc": ("aurc", "AURC"),
-}
-
-
-def preset_evidence(preset: str | None) -> str:
-    """The benchmark summary shipped for a preset (``templates/<preset>_benchmark.md``, written by
-    ``recipes/bench_calibration.py --card_summary``), shown on the card of every prompt trained with it."""
-    if preset is None:
-        return ""
-    summary = resources.files("cmp_hf").joinpath("templates", f"{preset}_benchmark.md")
-    return summary.read_text(encoding="utf-8").strip() if summary.is_file() else ""
 
 
 class HubError(RuntimeError):
     """A Hub operation failed; the message says why and what to do. Local files are never touched by a push."""
-
-
-def model_card(reports: list[EvalReport], **info: Any) -> ModelCard:
-    """Render the card: ``info`` fills the template (see ``templates/prompt_card.md``); each report adds a row,
-    two figures and ``EvalResult``s (accuracy, ECE, ACE, MCE, classwise ECE in percent; NLL, Brier, AURC) to the
-    ``model-index``."""
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=info["dataset_name"],
-            dataset_name=info["dataset_name"],
-            dataset_split=report.name,
-            metric_type=metric,
-            metric_name=shown,
-            metric_value=round(report.metrics[key], 6),
-            metric_args={"n_bins": report.n_bins},
-        )
-        for report in reports
-        for metric, (key, shown) in CARD_METRICS.items()
-    ]
-    card_data = ModelCardData(
-        model_name=info["model_name"],
-        base_model=info["base_model"] or None,
-        library_name="peft",
-        pipeline_tag="image-classification",
-        tags=["cmp_hf", "clip", "coop", "prompt-tuning", "calibration", "cmp"],
-        eval_results=eval_results or None,
-    )
-    template = resources.files("cmp_hf").joinpath("templates", CARD_TEMPLATE).read_text(encoding="utf-8")
-    base = info["base_model"]
-    url = f"https://huggingface.co/{base}" if base and not os.path.isdir(base) else None  # no link to a local dir
-    return ModelCard.from_template(card_data, template_str=template, reports=reports, base_model_url=url, **info)
 
 
 def require_token(token: str | None) -> None:
@@ -137,6 +82,21 @@ def push_output_dir(
         ]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, token=token, revision=revision)
     return commit.commit_url
+
+
+def push_checkpoint(
+    checkpoint: str, repo_id: str, step: int, token: str | None = None, revision: str | None = None
+) -> None:
+    """An intermediate push during training (``hub_strategy`` other than "end"): what the final push uploads,
+    taken from the checkpoint (the prompt, its reports and card: :func:`pushed_files`), never optimizer or RNG
+    state. Trainer's own version copies the prompt into ``output_dir`` (which would make an unfinished run look
+    finished) and uploads the whole directory. A failure is logged, not raised: the final push uploads the run."""
+    try:
+        push_output_dir(
+            checkpoint, repo_id, token=token, revision=revision, commit_message=f"Training in progress, step {step}"
+        )
+    except HubError as error:
+        logger.warning("Intermediate push of %s failed (the final push will upload the run): %s", checkpoint, error)
 
 
 RESULTS_CSV = "results.csv"  # the long-format table of a pushed results dataset (recipes/report.py --push_to_hub)

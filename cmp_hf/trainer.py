@@ -14,33 +14,26 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
-from datasets.config import HF_DATASETS_CACHE
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+from huggingface_hub import ModelCard
 from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
 
 from . import posthoc
 from .atomic import staged_directory, write_text
-from .base_model import check_clip_source
+from .card import CardInfo, model_card
 from .config import CMPConfig
-from .constants import (
-    ADAPTER_WEIGHTS_NAME,
-    MODEL_CARD_NAME,
-    PRESETS,
-    PROMPT_CONFIG_NAME,
-    TRAINING_ARGS_NAME,
-)
+from .constants import MODEL_CARD_NAME, TRAINING_ARGS_NAME
 from .dashboards import EvalFiguresCallback
-from .data.augment import RandomResizedCropFlip
 from .data.checks import check_columns, check_labels, check_training_set
-from .data.collator import ROW_COLUMN, CLIPImageCollator, ImageFeatureCollator, with_row_numbers
-from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
+from .data.collator import ROW_COLUMN
+from .data.feature_cache import FEATURES_COLUMN
 from .data.loading import class_names_from_features
-from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
+from .data.pipeline import InputPipeline, named_datasets
+from .factory import load_prompt_weights, prompt_model
+from .hub import hub_errors, push_checkpoint, push_output_dir, require_token
 from .losses import margin_variance, training_objective
 from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
-from .prompts.config import PromptConfig, validate_class_names
+from .prompts.config import validate_class_names
 from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
@@ -124,7 +117,7 @@ class CMPTrainer(Trainer):
             require_token(args.hub_token)
         if args.should_save:  # Trainer creates output_dir: a file there, a read-only or full disk fail now, named
             check_output_dir_is_writable(args.output_dir)
-        datasets = _named_datasets(train_dataset, eval_dataset)
+        datasets = named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
         if class_names is None and isinstance(train_dataset, Dataset):
@@ -135,9 +128,8 @@ class CMPTrainer(Trainer):
                 check_labels(dataset, name, args.label_column, len(class_names))
         check_training_set(train_dataset, args.label_column)
         set_seed(args.seed)  # the random context init draws from torch's generator
-        model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        model, processing_class = prompt_model(model, args, class_names, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
-        self._feature_cache: ImageFeatureCache | None = None
         if args.temperature_scaling and calibration_dataset is None:
             raise ValueError(
                 "temperature_scaling fits T on held-out labelled images after training: pass calibration_dataset= "
@@ -146,15 +138,11 @@ class CMPTrainer(Trainer):
             )
         self._train_images = train_dataset  # the un-augmented training images (the shift-aware temperature's)
         self._calibration_images = calibration_dataset
+        self.input_pipeline = InputPipeline(args)  # a user's collator gets the datasets as they are
         if data_collator is None:
-            data_collator = self._default_input_pipeline(model, processing_class.image_processor, args, datasets)
-            train_dataset = self._model_inputs(
-                train_dataset, views=args.augmented_views if args.augment else 0, args=args
-            )
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {key: self._model_inputs(dataset, args=args) for key, dataset in eval_dataset.items()}
-            else:
-                eval_dataset = self._model_inputs(eval_dataset, args=args)
+            self.input_pipeline = InputPipeline.default(model, processing_class.image_processor, args, datasets)
+            data_collator = self.input_pipeline.collator
+            train_dataset, eval_dataset = self.input_pipeline.prepare(train_dataset, eval_dataset)
         super().__init__(
             model=model,
             args=args,
@@ -176,48 +164,9 @@ class CMPTrainer(Trainer):
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
         self._locked_output_dir: str | None = None
 
-    # ---- input pipeline: cached image features (default) or images ---------------------------------------------
-
-    def _default_input_pipeline(
-        self, model: PromptTunedCLIP, image_processor: Any, args: CMPConfig, datasets: list[tuple[str, Any]]
-    ) -> Callable:
-        """Choose the collator; set up the feature cache when every dataset can be cached."""
-        self._crop = RandomResizedCropFlip(model.clip.config.vision_config.image_size)
-        cacheable = all(isinstance(dataset, Dataset) for _, dataset in datasets)
-        if args.cache_image_features and not cacheable:
-            logger.warning("Image features are not cached: only `datasets.Dataset` inputs can be (got a stream).")
-        if args.cache_image_features and not model.learner.caches_image_features:
-            logger.warning(
-                "Image features are not cached: the %s learner prompts the image tower, so they change with training.",
-                model.learner.name,
-            )
-            cacheable = False
-        if not (args.cache_image_features and cacheable):
-            return CLIPImageCollator(image_processor, args.image_column, args.label_column)
-        self._feature_cache = ImageFeatureCache(
-            model.to(args.device),
-            image_processor,
-            cache_dir=args.image_feature_cache_dir or os.path.join(HF_DATASETS_CACHE, "cmp_hf_image_features"),
-            image_column=args.image_column,
-            label_column=args.label_column,
-            batch_size=args.image_feature_batch_size,
-            seed=args.seed,
-            progress=not args.disable_tqdm,
-        )
-        return ImageFeatureCollator(args.label_column)
-
-    def _model_inputs(self, dataset: Any, views: int = 0, args: CMPConfig | None = None) -> Any:
-        """Turn a dataset of images into what the collator takes: cached features, or (augmented) images."""
-        args = args if args is not None else self.args
-        if dataset is None or isinstance(dataset, str) or FEATURES_COLUMN in (dataset.column_names or []):
-            return dataset
-        if self._feature_cache is None:
-            dataset = with_row_numbers(dataset, args.image_column)
-            if not views:
-                return dataset
-            return augmented(dataset, self._crop, args.image_column, args.seed)
-        with args.main_process_first(desc="image-feature cache"):
-            return select_views(self._feature_cache.features(dataset, views), seed=args.seed)
+    def _model_inputs(self, dataset: Any) -> Any:
+        """A dataset of images as the collator takes it (:class:`~cmp_hf.data.pipeline.InputPipeline`)."""
+        return self.input_pipeline(dataset)
 
     def evaluate(
         self,
@@ -513,19 +462,33 @@ class CMPTrainer(Trainer):
 
     # ---- save and load: the prompt is a peft adapter plus prompt_config.json -------------------------------------
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The prompt (adapter + prompt_config.json), the training arguments as JSON, the last evaluation of each
-        eval set (metrics + reliability diagram) and the model card: a directory the Hub repo mirrors."""
+    def save_locally(self, output_dir: str | None = None) -> None:
+        """Write the prompt (adapter + prompt_config.json + calibration), the training arguments as JSON, the last
+        evaluation of each eval set (metrics + reliability diagram) and the model card: a directory the Hub repo
+        mirrors. ``save_model`` without its push (Trainer's also pushes when ``push_to_hub`` is set): a recipe saves
+        between steps this way and pushes once, last, so a Hub failure cannot stop a run half-way. Main process
+        only.
+
+        Every file is replaced whole, so no reader sees a half-written one. The prompt is saved into
+        ``output_dir`` itself, not with the other files: its calibration then sees the directory and removes a
+        calibration file of an earlier save that the current prompt no longer has.
+        """
+        if not self.args.should_save:
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        with staged_directory(output_dir) as staging:  # every file replaced whole: no reader sees a half-written one
-            self.model.save_pretrained(staging)
+        card = str(self._model_card())  # rendered before anything is written
+        with staged_directory(output_dir) as staging:  # moved in only once the prompt below is saved
             write_text(os.path.join(staging, TRAINING_ARGS_NAME), self.args.to_json_string())
             for report in self.eval_reports.values():
                 report.save(staging)
-            write_text(os.path.join(staging, MODEL_CARD_NAME), str(self._model_card()))
-        self.model.calibration.save_pretrained(output_dir)  # removes a stale calibration.json, which staging cannot
+            write_text(os.path.join(staging, MODEL_CARD_NAME), card)
+            self.model.save_pretrained(output_dir)
 
-    # ---- Hub ----------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Trainer's save_model and checkpoints come here; the prompt's own state is all there is to save
+        self.save_locally(output_dir)
+
+    # ---- Hub: the card (cmp_hf.card) and pushes (cmp_hf.hub) -----------------------------------------------------
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
         """Write ``README.md`` (cmp_hf's card: metrics table, diagrams, model-index with ECE) to ``output_dir``.
@@ -537,57 +500,15 @@ class CMPTrainer(Trainer):
         if self.is_world_process_zero():
             write_text(os.path.join(self.args.output_dir, MODEL_CARD_NAME), str(self._model_card(model_name)))
 
-    def _model_card(self, model_name: str | None = None):
-        args, prompt = self.args, self.model.prompt_config
-        optim = getattr(args.optim, "value", args.optim)  # TrainingArguments turns the name into an enum
-        train = self.train_dataset if isinstance(self.train_dataset, Dataset) else None
-        schedule = (
-            f"CoOp schedule ({args.coop_warmup_epochs} warm-up epoch(s) at {args.coop_warmup_lr}, cosine per epoch)"
-            if args.coop_schedule
-            else f"{args.lr_scheduler_type} schedule"
-        )
-        info = dict(
-            model_name=model_name or repo_name(args.output_dir, args.hub_model_id).split("/")[-1],
-            repo_id=self.hub_model_id or os.path.abspath(args.output_dir),  # what loads it: the repo once pushed
-            base_model=prompt.base_model_name_or_path or "",
-            learner=self.model.learner.title,
-            learner_name=self.model.learner.name,
-            dataset_name=self.dataset_name or "custom",
-            num_classes=len(prompt.class_names),
-            n_ctx=prompt.n_ctx,
-            num_vectors=prompt.num_context_vectors,
-            ctx_init=f"the text `{prompt.ctx_init}`" if prompt.ctx_init else "N(0, 0.02)",
-            class_token_position=prompt.class_token_position,
-            class_specific_context=prompt.class_specific_context,
-            template=prompt.template,
-            train_size=len(train) if train is not None else "-",
-            shots=_examples_per_class(train, args.label_column),
-            cmp_lambda=args.cmp_lambda,
-            cmp_form=args.cmp_form,
-            cmp_competitors=args.cmp_competitors,
-            class_list=_short_list(prompt.class_names),
-            optimizer=f"{optim} ({args.optim_args})" if args.optim_args else optim,
-            learning_rate=args.learning_rate,
-            batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-            schedule=schedule,
-            length=f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
-            seed=args.seed,
-            n_bins=args.calibration_bins,
-            posthoc=posthoc.describe(self.model.calibration),
-            preset=args.preset,
-            preset_options=", ".join(f"`{k}={v}`" for k, v in PRESETS.get(args.preset, {}).items()),
-            preset_evidence=preset_evidence(args.preset),
-        )
-        return model_card(list(self.eval_reports.values()), **info)
+    def _model_card(self, model_name: str | None = None) -> ModelCard:
+        info = CardInfo.of_training(
+            self.model, self.args, self.train_dataset, model_name, self.dataset_name, repo_id=self.hub_model_id
+        )  # the repo loads the prompt once pushed; the output directory until then
+        return model_card(list(self.eval_reports.values()), info)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         with hub_errors("creating the Hub repo", retry=None):
             super().init_hf_repo(token=token, private=private)
-
-    def save_locally(self, output_dir: str | None = None) -> None:
-        """``save_model`` without its push (Trainer's ``save_model`` also pushes when ``push_to_hub`` is set): a
-        recipe saves between steps this way and pushes once, last, so a Hub failure cannot stop a run half-way."""
-        self.save_model(output_dir, _internal_call=True)
 
     def push_to_hub(
         self,
@@ -618,27 +539,16 @@ class CMPTrainer(Trainer):
         )  # fmt: skip
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Intermediate pushes (``hub_strategy`` other than "end") upload what the final push does, taken from the
-        checkpoint: the prompt, its reports and card (:func:`~cmp_hf.hub.pushed_files`), never optimizer or RNG
-        state. Trainer's own version copies the prompt into ``output_dir`` (which would make an unfinished run look
-        finished) and uploads the whole directory. A failed intermediate push is logged, not fatal: the final push
-        uploads the finished run."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
-            return
-        try:
-            push_output_dir(
-                checkpoint_folder, self.hub_model_id, token=self.args.hub_token, revision=self.args.hub_revision,
-                commit_message=f"Training in progress, step {self.state.global_step}",
-            )  # fmt: skip
-        except HubError as error:
-            logger.warning("Intermediate push of %s failed (the final push will upload the run): %s",
-                           checkpoint_folder, error)  # fmt: skip
+        """Intermediate pushes (``hub_strategy`` other than "end"): :func:`cmp_hf.hub.push_checkpoint`."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            push_checkpoint(checkpoint_folder, self.hub_model_id, self.state.global_step,
+                            token=self.args.hub_token, revision=self.args.hub_revision)  # fmt: skip
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        _load_prompt_weights(model if model is not None else self.model, resume_from_checkpoint)
+        load_prompt_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        _load_prompt_weights(self.model, self.state.best_model_checkpoint)
+        load_prompt_weights(self.model, self.state.best_model_checkpoint)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The collator, not the model's forward, decides which columns matter.
@@ -660,71 +570,9 @@ def _non_finite_rows(values: torch.Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten().tolist()
 
 
-def _short_list(names: list[str], shown: int = 20) -> str:
-    more = f" ... ({len(names)} in all)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def _examples_per_class(dataset: Dataset | None, label_column: str) -> str:
-    """ "16" for a balanced k-shot set, "3-9" otherwise, "-" when unknown (a stream)."""
-    if dataset is None or len(dataset) == 0:
-        return "-"
-    counts = np.bincount(np.asarray(dataset.with_format("numpy")[label_column]))
-    return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
-
-
 def _checkpoint_of_this_run(value: str | bool | None, args: CMPConfig, model: PromptTunedCLIP) -> str | None:
     """The checkpoint ``value`` names (see :func:`cmp_hf.runs.checkpoint_to_resume`), refused if another run's."""
     checkpoint = checkpoint_to_resume(value, args.output_dir)
     if checkpoint is not None:
         check_checkpoint_is_this_run(checkpoint, args, asdict(model.prompt_config))
     return checkpoint
-
-
-def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
-    """Restore the prompt vectors of a checkpoint into ``model``, refusing a checkpoint of another prompt."""
-    saved = PromptConfig.from_json_file(os.path.join(checkpoint, PROMPT_CONFIG_NAME))
-    if saved.class_names != model.prompt_config.class_names or saved.n_ctx != model.prompt_config.n_ctx:
-        raise ValueError(f"Checkpoint {checkpoint} holds a prompt for other classes or another n_ctx.")
-    set_peft_model_state_dict(model.peft_model, load_file(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)))
-    model.load_learner_weights(checkpoint)
-
-
-def _prompt_model(
-    model: str | CLIPModel | PromptTunedCLIP,
-    args: CMPConfig,
-    class_names: list[str] | None,
-    processing_class: CLIPProcessor | None,
-) -> tuple[PromptTunedCLIP, CLIPProcessor]:
-    """Turn what the user passed into a PromptTunedCLIP and its processor."""
-    if isinstance(model, PromptTunedCLIP):
-        if class_names is not None and class_names != model.class_names:
-            raise ValueError("class_names differ from the class names of the PromptTunedCLIP passed as model.")
-        source = model.prompt_config.base_model_name_or_path
-    elif isinstance(model, str):
-        check_clip_source(model, option="model")
-        source = model
-    elif isinstance(model, CLIPModel):
-        source = model.name_or_path or None
-    else:
-        raise TypeError(f"model must be a Hub id or directory, a CLIPModel or a PromptTunedCLIP, got {type(model)}.")
-    if processing_class is None:
-        if not source:
-            raise ValueError("This CLIPModel was not loaded from a directory or the Hub: pass processing_class.")
-        processing_class = CLIPProcessor.from_pretrained(source)
-    if isinstance(model, PromptTunedCLIP):
-        return model, processing_class
-    if class_names is None:
-        raise ValueError("Pass class_names, or a train_dataset whose label column is a ClassLabel with names.")
-    clip = CLIPModel.from_pretrained(model) if isinstance(model, str) else model
-    prompt_config = args.prompt_config(class_names, base_model_name_or_path=source)
-    return PromptTunedCLIP.from_clip(clip, processing_class.tokenizer, prompt_config), processing_class
-
-
-def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, Any]]:
-    named = [("train_dataset", train_dataset)]
-    if isinstance(eval_dataset, dict):
-        named += [(f"eval_dataset[{key!r}]", dataset) for key, dataset in eval_dataset.items()]
-    else:
-        named.append(("eval_dataset", eval_dataset))
-    return [(name, dataset) for name, dataset in named if dataset is not None]

@@ -362,7 +362,7 @@ def test_maple_trains_on_images_and_says_why(tmp_path, tiny_clip_dir, train_set,
     with caplog.at_level(logging.WARNING, logger="cmp_hf.trainer"):
         trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2, prompt_learner="maple"),
                              train_dataset=train_set, eval_dataset={"test": test_set})  # fmt: skip
-    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer._feature_cache is None
+    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer.input_pipeline.feature_cache is None
     assert "the maple learner prompts the image tower" in caplog.text
     before = learned(trainer.model)
     trainer.train()
@@ -378,7 +378,7 @@ def test_proda_trains_on_the_bound_with_cmp(tmp_path, tiny_clip_dir, train_set):
     config = make_config(tmp_path, max_steps=2, prompt_learner="proda", logging_steps=1, kgcoop_weight=2.0,
                          mbls_weight=0.1, mbls_margin=0.5)  # fmt: skip
     trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
-    assert trainer._feature_cache is not None  # ProDA's image features are the frozen tower's
+    assert trainer.input_pipeline.feature_cache is not None  # ProDA's image features are the frozen tower's
     before = learned(trainer.model)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "ce_bound" in log]

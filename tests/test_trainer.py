@@ -396,7 +396,7 @@ def test_the_trainer_asks_the_learner_whether_features_may_be_cached(tmp_path, t
     monkeypatch.setitem(LEARNERS, ImageTowerLearner.name, ImageTowerLearner)
     config = make_config(tmp_path, max_steps=1, prompt_learner=ImageTowerLearner.name)
     trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
-    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer._feature_cache is None
+    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer.input_pipeline.feature_cache is None
     assert isinstance(trainer.model.learner, ImageTowerLearner)
     trainer.train()
 

@@ -108,6 +108,15 @@ def sample_few_shot(dataset: Dataset, shots: int, label_column: str = "label", s
     return dataset.select(train)
 
 
+def examples_per_class(dataset: Dataset | None, label_column: str = "label") -> str:
+    """How many shots a training set holds: "16" for a balanced k-shot set, "3-9" otherwise, "-" when unknown (a
+    stream, or no rows)."""
+    if dataset is None or len(dataset) == 0:
+        return "-"
+    counts = np.bincount(np.asarray(dataset.with_format("numpy")[label_column]))
+    return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
+
+
 def few_shot_sets(
     pool: Dataset,
     shots: int,
