@@ -4,6 +4,7 @@ huggingface_hub reads HF_ENDPOINT when it is imported, so every Hub call runs in
 points at the loopback server; the trained model it is compared with stays in this process.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,8 +23,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
+from cmp_hf.card import CARD_TEMPLATE, CardInfo, model_card
 from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES
 from cmp_hf.hub import pushed_files
+from cmp_hf.reports import EvalReport
 
 REPO = "tester/tiny-prompt"
 
@@ -237,6 +240,51 @@ def test_model_card_is_written_with_the_prompt(saved_run):
     with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
         assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))
+
+
+CARD_INFO = dict(
+    model_name="tiny-prompt", repo_id=REPO, base_model="openai/clip-vit-base-patch16", learner="CoCoOp",
+    learner_name="cocoop", dataset_name="patches", num_classes=4, class_list="red, green, blue, yellow", n_ctx=4,
+    num_vectors=4, ctx_init="N(0, 0.02)", class_token_position="end", class_specific_context=False,
+    template="a photo of a {}.", train_size=None, shots="-", cmp_lambda=0.5, cmp_form="log_ratio",
+    cmp_competitors="all", optimizer="sgd", learning_rate=0.002, batch_size=32, schedule="cosine schedule",
+    length="10 epochs", seed=3, n_bins=15, posthoc="none", preset=None, preset_options="", preset_evidence="",
+)  # fmt: skip
+
+
+def test_card_info_has_one_field_per_template_variable():
+    from importlib import resources
+
+    import jinja2
+    from jinja2 import meta
+
+    template = resources.files("cmp_hf").joinpath("templates", CARD_TEMPLATE).read_text(encoding="utf-8")
+    variables = meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    rendered = {"card_data", "reports", "base_model_url"}  # model_card's own: the metadata, the reports, the link
+    assert variables - rendered == {field.name for field in dataclasses.fields(CardInfo)}
+    with pytest.raises(TypeError, match="learner_name"):  # a field left unset is an error, not a blank on the card
+        CardInfo(**{key: value for key, value in CARD_INFO.items() if key != "learner_name"})
+
+
+def test_card_rendered_from_card_info_names_the_prompt_and_its_metrics():
+    rng = np.random.default_rng(0)
+    report = EvalReport.from_logits("test", rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 4, 40))
+    card = model_card([report], CardInfo(**CARD_INFO))
+    assert card.data.library_name == "peft" and "calibration" in card.data.tags
+    assert card.data.model_name == "tiny-prompt" and card.data.base_model == "openai/clip-vit-base-patch16"
+    ece = next(r for r in card.data.eval_results if r.metric_type == "ece")
+    assert ece.dataset_split == "test" and ece.dataset_name == "patches" and ece.metric_args == {"n_bins": 10}
+    assert ece.metric_value == pytest.approx(report.metrics["ece_pct"], abs=1e-6)
+    assert "Classwise ECE (%)" in {r.metric_name for r in card.data.eval_results}
+    text = card.text
+    assert f"{report.folder}/risk_coverage.png" in text and "| AURC |" in text
+    assert f'CalibratedCLIP.from_pretrained("{REPO}")' in text and "CoCoOp (`cocoop`)" in text
+    assert "[`openai/clip-vit-base-patch16`](https://huggingface.co/openai/clip-vit-base-patch16)" in text
+    assert "| training examples | - (- per class) |" in text  # a stream: its size is unknown
+    assert "| loss | cross-entropy + 0.5 x CMP (`log_ratio` form, `all` competitors) |" in text
+    assert "ECE and MCE use 15 equal-width bins" in text and "preset" not in text
+    sized = model_card([], dataclasses.replace(CardInfo(**CARD_INFO), train_size=64, shots="16"))
+    assert "| training examples | 64 (16 per class) |" in sized.text and not sized.data.eval_results
 
 
 @pytest.mark.slow

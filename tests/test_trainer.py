@@ -1,16 +1,22 @@
 import dataclasses
 import math
+import os
 import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
+import cmp_hf.atomic
 import cmp_hf.metrics
 import cmp_hf.reports
-from cmp_hf import CMPConfig, CMPTrainer, HubError, PromptTunedCLIP, calibration_metrics
+from cmp_hf import CMPConfig, CMPTrainer, HubError, PostHocCalibration, PromptTunedCLIP, calibration_metrics
+from cmp_hf.atomic import STAGING_PREFIX
+from cmp_hf.constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_FEATURES_NAME, CALIBRATION_NAME, PROMPT_DIGEST_NAME
 from cmp_hf.data import CLIPImageCollator
 from cmp_hf.learners import LEARNERS, CoOpLearner
 from cmp_hf.losses import LossOptions
@@ -143,6 +149,75 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, tiny_clip_dir, 
     resumed = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     torch.testing.assert_close(resumed.model.context.detach(), full, atol=1e-6, rtol=0)
+
+
+def tamper_adapter(checkpoint):
+    weights = checkpoint / ADAPTER_WEIGHTS_NAME
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name][0, 0] += 1.0  # still a valid safetensors file: only its digest tells
+    save_file(tensors, weights)
+
+
+@pytest.mark.parametrize(("damage", "error", "message"), [
+    (tamper_adapter, ValueError, "adapter_model.safetensors does not match the digest"),
+    (lambda checkpoint: (checkpoint / PROMPT_DIGEST_NAME).unlink(), FileNotFoundError, "has no prompt_digest.json"),
+])  # fmt: skip
+def test_resume_refuses_a_damaged_checkpoint_before_restoring_it(tmp_path, tiny_clip_dir, train_set, damage, error,
+                                                                 message):  # fmt: skip
+    config = make_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set).train()
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    damage(checkpoint)
+    resumed = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    before = resumed.model.context.detach().clone()
+    with pytest.raises(
+        error, match=rf"Cannot resume from {re.escape(str(checkpoint))}: .*{message}.*another checkpoint"
+    ):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(resumed.model.context.detach(), before) and resumed.state.global_step == 0
+
+
+def test_each_save_writes_the_calibration_once_and_leaves_no_stale_file(tmp_path, tiny_clip_dir, train_set,
+                                                                        monkeypatch):  # fmt: skip
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
+    out = tmp_path / "out"
+    written = []
+    atomic_path = cmp_hf.atomic.atomic_path  # every file cmp_hf writes itself goes through it
+
+    def recorded(path):
+        written.append(os.path.relpath(path, out))
+        return atomic_path(path)
+
+    monkeypatch.setattr(cmp_hf.atomic, "atomic_path", recorded)
+    width = trainer.model.clip.config.projection_dim
+    shifted = PostHocCalibration(temperature=1.5, shift_strength=0.2, reference_features=F.normalize(
+        torch.randn(8, width, generator=torch.Generator().manual_seed(0)), dim=-1))  # fmt: skip
+    for calibration, files in [
+        (shifted, {CALIBRATION_NAME, CALIBRATION_FEATURES_NAME}),
+        (PostHocCalibration(temperature=2.0), {CALIBRATION_NAME}),  # the features of the save before are stale
+        (PostHocCalibration(), set()),  # uncalibrated: no calibration file is left from the saves before
+    ]:
+        trainer.model.calibration = calibration
+        written.clear()
+        trainer.save_model()
+        assert sorted(name for name in written if name.startswith("calibration")) == sorted(files)  # once each
+        assert {name for name in os.listdir(out) if name.startswith("calibration")} == files
+        assert not [name for name in os.listdir(out) if name.startswith(STAGING_PREFIX)]
+        loaded = PromptTunedCLIP.from_pretrained(out).calibration  # digests verified: the files belong together
+        assert loaded.saved_values() == calibration.saved_values()
+
+
+def test_save_locally_never_pushes_and_save_model_does(tmp_path, tiny_clip_dir, train_set, monkeypatch):
+    config = make_config(tmp_path, push_to_hub=True, hub_token="hf_test", hub_model_id="tester/prompt")
+    monkeypatch.setattr(CMPTrainer, "init_hf_repo", lambda self, **kwargs: None)  # no network here
+    trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
+    pushes = []
+    monkeypatch.setattr(trainer, "push_to_hub", lambda **kwargs: pushes.append(kwargs))
+    trainer.save_locally()
+    assert (tmp_path / "out" / ADAPTER_WEIGHTS_NAME).is_file() and not pushes
+    trainer.save_model()  # Trainer's: saves, then pushes when push_to_hub is set
+    assert [push["commit_message"] for push in pushes] == ["Model save"]
 
 
 def test_model_can_be_a_clip_or_a_prompt(tmp_path, tiny_clip_dir, train_set, class_names):
