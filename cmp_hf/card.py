@@ -81,6 +81,7 @@ class CardInfo:
         model: PromptTunedCLIP,
         args: CMPConfig,
         train_dataset: Dataset | IterableDataset | None,
+        *,
         model_name: str | None = None,
         dataset_name: str | None = None,
         repo_id: str | None = None,

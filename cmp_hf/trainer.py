@@ -466,8 +466,8 @@ class CMPTrainer(Trainer):
         """Write the prompt (adapter + prompt_config.json + calibration), the training arguments as JSON, the last
         evaluation of each eval set (metrics + reliability diagram) and the model card: a directory the Hub repo
         mirrors. ``save_model`` without its push (Trainer's also pushes when ``push_to_hub`` is set): a recipe saves
-        between steps this way and pushes once, last, so a Hub failure cannot stop a run half-way. Main process
-        only.
+        between steps this way and pushes once, last, so a Hub failure cannot stop a run half-way. Only the
+        process that saves (``args.should_save``) writes.
 
         Every file is replaced whole, so no reader sees a half-written one. The prompt is saved into
         ``output_dir`` itself, not with the other files: its calibration then sees the directory and removes a
@@ -502,8 +502,9 @@ class CMPTrainer(Trainer):
 
     def _model_card(self, model_name: str | None = None) -> ModelCard:
         info = CardInfo.of_training(
-            self.model, self.args, self.train_dataset, model_name, self.dataset_name, repo_id=self.hub_model_id
-        )  # the repo loads the prompt once pushed; the output directory until then
+            self.model, self.args, self.train_dataset, model_name=model_name, dataset_name=self.dataset_name,
+            repo_id=self.hub_model_id,  # the repo loads the prompt once pushed; the output directory until then
+        )  # fmt: skip
         return model_card(list(self.eval_reports.values()), info)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:

@@ -25,6 +25,7 @@ from PIL import Image
 from cmp_hf import CalibratedCLIP
 from cmp_hf.card import CARD_TEMPLATE, CardInfo, model_card
 from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES
+from cmp_hf.data.fewshot import examples_per_class
 from cmp_hf.hub import pushed_files
 from cmp_hf.reports import EvalReport
 
@@ -285,6 +286,14 @@ def test_card_rendered_from_card_info_names_the_prompt_and_its_metrics():
     assert "ECE and MCE use 15 equal-width bins" in text and "preset" not in text
     sized = model_card([], dataclasses.replace(CardInfo(**CARD_INFO), train_size=64, shots="16"))
     assert "| training examples | 64 (16 per class) |" in sized.text and not sized.data.eval_results
+
+
+def test_shots_on_the_card_say_how_balanced_the_training_set_is():
+    from datasets import Dataset
+
+    assert examples_per_class(Dataset.from_dict({"label": [0, 1, 2, 0, 1, 2]})) == "2"
+    assert examples_per_class(Dataset.from_dict({"label": [0, 0, 0, 1, 2, 2]})) == "1-3"
+    assert examples_per_class(None) == "-" and examples_per_class(Dataset.from_dict({"label": []})) == "-"
 
 
 @pytest.mark.slow
