@@ -23,6 +23,7 @@ def learner_class(config: PromptConfig) -> type[PromptLearner]:
             )
         raise ValueError(f"Unknown prompt learner {config.learner!r}: use one of {sorted(LEARNERS)}.{hint}")
     learner = LEARNERS[config.learner]
+    learner.check_options(config)
     learner.check_config(config)
     return learner
 
