@@ -6,9 +6,10 @@ from .cocoop import CoCoOpLearner
 from .coop import CoOpLearner
 from .maple import MaPLeLearner
 from .proda import ProDALearner
+from .promptsrc import PromptSRCLearner
 
 LEARNERS: dict[str, type[PromptLearner]] = {
-    learner.name: learner for learner in (CoOpLearner, CoCoOpLearner, MaPLeLearner, ProDALearner)
+    learner.name: learner for learner in (CoOpLearner, CoCoOpLearner, MaPLeLearner, ProDALearner, PromptSRCLearner)
 }
 
 
@@ -29,5 +30,6 @@ def learner_class(config: PromptConfig) -> type[PromptLearner]:
 
 
 __all__ = [
-    "LEARNERS", "CoCoOpLearner", "CoOpLearner", "MaPLeLearner", "ProDALearner", "PromptLearner", "learner_class",
+    "LEARNERS", "CoCoOpLearner", "CoOpLearner", "MaPLeLearner", "ProDALearner", "PromptLearner", "PromptSRCLearner",
+    "learner_class",
 ]  # fmt: skip
