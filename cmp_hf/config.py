@@ -192,8 +192,7 @@ class CMPConfig(TrainingArguments):
         metadata={
             "help": "Options of the prompt learner's own, by name (a mapping in YAML, JSON on the command line, "
             "e.g. '{\"gpa_mean\": 15}', which replaces the YAML's mapping whole); each learner lists its options "
-            "and defaults in its module (PromptSRC: prompt_depth_text, prompt_depth_vision, n_ctx_vision, "
-            "text_loss_weight, image_loss_weight, gpa_mean, gpa_std) and refuses others. None: its defaults."
+            "and defaults in its module (PromptLearner.options) and refuses others. None: the learner's defaults."
         },
     )
 
