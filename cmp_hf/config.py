@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -27,7 +29,7 @@ _SECTIONS = {
     "Parameters that control the prompt": (
         "prompt_learner", "n_ctx", "ctx_init", "class_token_position", "class_specific_context", "prompt_template",
         "allow_duplicate_class_names", "maple_prompt_depth", "proda_num_prompts", "proda_prompts_per_step",
-        "proda_diversity_weight",
+        "proda_diversity_weight", "learner_options",
     ),
     "Parameters that control the data and the evaluation": ("image_column", "label_column", "calibration_bins"),
     "Image features and augmentation": (
@@ -185,6 +187,15 @@ class CMPConfig(TrainingArguments):
         },
     )
 
+    learner_options: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the prompt learner's own, by name (a mapping in YAML, JSON on the command line, "
+            "e.g. '{\"gpa_mean\": 15}', which replaces the YAML's mapping whole); each learner lists its options "
+            "and defaults in its module (PromptLearner.options) and refuses others. None: the learner's defaults."
+        },
+    )
+
     image_column: str = field(default="image", metadata={"help": "Dataset column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Dataset column holding the integer class labels."})
     calibration_bins: int = field(
@@ -313,6 +324,8 @@ class CMPConfig(TrainingArguments):
         if self.coop_warmup_epochs < 0 or self.coop_warmup_lr < 0:
             raise ValueError("coop_warmup_epochs and coop_warmup_lr must be >= 0.")
         self._check_proda_options()
+        if isinstance(self.learner_options, str):
+            self.learner_options = _json_mapping("learner_options", self.learner_options)
         # validates the prompt and learner options now, and the losses the learner can train with
         learner_class(self.prompt_config(class_names=["_"])).check_loss_options(self.loss_options())
         super().__post_init__()
@@ -384,6 +397,7 @@ class CMPConfig(TrainingArguments):
             learner=self.prompt_learner,
             maple_prompt_depth=self.maple_prompt_depth,
             proda_num_prompts=self.proda_num_prompts,
+            learner_options=self.learner_options or {},
         )
 
 
@@ -400,6 +414,19 @@ def _check_numbers_are_numbers(config: CMPConfig) -> None:
 
 
 _NUMBER_TYPES = (float, int, "float", "int")
+
+
+def _json_mapping(name: str, text: str) -> dict[str, Any]:
+    """A mapping option given as text (the command line): JSON, e.g. ``'{"gpa_mean": 15}'``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{name} must be a JSON object such as '{{\"gpa_mean\": 15}}', got {text!r}: {error}."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object (a mapping of option names to values), got {text!r}.")
+    return value
 
 
 def _docstring() -> str:

@@ -11,6 +11,7 @@ CALIBRATION_FEATURES_NAME = "calibration.safetensors"  # the training images' fe
 META_NET_NAME = "meta_net.safetensors"  # CoCoOp's meta-network: peft has no slot for it, so it sits beside the adapter
 PRODA_CONTEXTS_NAME = "proda_contexts.safetensors"  # ProDA's contexts 1..K-1 (context 0 is the peft adapter's)
 MAPLE_PROMPTS_NAME = "maple_prompts.safetensors"  # MaPLe's deep text prompts and text-to-vision coupling maps
+PROMPTSRC_PROMPTS_NAME = "promptsrc_prompts.safetensors"  # PromptSRC's deep text prompts and vision prompts
 TRAINING_ARGS_NAME = "training_args.json"
 MODEL_CARD_NAME = "README.md"
 EVAL_DIR = "eval"  # eval/<set>/ holds one eval set's report

@@ -157,6 +157,8 @@ class CMPTrainer(Trainer):
         self._components = {"train": LossComponents(), "eval": LossComponents()}
         self._loss_options = args.loss_options()
         self._hand_crafted: dict[tuple[str, ...], torch.Tensor] = {}  # KgCoOp's anchors, per list of class names
+        for callback in model.learner.training_callbacks(args):  # the learner's own steps (ProDA's sampling, ...)
+            self.add_callback(callback)
         self.eval_reports: dict[str, EvalReport] = {}  # the last evaluation of each eval set, saved with the model
         self._report_name: str | None = None  # the eval set being evaluated, while evaluate() runs
         if EvalFiguresCallback.wanted(args.report_to):  # reliability diagrams on TensorBoard / trackio
@@ -253,20 +255,18 @@ class CMPTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = inputs["labels"]
         prompt_model = self.accelerator.unwrap_model(model)
-        per_step = self.args.proda_prompts_per_step
-        if model.training and per_step:  # ProDA's released sampling of its contexts
-            prompt_model.learner.select_prompts(self.state.global_step, per_step, self.args.seed)
-        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**model_inputs)
         logits = outputs.logits.float()
         hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
         variance = None  # a learner with Gaussian class features (ProDA) trains on a bound that needs it
         if outputs.text_spread is not None:
             variance = margin_variance(outputs.image_features, outputs.text_spread, labels)
-        diversity = None
-        if self._loss_options.proda_diversity_weight:
-            diversity = prompt_model.learner.prompt_diversity(prompt_model.clip, prompt_model.context)
+        learner_terms = prompt_model.learner.regularization(
+            prompt_model.clip, prompt_model.context, model_inputs, outputs, self.args
+        )
         loss, terms = training_objective(
-            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance, diversity
+            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance, learner_terms
         )
         if model.training:
             self._stop_at_non_finite_loss(loss, terms, inputs)

@@ -6,16 +6,16 @@ Tasks: animal silhouettes and MNIST digits, each under Gaussian noise at every `
 classes are split into base and novel classes in three ways (``--partitions``: first half base, second half base,
 even classes base). For every (task, noise, partition, shots, seed), one few-shot sample of the base classes
 (``cmp_hf.data.few_shot_sets``) trains every method, each a ``CMPTrainer`` run with CoOp's init ("a photo of a"),
-optimiser, schedule and epochs (``cmp_hf.schedulers.COOP_EPOCHS_BY_SHOTS``); CoCoOp, MaPLe and ProDA train with
-their released recipes (``*_RECIPE`` below), ProDA with its bound and K = 4 prompts on CoOp's optimiser and batch
+optimiser, schedule and epochs (``cmp_hf.schedulers.COOP_EPOCHS_BY_SHOTS``); CoCoOp, MaPLe, ProDA and PromptSRC train
+with their released recipes (``*_RECIPE`` below), ProDA with its bound and K = 4 prompts on CoOp's optimiser and batch
 for 50 epochs (CPU time: K x C prompts per step; the suite runs K = 32 and CoOp's epochs). Evaluation is
 ``trainer.evaluate``: base = base-class test images, novel = novel-class test images under the novel names
 (``class_names=``), shifted = base-class test images under heavier noise, inversion and blur (and scikit-learn's
 digits for MNIST). Zero-shot is the untrained prompt, which is CLIP's "a photo of a {}.".
 
 One CLIP is loaded and every trainer gets images: the trainer's own feature cache (one directory for the whole
-benchmark) encodes each image once for the learners that can cache, and MaPLe, which prompts the image tower,
-encodes them at every step. Prints mean +- std tables and each method's paired differences against its baseline
+benchmark) encodes each image once for the learners that can cache, and MaPLe and PromptSRC, which prompt the image
+tower, encode them at every step. Prints mean +- std tables and each method's paired differences against its baseline
 (same sample, same seed: CoOp-CE, or the same learner without CMP) for every partition and noise level, with their
 average and range, and writes a CSV of every run.
 """
@@ -48,6 +48,9 @@ MAPLE_RECIPE = {"prompt_learner": "maple", "n_ctx": 2, "learning_rate": 0.0035, 
                 "num_train_epochs": 5}  # fmt: skip
 PRODA_RECIPE = {"prompt_learner": "proda", "proda_num_prompts": 4, "n_ctx": 16, "ctx_init": None,
                 "num_train_epochs": 50}  # fmt: skip
+# PromptSRC's depths, loss weights and GPA (mean 15, std 1) are its learner options' defaults, the released ones
+PROMPTSRC_RECIPE = {"prompt_learner": "promptsrc", "n_ctx": 4, "learning_rate": 0.0025,
+                    "per_device_train_batch_size": 4, "num_train_epochs": 20}  # fmt: skip
 
 
 class Method(NamedTuple):
@@ -89,6 +92,8 @@ METHODS: dict[str, Method] = {
     "MaPLe + CMP l=1": Method(MAPLE_RECIPE, baseline="MaPLe"),
     "ProDA": Method({**CE, **PRODA_RECIPE}),
     "ProDA + CMP l=1": Method(PRODA_RECIPE, baseline="ProDA"),
+    "PromptSRC": Method({**CE, **PROMPTSRC_RECIPE}),
+    "PromptSRC + CMP l=1": Method(PROMPTSRC_RECIPE, baseline="PromptSRC"),
 }
 # The CMP grid (form x competitors x lambda) against CoOp-CE; --methods all runs every row above.
 CMP_GRID = [name for name in METHODS if name == "CoOp-CE" or name.startswith("CMP ") and "+" not in name]
@@ -176,7 +181,8 @@ _PROMPT_FIELDS = ("num_train_epochs", "prompt_learner", "n_ctx", "ctx_init", "ma
 
 def training_key(config: CMPConfig) -> tuple:
     """Two methods whose configs agree here train the same prompt from the same sample and seed."""
-    return tuple(getattr(config, name) for name in (*RUN_IDENTITY_FIELDS, *_PROMPT_FIELDS))
+    learner_options = tuple(sorted(config.prompt_config(["_"]).learner_options.items()))
+    return (*(getattr(config, name) for name in (*RUN_IDENTITY_FIELDS, *_PROMPT_FIELDS)), learner_options)
 
 
 def main(args: argparse.Namespace) -> list[dict]:

@@ -24,7 +24,7 @@ from PIL import Image
 
 from cmp_hf import CalibratedCLIP
 from cmp_hf.card import CARD_TEMPLATE, CardInfo, model_card
-from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES
+from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES, PROMPTSRC_PROMPTS_NAME
 from cmp_hf.data.fewshot import examples_per_class
 from cmp_hf.hub import pushed_files
 from cmp_hf.reports import EvalReport
@@ -130,6 +130,7 @@ def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub
 @pytest.mark.parametrize(("learner", "weights", "options"), [
     ("maple", MAPLE_PROMPTS_NAME, {"n_ctx": 2, "per_device_train_batch_size": 4}),
     ("proda", PRODA_CONTEXTS_NAME, {"ctx_init": None, "n_ctx": 4, "proda_num_prompts": 2}),
+    ("promptsrc", PROMPTSRC_PROMPTS_NAME, {"n_ctx": 2, "learner_options": {"gpa_mean": 2.0}}),
 ])  # fmt: skip
 def test_maple_and_proda_with_cmp_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner, weights,
                                                                           options):  # fmt: skip

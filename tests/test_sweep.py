@@ -134,7 +134,7 @@ def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path,
         runs_dir=str(tmp_path / "runs"), coop_epochs=True,
     )  # fmt: skip
     runs = {run.name: run.config for run in plan(spec)}
-    assert len(runs) == 5 * 2 * 2
+    assert len(runs) == 6 * 2 * 2
     maple = runs["few_shot/animals/maple/cmp/seed1"]
     assert (maple["learning_rate"], maple["n_ctx"], maple["per_device_train_batch_size"]) == (0.0035, 2, 4)
     assert maple["num_train_epochs"] == 5 and maple["ctx_init"] == "a photo of a"  # its own epochs, not CoOp's
@@ -146,6 +146,8 @@ def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path,
     assert runs["few_shot/animals/proda/ce/seed1"]["ctx_init"] is None
     assert runs["few_shot/animals/kgcoop/cmp/seed1"]["kgcoop_weight"] == 8.0
     assert runs["few_shot/animals/cocoop/cmp/seed1"]["cmp_lambda"] == 1.0
+    promptsrc = runs["few_shot/animals/promptsrc/cmp/seed1"]  # its own epochs and options, under CMP
+    assert promptsrc["num_train_epochs"] == 20 and promptsrc["learner_options"]["gpa_mean"] == 15.0
     validate(plan(spec), tmp_path / "scratch")  # every composed config parses as the train recipe parses it
     bad = GridSpec(**{**spec.__dict__, "learners": {"proda": learners["proda"]}, "overrides": ["--focal_gamma", "2"]})
     with pytest.raises(ValueError, match=r"Run few_shot/animals/proda/ce/seed1 has an invalid config .*Focal loss"):

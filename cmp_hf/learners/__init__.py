@@ -6,9 +6,10 @@ from .cocoop import CoCoOpLearner
 from .coop import CoOpLearner
 from .maple import MaPLeLearner
 from .proda import ProDALearner
+from .promptsrc import PromptSRCLearner
 
 LEARNERS: dict[str, type[PromptLearner]] = {
-    learner.name: learner for learner in (CoOpLearner, CoCoOpLearner, MaPLeLearner, ProDALearner)
+    learner.name: learner for learner in (CoOpLearner, CoCoOpLearner, MaPLeLearner, ProDALearner, PromptSRCLearner)
 }
 
 
@@ -23,10 +24,12 @@ def learner_class(config: PromptConfig) -> type[PromptLearner]:
             )
         raise ValueError(f"Unknown prompt learner {config.learner!r}: use one of {sorted(LEARNERS)}.{hint}")
     learner = LEARNERS[config.learner]
+    learner.check_options(config)
     learner.check_config(config)
     return learner
 
 
 __all__ = [
-    "LEARNERS", "CoCoOpLearner", "CoOpLearner", "MaPLeLearner", "ProDALearner", "PromptLearner", "learner_class",
+    "LEARNERS", "CoCoOpLearner", "CoOpLearner", "MaPLeLearner", "ProDALearner", "PromptLearner", "PromptSRCLearner",
+    "learner_class",
 ]  # fmt: skip

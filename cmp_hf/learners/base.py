@@ -7,20 +7,27 @@ adapter under :attr:`PromptLearner.weights_name`. A learner is built for one lis
 other classes builds the same learner for those names and hands over its own weights (:meth:`for_classes`).
 
 To add a learner: subclass this (usually through ``CoOpLearner``) in a module of its own and add it to
-``cmp_hf.learners.LEARNERS``.
+``cmp_hf.learners.LEARNERS``. Everything else a learner needs goes through this class, so that neither the trainer
+nor the configs ask which learner they have: its own options (:attr:`PromptLearner.options`, carried by
+``PromptConfig.learner_options``), loss terms of its own (:meth:`PromptLearner.regularization`) and what it does
+between steps or epochs (:meth:`PromptLearner.training_callbacks`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel, PreTrainedTokenizerBase, TrainerCallback
 
-from ..losses import LossOptions
+from ..losses import LossOptions, WeightedTerm
 from ..prompts.config import PromptConfig, resolve_n_ctx
+
+if TYPE_CHECKING:  # both import the learners
+    from ..config import CMPConfig
+    from ..modeling import PromptTunedCLIPOutput
 
 
 class PromptLearner(nn.Module):
@@ -43,6 +50,8 @@ class PromptLearner(nn.Module):
             (``cmp_hf.prompts.shared_prefix``) where its prompts share a prefix. A learner that alters the text
             encoder's hidden states inside the layers (MaPLe's deep prompts) or encodes its prompts itself (ProDA)
             says ``False`` and keeps Hugging Face's full forward.
+        options: the learner's own options and their defaults (``PromptConfig.learner_options`` sets them by
+            name; :meth:`option` reads them); checked by name and type before any model is built.
 
     Instance attributes (set by ``PromptTunedCLIP.activation_checkpointing_enable``, carried by
     :meth:`for_classes`):
@@ -57,12 +66,35 @@ class PromptLearner(nn.Module):
     conditional: ClassVar[bool] = False
     weights_name: ClassVar[str | None] = None
     shares_prefix: ClassVar[bool] = False
+    options: ClassVar[dict[str, Any]] = {}
     checkpoint_text: bool = False
     text_chunk_classes: int | None = None
 
     @classmethod
     def check_config(cls, config: PromptConfig) -> None:
         """Raise ``ValueError`` for prompt options this learner cannot take (called before any model is built)."""
+
+    @classmethod
+    def check_options(cls, config: PromptConfig) -> None:
+        """Refuse ``learner_options`` this learner does not declare, or of another type than their default's."""
+        unknown = sorted(set(config.learner_options) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise ValueError(f"learner_options {unknown} are not options of {cls.title} (its options: {known}).")
+        for name, value in config.learner_options.items():
+            default = cls.options[name]
+            numeric = isinstance(default, float) and isinstance(value, int)  # 15 for 15.0
+            same_type = isinstance(value, type(default)) or numeric
+            if not same_type or isinstance(value, bool) != isinstance(default, bool):
+                raise ValueError(
+                    f"learner_options {name} of {cls.title} must be a {type(default).__name__} (default {default!r}), "
+                    f"got {value!r}."
+                )
+
+    @classmethod
+    def option(cls, config: PromptConfig, name: str) -> Any:
+        """The value of the learner's option ``name``: as set in ``config.learner_options``, else its default."""
+        return config.learner_options.get(name, cls.options[name])
 
     @classmethod
     def check_loss_options(cls, options: LossOptions) -> None:
@@ -102,6 +134,24 @@ class PromptLearner(nn.Module):
         is for a learner that prompts the image tower from the text context (MaPLe); this one ignores it."""
         pooled = clip.vision_model(pixel_values=pixel_values.to(clip.dtype)).pooler_output
         return F.normalize(clip.visual_projection(pooled), dim=-1)
+
+    def regularization(
+        self,
+        clip: CLIPModel,
+        context: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        outputs: PromptTunedCLIPOutput,
+        args: CMPConfig,
+    ) -> dict[str, WeightedTerm]:
+        """Loss terms of the learner's own for the batch ``inputs`` (without labels) whose forward gave ``outputs``,
+        by the name they are logged under: the trainer adds ``weight * value`` to the loss and logs each value.
+        Called in training and in evaluation (``self.training`` tells which). None by default."""
+        return {}
+
+    def training_callbacks(self, args: CMPConfig) -> list[TrainerCallback]:
+        """Callbacks the trainer adds for this learner (its per-step sampling, its per-epoch averaging, ...); the
+        model reaches them as the ``model`` keyword of every event. None by default."""
+        return []
 
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
         """The learner's own weights (saved under :attr:`weights_name`); empty for a learner with none."""

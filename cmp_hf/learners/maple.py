@@ -38,10 +38,10 @@ from ..prompts.hook import transformed_layer_inputs, transformed_output
 from .coop import CoOpLearner
 
 
-def prompt_depth(clip: CLIPModel, config: PromptConfig) -> int:
+def prompt_depth(clip: CLIPModel, depth: int) -> int:
     """J: the configured depth, capped by the shallower tower."""
     layers = min(clip.config.text_config.num_hidden_layers, clip.config.vision_config.num_hidden_layers)
-    return min(config.maple_prompt_depth, layers)
+    return min(depth, layers)
 
 
 class MaPLeLearner(CoOpLearner):
@@ -55,7 +55,7 @@ class MaPLeLearner(CoOpLearner):
     shares_prefix = False
 
     def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
-        depth = prompt_depth(clip, config)
+        depth = prompt_depth(clip, config.maple_prompt_depth)
         text_width, vision_width = clip.config.text_config.hidden_size, clip.config.vision_config.hidden_size
         self.deep_prompts = nn.ParameterList(
             [nn.Parameter(torch.randn(config.n_ctx, text_width, device=clip.device) * 0.02) for _ in range(depth - 1)]
@@ -101,9 +101,11 @@ class MaPLeLearner(CoOpLearner):
         with transformed_layer_inputs({layers[i + 1]: deep(p) for i, p in enumerate(self.deep_prompts)}):
             return super().text_features(clip, context)
 
-    def vision_prompts(self, context: torch.Tensor) -> list[torch.Tensor]:
+    def vision_prompts(self, context: torch.Tensor | None) -> list[torch.Tensor]:
         """The M vision prompt tokens of layers 0..J-1: the coupling maps' outputs, the only way the learned
         prompts reach the image tower."""
+        if context is None:
+            raise ValueError("MaPLe's image features depend on the learned context: pass context=.")
         sources = [context, *self.deep_prompts]
         pairs = zip(self.couplings, sources, strict=True)
         return [coupling(source.to(coupling.weight.dtype)) for coupling, source in pairs]
@@ -111,8 +113,8 @@ class MaPLeLearner(CoOpLearner):
     def image_features(
         self, clip: CLIPModel, pixel_values: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if context is None:
-            raise ValueError("MaPLe's image features depend on the learned context: pass context=.")
+        """Features of the image tower with :meth:`vision_prompts` appended after the embeddings and replacing the
+        previous layer's outputs at those positions in the next layers."""
         first, *deeper = self.vision_prompts(context)
         batch = len(pixel_values)
 
@@ -139,7 +141,7 @@ class MaPLeLearner(CoOpLearner):
         found = {key: tuple(value.shape) for key, value in state_dict.items()}
         if found != expected:
             raise ValueError(
-                f"The saved MaPLe prompts hold {len(found)} tensors {sorted(found.items())[:2]}... but this prompt "
-                f"needs {len(expected)}: they come from another prompt depth, n_ctx or base model."
+                f"The saved {self.title} prompts hold {len(found)} tensors {sorted(found.items())[:2]}... but this "
+                f"prompt needs {len(expected)}: they come from another prompt depth, n_ctx or base model."
             )
         self.load_state_dict(state_dict)

@@ -16,26 +16,32 @@ have no such bound, are refused. K = 1 has zero covariance and is CoOp exactly.
 Prompt 0's context is the peft prompt embedding; the other K - 1 are this module's parameter ``contexts``, saved
 as ``proda_contexts.safetensors`` beside the adapter. A training step encodes K x C prompts, or, with
 ``proda_prompts_per_step`` = k, k x C as the released trainer does (4 of 32): the K contexts in a random order, k at
-a time, a new order once all were used (:meth:`ProDALearner.select_prompts`); the step's mean and spread are those
-of its k contexts (spread / (k + 1), as released). Evaluation always uses all K. The released diversity term,
-the mean |cosine| between the features of the K class-free prompts ``[SOS] ctx_k . [EOS]``, is
-:meth:`ProDALearner.prompt_diversity` (``proda_diversity_weight``, released 0.1).
+a time, a new order once all were used (:meth:`ProDALearner.select_prompts`, called at each step's start by the
+callback of :meth:`ProDALearner.training_callbacks`); the step's mean and spread are those of its k contexts (spread
+/ (k + 1), as released). Evaluation always uses all K. The released diversity term, the mean |cosine| between the
+features of the K class-free prompts ``[SOS] ctx_k . [EOS]``, is :meth:`ProDALearner.prompt_diversity`, added to
+the loss as the learner's regularization ``diversity`` (``proda_diversity_weight``, released 0.1).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel, PreTrainedTokenizerBase, TrainerCallback
 
 from ..constants import PRODA_CONTEXTS_NAME
-from ..losses import GAUSSIAN_FEATURES_REFUSE, LossOptions
+from ..losses import GAUSSIAN_FEATURES_REFUSE, LossOptions, WeightedTerm
 from ..prompts.config import PromptConfig, tokenize_prompts
 from ..prompts.hook import replaced_embeddings
 from .coop import CoOpLearner
+
+if TYPE_CHECKING:
+    from ..config import CMPConfig
+    from ..modeling import PromptTunedCLIPOutput
 
 
 def class_token_positions(num_prompts: int) -> list[str]:
@@ -144,6 +150,21 @@ class ProDALearner(CoOpLearner):
         off_diagonal = ~torch.eye(self.num_prompts, dtype=torch.bool, device=cosine.device)
         return cosine[off_diagonal].abs().mean()
 
+    def regularization(
+        self,
+        clip: CLIPModel,
+        context: torch.Tensor,
+        inputs: dict[str, torch.Tensor],
+        outputs: PromptTunedCLIPOutput,
+        args: CMPConfig,
+    ) -> dict[str, WeightedTerm]:
+        if not args.proda_diversity_weight:
+            return {}
+        return {"diversity": WeightedTerm(args.proda_diversity_weight, self.prompt_diversity(clip, context))}
+
+    def training_callbacks(self, args: CMPConfig) -> list[TrainerCallback]:
+        return [PromptSampling()] if args.proda_prompts_per_step else []
+
     def _vectors(self, context: torch.Tensor) -> torch.Tensor:
         """The K contexts' vectors, (K * n_ctx, width): the peft context first."""
         return torch.cat([context, self.contexts.flatten(0, 1).to(context.dtype)])
@@ -160,3 +181,11 @@ class ProDALearner(CoOpLearner):
             )
         with torch.no_grad():
             self.contexts.copy_(state_dict["contexts"])
+
+
+class PromptSampling(TrainerCallback):
+    """ProDA's released sampling: the contexts of each training step chosen before its forward
+    (``proda_prompts_per_step`` of them; the order drawn from the seed and the step alone)."""
+
+    def on_step_begin(self, args: CMPConfig, state, control, model=None, **kwargs) -> None:
+        model.learner.select_prompts(state.global_step, args.proda_prompts_per_step, args.seed)

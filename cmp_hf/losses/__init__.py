@@ -3,7 +3,7 @@
 from .baselines import focal_loss, kgcoop_penalty, mbls_penalty, smoothed_cross_entropy
 from .cmp import CMP_COMPETITORS, CMP_FORMS, RATIO_EPS, cmp_penalty, winning_wrong_classes
 from .gaussian import expected_cross_entropy_bound, margin_variance
-from .objective import GAUSSIAN_FEATURES_REFUSE, LossOptions, training_objective
+from .objective import GAUSSIAN_FEATURES_REFUSE, LossOptions, WeightedTerm, training_objective
 
 __all__ = [
     "CMP_COMPETITORS",
@@ -18,6 +18,7 @@ __all__ = [
     "margin_variance",
     "mbls_penalty",
     "smoothed_cross_entropy",
+    "WeightedTerm",
     "training_objective",
     "winning_wrong_classes",
 ]

@@ -1,9 +1,10 @@
 """The training objective of CMPTrainer, assembled in one place.
 
 loss = cross-entropy (or focal loss, or label-smoothed cross-entropy) + cmp_lambda * CMP
-       + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance + proda_diversity_weight * ProDA's prompt diversity
+       + mbls_weight * MbLS + kgcoop_weight * KgCoOp distance + the learner's own weighted terms
 Terms with weight 0 are not added (so KgCoOp with weight 0 is CoOp exactly); plain cross-entropy, CMP and the
-misclassified fraction are always returned for logging.
+misclassified fraction are always returned for logging. The learner's own terms (ProDA's prompt diversity,
+PromptSRC's self-regularisation) come from ``PromptLearner.regularization``, each with its weight.
 
 For a learner with Gaussian class features (ProDA), ``margin_variance`` is given and the cross-entropy term becomes
 ProDA's upper bound of the expected cross-entropy (``cmp_hf.losses.gaussian``), logged as ``ce_bound``. Every other
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,13 @@ class LossOptions:
             raise ValueError("Choose focal loss (focal_gamma) or label smoothing (label_smoothing_factor), not both.")
 
 
+class WeightedTerm(NamedTuple):
+    """A loss term of a learner's own: ``weight * value`` joins the loss, ``value`` is logged."""
+
+    weight: float
+    value: torch.Tensor
+
+
 def _non_finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not math.isfinite(value)
 
@@ -82,11 +91,12 @@ def training_objective(
     text_features: torch.Tensor | None = None,
     hand_crafted_text_features: torch.Tensor | None = None,
     margin_variance: torch.Tensor | None = None,
-    prompt_diversity: torch.Tensor | None = None,
+    learner_terms: dict[str, WeightedTerm] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and its named terms (unweighted) for a batch of class logits (float32 whatever their dtype);
     ``margin_variance`` (B, C): the variances of the logit margins of a learner with Gaussian class features;
-    ``prompt_diversity``: ProDA's mean |cosine| between its class-free prompts (``ProDALearner.prompt_diversity``)."""
+    ``learner_terms``: the learner's own terms by name (``PromptLearner.regularization``), added with their
+    weights (a weight of 0 logs the term without adding it)."""
     logits = logits.float()
     terms = {"ce": F.cross_entropy(logits, labels)}
     if margin_variance is not None:
@@ -110,10 +120,11 @@ def training_objective(
             raise ValueError("kgcoop_weight > 0 needs the learned and the hand-crafted class text features.")
         terms["kgcoop"] = kgcoop_penalty(text_features, hand_crafted_text_features.to(text_features.device))
         loss = loss + options.kgcoop_weight * terms["kgcoop"]
-    if options.proda_diversity_weight:
-        if prompt_diversity is None:
-            raise ValueError("proda_diversity_weight > 0 needs ProDA's prompt diversity.")
-        terms["diversity"] = prompt_diversity.float()
-        loss = loss + options.proda_diversity_weight * terms["diversity"]
+    for name, (weight, value) in (learner_terms or {}).items():
+        if name in terms:
+            raise ValueError(f"The learner's loss term {name!r} has the name of a term of the objective: rename it.")
+        terms[name] = value.float()
+        if weight:
+            loss = loss + weight * terms[name]
     terms["misclassified"] = (logits.argmax(dim=1) != labels).float().mean()
     return loss, terms

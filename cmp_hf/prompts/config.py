@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -53,6 +53,9 @@ class PromptConfig:
         maple_prompt_depth: MaPLe's prompt depth J: the text context and the vision prompts enter layers 0..J-1
             (capped by the towers' depth). Other learners ignore it.
         proda_num_prompts: ProDA's number K of contexts. Other learners ignore it.
+        learner_options: options that belong to the learner alone, by name (a learner declares them with their
+            defaults in ``PromptLearner.options`` and checks them; unset names take its defaults), so that a new
+            learner needs no field here. Learners without such options take none.
         allow_duplicate_names: accept repeated class names. Off by default (a repeat is nearly always a mistake
             and makes two classes indistinguishable); CLIP's and CoOp's ImageNet names repeat "missile" and
             "sunglasses", so reproducing ImageNet needs it on.
@@ -69,9 +72,11 @@ class PromptConfig:
     allow_duplicate_names: bool = False
     maple_prompt_depth: int = 9
     proda_num_prompts: int = 32
+    learner_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.class_names = list(self.class_names)
+        self.learner_options = dict(self.learner_options)
         validate_class_names(self.class_names, self.allow_duplicate_names)
         if self.n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1 (the number of learned context vectors), got {self.n_ctx}.")
@@ -99,8 +104,10 @@ class PromptConfig:
         write_json(os.path.join(save_directory, PROMPT_CONFIG_NAME), content, indent=2, ensure_ascii=False)
 
     def logit_settings(self) -> dict:
-        """Every option that changes the logits: all but where the base model is (which a user may repoint)."""
-        return {key: value for key, value in asdict(self).items() if key != "base_model_name_or_path"}
+        """Every option that changes the logits: all but where the base model is (which a user may repoint), and
+        ``learner_options`` only when set, so that prompts saved before that field existed keep their digest."""
+        skipped = {"base_model_name_or_path", *([] if self.learner_options else ["learner_options"])}
+        return {key: value for key, value in asdict(self).items() if key not in skipped}
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PromptConfig:
