@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, quickstart_config
 from datasets import ClassLabel, Dataset, Features, Image, Value
+from helpers import ROOT, flip_last_byte, quickstart_config
 from hub_server import FakeHub
 from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
@@ -232,12 +232,6 @@ def test_a_real_clip_passes_the_check(tiny_clip_dir):
 
 
 # ---- a saved prompt: missing, corrupt or altered files are named; its base model is portable ----------------------
-
-
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x10  # inside the last tensor's data: the file still parses
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(

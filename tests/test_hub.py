@@ -7,8 +7,6 @@ points at the loopback server; the trained model it is compared with stays in th
 import hashlib
 import io
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, quickstart_config
+from helpers import hub_env, quickstart_config, run
 from hub_server import FakeHub, Repo
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -32,19 +30,6 @@ REPO = "tester/tiny-prompt"
 def hub():
     with FakeHub() as server:
         yield server
-
-
-def hub_env(tmp_path: Path, endpoint: str, token: str | None = "hf_test_token") -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
-    env["HF_DATASETS_CACHE"] = os.environ["HF_DATASETS_CACHE"]
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
-def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
 def train_and_push(tmp_path: Path, testbed: Path, hub: FakeHub, **overrides) -> Path:

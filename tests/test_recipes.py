@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, quickstart_config
+from helpers import ROOT, quickstart_config
 from suite_copies import local_copy
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from transformers import CLIPProcessor, HfArgumentParser
