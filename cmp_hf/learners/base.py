@@ -12,7 +12,7 @@ To add a learner: subclass this (usually through ``CoOpLearner``) in a module of
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ class PromptLearner(nn.Module):
             (``cmp_hf.prompts.shared_prefix``) where its prompts share a prefix. A learner that alters the text
             encoder's hidden states inside the layers (MaPLe's deep prompts) or encodes its prompts itself (ProDA)
             says ``False`` and keeps Hugging Face's full forward.
+        test_options: ``PromptConfig`` keywords that make a small prompt use every kind of weight this learner has
+            (ProDA: K > 1 contexts in every class-name layout); the test suite builds each registered learner with
+            them, so that a new learner is tested without editing the tests.
 
     Instance attributes (set by ``PromptTunedCLIP.activation_checkpointing_enable``, carried by
     :meth:`for_classes`):
@@ -57,6 +60,7 @@ class PromptLearner(nn.Module):
     conditional: ClassVar[bool] = False
     weights_name: ClassVar[str | None] = None
     shares_prefix: ClassVar[bool] = False
+    test_options: ClassVar[dict[str, Any]] = {}
     checkpoint_text: bool = False
     text_chunk_classes: int | None = None
 
@@ -108,7 +112,8 @@ class PromptLearner(nn.Module):
         return {}
 
     def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`extra_state_dict` returned."""
+        """Restore what :meth:`extra_state_dict` returned; ``ValueError`` naming the shapes where they are not this
+        learner's (weights saved for another prompt configuration or base model)."""
 
     def for_classes(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> PromptLearner:
         """The same learner for ``config``'s classes, carrying this one's weights (a transfer to new classes)."""
