@@ -20,8 +20,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
-from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES
+from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.hub import pushed_files
+from cmp_hf.learners import LEARNERS
 
 REPO = "tester/tiny-prompt"
 
@@ -108,14 +109,11 @@ def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("learner", "weights", "options"), [
-    ("maple", MAPLE_PROMPTS_NAME, {"n_ctx": 2, "per_device_train_batch_size": 4}),
-    ("proda", PRODA_CONTEXTS_NAME, {"ctx_init": None, "n_ctx": 4, "proda_num_prompts": 2}),
-])  # fmt: skip
-def test_maple_and_proda_with_cmp_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner, weights,
-                                                                          options):  # fmt: skip
+@pytest.mark.parametrize("learner", sorted(name for name, learner in LEARNERS.items() if learner.weights_name))
+def test_learners_with_own_weights_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner):
+    options = {"n_ctx": 2, "per_device_train_batch_size": 4, **LEARNERS[learner].test_options}
     output_dir = train_and_push(tmp_path, testbed, hub, prompt_learner=learner, cmp_lambda=1.0, **options)
-    files = hub.repos[REPO].files
+    files, weights = hub.repos[REPO].files, LEARNERS[learner].weights_name
     assert files[weights] == (output_dir / weights).read_bytes()  # the learner's own tensors travel with the adapter
     assert f"(`{learner}`)" in files["README.md"].decode()  # the card says which learner it is
     result = run([sys.executable, "-c", PULL, REPO, str(tmp_path / "pulled.npz")], hub_env(tmp_path, hub.endpoint))

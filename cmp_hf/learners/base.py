@@ -43,9 +43,10 @@ class PromptLearner(nn.Module):
             (``cmp_hf.prompts.shared_prefix``) where its prompts share a prefix. A learner that alters the text
             encoder's hidden states inside the layers (MaPLe's deep prompts) or encodes its prompts itself (ProDA)
             says ``False`` and keeps Hugging Face's full forward.
-        test_options: ``PromptConfig`` keywords that make a small prompt use every kind of weight this learner has
-            (ProDA: K > 1 contexts in every class-name layout); the test suite builds each registered learner with
-            them, so that a new learner is tested without editing the tests.
+        test_options: ``PromptConfig`` (and ``CMPConfig``) keywords for a small prompt that uses every kind of
+            weight this learner has and that it accepts (ProDA: K = 4 contexts, one per class-name layout at least,
+            and no ``ctx_init``); the test suite builds each registered learner with them, so that a new learner is
+            tested without editing the tests.
 
     Instance attributes (set by ``PromptTunedCLIP.activation_checkpointing_enable``, carried by
     :meth:`for_classes`):
