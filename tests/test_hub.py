@@ -217,6 +217,7 @@ def test_model_card_is_written_with_the_prompt(saved_run):
         assert result.metric_value == pytest.approx(metrics[key], abs=1e-6) and 0 <= metrics["aurc"] <= 1
     assert "Classwise ECE (%)" in {r.metric_name for r in card.data.eval_results}
     assert "eval/test/risk_coverage.png" in card.text and "| AURC |" in card.text
+    assert "## License" in card.text and "Apache License 2.0 (`Apache-2.0`" in card.text  # pyproject's license
     with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
         assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))
