@@ -40,7 +40,7 @@ from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_
 from .losses import margin_variance, training_objective
 from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
-from .prompts.config import PromptConfig, validate_class_names
+from .prompts.config import PromptConfig
 from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
@@ -129,13 +129,16 @@ class CMPTrainer(Trainer):
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
-        if class_names is not None:
-            validate_class_names(class_names, args.allow_duplicate_class_names)
+        prompt_config = None
+        if class_names is not None:  # the names checked (by PromptConfig) before anything is loaded, and only there
+            prompt_config = args.prompt_config(class_names)
             for name, dataset in datasets:
                 check_labels(dataset, name, args.label_column, len(class_names))
         check_training_set(train_dataset, args.label_column)
+        if isinstance(model, PromptTunedCLIP) and model.learner.name != args.prompt_learner:  # CMPConfig checked
+            model.learner.check_loss_options(args.loss_options())  # the losses with its own learner, not this one
         set_seed(args.seed)  # the random context init draws from torch's generator
-        model, processing_class = _prompt_model(model, args, class_names, processing_class)
+        model, processing_class = _prompt_model(model, prompt_config, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         self._feature_cache: ImageFeatureCache | None = None
         if args.temperature_scaling and calibration_dataset is None:
@@ -692,13 +695,12 @@ def _load_prompt_weights(model: PromptTunedCLIP, checkpoint: str) -> None:
 
 def _prompt_model(
     model: str | CLIPModel | PromptTunedCLIP,
-    args: CMPConfig,
-    class_names: list[str] | None,
+    prompt_config: PromptConfig | None,
     processing_class: CLIPProcessor | None,
 ) -> tuple[PromptTunedCLIP, CLIPProcessor]:
-    """Turn what the user passed into a PromptTunedCLIP and its processor."""
+    """Turn what the user passed into a PromptTunedCLIP (a new prompt from ``prompt_config``) and its processor."""
     if isinstance(model, PromptTunedCLIP):
-        if class_names is not None and class_names != model.class_names:
+        if prompt_config is not None and prompt_config.class_names != model.class_names:
             raise ValueError("class_names differ from the class names of the PromptTunedCLIP passed as model.")
         source = model.prompt_config.base_model_name_or_path
     elif isinstance(model, str):
@@ -714,10 +716,10 @@ def _prompt_model(
         processing_class = CLIPProcessor.from_pretrained(source)
     if isinstance(model, PromptTunedCLIP):
         return model, processing_class
-    if class_names is None:
+    if prompt_config is None:
         raise ValueError("Pass class_names, or a train_dataset whose label column is a ClassLabel with names.")
     clip = CLIPModel.from_pretrained(model) if isinstance(model, str) else model
-    prompt_config = args.prompt_config(class_names, base_model_name_or_path=source)
+    prompt_config.base_model_name_or_path = source
     return PromptTunedCLIP.from_clip(clip, processing_class.tokenizer, prompt_config), processing_class
 
 
