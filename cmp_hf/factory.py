@@ -12,21 +12,20 @@ from peft import set_peft_model_state_dict
 from transformers import CLIPModel, CLIPProcessor
 
 from .base_model import check_clip_source
-from .config import CMPConfig
 from .constants import ADAPTER_WEIGHTS_NAME
 from .integrity import load_weights_file
 from .modeling import PromptTunedCLIP, read_prompt_files
+from .prompts.config import PromptConfig
 
 
 def prompt_model(
     model: str | CLIPModel | PromptTunedCLIP,
-    args: CMPConfig,
-    class_names: list[str] | None,
+    prompt_config: PromptConfig | None,
     processing_class: CLIPProcessor | None,
 ) -> tuple[PromptTunedCLIP, CLIPProcessor]:
-    """Turn what the user passed into a PromptTunedCLIP and its processor."""
+    """Turn what the user passed into a PromptTunedCLIP (a new prompt from ``prompt_config``) and its processor."""
     if isinstance(model, PromptTunedCLIP):
-        if class_names is not None and class_names != model.class_names:
+        if prompt_config is not None and prompt_config.class_names != model.class_names:
             raise ValueError("class_names differ from the class names of the PromptTunedCLIP passed as model.")
         source = model.prompt_config.base_model_name_or_path
     elif isinstance(model, str):
@@ -42,10 +41,10 @@ def prompt_model(
         processing_class = CLIPProcessor.from_pretrained(source)
     if isinstance(model, PromptTunedCLIP):
         return model, processing_class
-    if class_names is None:
+    if prompt_config is None:
         raise ValueError("Pass class_names, or a train_dataset whose label column is a ClassLabel with names.")
     clip = CLIPModel.from_pretrained(model) if isinstance(model, str) else model
-    prompt_config = args.prompt_config(class_names, base_model_name_or_path=source)
+    prompt_config.base_model_name_or_path = source
     return PromptTunedCLIP.from_clip(clip, processing_class.tokenizer, prompt_config), processing_class
 
 

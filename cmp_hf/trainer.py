@@ -33,7 +33,6 @@ from .hub import hub_errors, push_checkpoint, push_output_dir, require_token
 from .losses import margin_variance, training_objective
 from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
-from .prompts.config import validate_class_names
 from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
@@ -122,13 +121,16 @@ class CMPTrainer(Trainer):
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
         if class_names is None and isinstance(train_dataset, Dataset):
             class_names = class_names_from_features(train_dataset, args.label_column)
-        if class_names is not None:
-            validate_class_names(class_names, args.allow_duplicate_class_names)
+        prompt_config = None
+        if class_names is not None:  # the names checked (by PromptConfig) before anything is loaded, and only there
+            prompt_config = args.prompt_config(class_names)
             for name, dataset in datasets:
                 check_labels(dataset, name, args.label_column, len(class_names))
         check_training_set(train_dataset, args.label_column)
+        if isinstance(model, PromptTunedCLIP) and model.learner.name != args.prompt_learner:  # CMPConfig checked
+            model.learner.check_loss_options(args.loss_options())  # the losses with its own learner, not this one
         set_seed(args.seed)  # the random context init draws from torch's generator
-        model, processing_class = prompt_model(model, args, class_names, processing_class)
+        model, processing_class = prompt_model(model, prompt_config, processing_class)
         _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
         if args.temperature_scaling and calibration_dataset is None:
             raise ValueError(

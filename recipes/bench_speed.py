@@ -300,7 +300,8 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{args.size} sizes, device {args.device}, bf16 {args.bf16}, torch threads {torch.get_num_threads()}")
     figures = epoch_section(args, clip_dir, size, image_processor) if args.epoch_classes else {}
     figures["steps"] = step_section(args, clip_dir, size)
-    figures.update(cocoop_section(args, clip_dir, size))
+    if args.cocoop_classes:
+        figures.update(cocoop_section(args, clip_dir, size))
     checkpoint_section(args, clip_dir, size)
     return figures
 
@@ -322,7 +323,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch_classes", type=int, default=100, help="classes of the epoch table (0: skip it)")
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--cocoop_classes", type=int, default=100)
+    parser.add_argument("--cocoop_classes", type=int, default=100, help="classes of the CoCoOp step (0: skip it)")
     parser.add_argument("--cocoop_batch", type=int, default=4)
     parser.add_argument("--text_chunk_classes", type=int, default=128, help="group size of the checkpointing row")
     parser.add_argument("--seed", type=int, default=1)

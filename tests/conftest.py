@@ -18,14 +18,11 @@ os.environ["HF_METRICS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_metrics_"
 
 import datasets  # noqa: E402
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from cmp_hf.testing.synthetic import colour_patches  # noqa: E402
 from cmp_hf.testing.tiny import save_tiny_clip  # noqa: E402
 from recipes import make_tiny_testbed  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]
@@ -90,17 +87,3 @@ def testbed(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("testbed")
     make_tiny_testbed.main(str(directory), per_class=12, seed=0)
     return directory
-
-
-def quickstart_config(testbed: Path, path: Path, **overrides) -> Path:
-    """recipes/configs/quickstart.yaml pointed at ``testbed``, with overrides, written to ``path/config.yaml``."""
-    config = yaml.safe_load((ROOT / "recipes/configs/quickstart.yaml").read_text())
-    config.update(model_name_or_path=str(testbed / "clip"), dataset_name=str(testbed / "data"))
-    # the tiny testbed has train/test splits only and a random CLIP: no shifted sets, no zero-shot baseline
-    config.update(eval_splits=["test"], base_to_novel=False, zero_shot_baseline=False, num_train_epochs=5, shots=8)
-    del config["preset"]  # the recipe mechanics under CoOp + CMP, whose options tests vary (the preset fixes them)
-    config.update(cmp_lambda=1.0, cmp_form="log_ratio")
-    config.update(overrides)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(config))
-    return path / "config.yaml"

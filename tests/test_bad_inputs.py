@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, quickstart_config
 from datasets import ClassLabel, Dataset, Features, Image, Value
+from helpers import ROOT, flip_last_byte, quickstart_config
 from hub_server import FakeHub
 from PIL import Image as PILImage
 from transformers import CLIPModel, CLIPProcessor
@@ -234,12 +234,6 @@ def test_a_real_clip_passes_the_check(tiny_clip_dir):
 # ---- a saved prompt: missing, corrupt or altered files are named; its base model is portable ----------------------
 
 
-def flip_last_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x10  # inside the last tensor's data: the file still parses
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize(
     "case, damage, error, message",
     [
@@ -320,3 +314,44 @@ def test_labels_value_feature_is_checked_too(tmp_path, train_set, class_names):
     floats = train_set.cast_column("label", Value("float32")).map(lambda row: {"label": row["label"] + 0.25})
     with pytest.raises(ValueError, match=r"non-integer values \(0.25 at row 0\)"):
         CMPTrainer("/nonexistent/clip", config(tmp_path), train_dataset=floats, class_names=class_names)
+
+
+# ---- each rule lives in one place and is checked once on a path -------------------------------------------------
+
+
+class Stop(Exception):
+    pass
+
+
+def record_calls(monkeypatch, calls: list, module, name: str) -> None:
+    """Append the positional arguments of each call of ``module.name`` to ``calls`` (the call still runs)."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+
+
+def test_the_recipe_checks_each_datasets_labels_once(tmp_path, testbed, monkeypatch):
+    import cmp_hf.scripts.train as script
+    import cmp_hf.trainer as trainer
+
+    calls = []
+    record_calls(monkeypatch, calls, script, "check_labels")
+    record_calls(monkeypatch, calls, trainer, "check_labels")
+    monkeypatch.setattr(CMPTrainer, "train", lambda *args, **kwargs: (_ for _ in ()).throw(Stop()))
+    path = quickstart_config(testbed, tmp_path, output_dir=str(tmp_path / "run"), disable_tqdm=False)
+    with pytest.raises(Stop):
+        run_recipe([str(path)])
+    # the training split before its few-shot draw (the recipe's), then what the trainer is given (its own)
+    assert [call[1] for call in calls] == [
+        "split 'train'", "train_dataset", "eval_dataset['val']", "eval_dataset['test']"
+    ]  # fmt: skip
+    fingerprints = [call[0]._fingerprint for call in calls]
+    assert len(set(fingerprints)) == len(fingerprints)
+
+
+def test_a_proda_prompt_passed_to_the_trainer_refuses_focal_loss(tmp_path, tiny_clip_dir, train_set, class_names):
+    processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    prompt = PromptConfig(class_names=class_names, n_ctx=2, learner="proda", proda_num_prompts=4)
+    proda = PromptTunedCLIP.from_clip(CLIPModel.from_pretrained(tiny_clip_dir), processor.tokenizer, prompt)
+    args = config(tmp_path, focal_gamma=2.0)  # a CoOp config, which may train with focal loss
+    with pytest.raises(ValueError, match="Focal loss and label smoothing cannot train"):
+        CMPTrainer(proda, args, train_dataset=train_set, processing_class=processor)

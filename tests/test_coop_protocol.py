@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import hub_env, run
 from hub_server import FakeHub, Repo
 from PIL import Image
-from test_hub import hub_env, run
 
 from cmp_hf import CMPConfig
 from cmp_hf.data import coop_few_shot_split, few_shot_sets, load_suite_dataset

@@ -8,8 +8,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, quickstart_config
+from helpers import hub_env, quickstart_config, run
 from hub_server import FakeHub, Repo
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from cmp_hf import CalibratedCLIP
 from cmp_hf.card import CARD_TEMPLATE, CardInfo, model_card
-from cmp_hf.constants import MAPLE_PROMPTS_NAME, PRODA_CONTEXTS_NAME, PROMPT_FILES, PROMPTSRC_PROMPTS_NAME
+from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.data.fewshot import examples_per_class
 from cmp_hf.hub import pushed_files
+from cmp_hf.learners import LEARNERS
 from cmp_hf.reports import EvalReport
 
 REPO = "tester/tiny-prompt"
@@ -36,19 +35,6 @@ REPO = "tester/tiny-prompt"
 def hub():
     with FakeHub() as server:
         yield server
-
-
-def hub_env(tmp_path: Path, endpoint: str, token: str | None = "hf_test_token") -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1")
-    env["HF_DATASETS_CACHE"] = os.environ["HF_DATASETS_CACHE"]
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
-def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
 def train_and_push(tmp_path: Path, testbed: Path, hub: FakeHub, **overrides) -> Path:
@@ -127,15 +113,11 @@ def test_recipe_push_then_pull_gives_the_same_predictions(tmp_path, testbed, hub
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("learner", "weights", "options"), [
-    ("maple", MAPLE_PROMPTS_NAME, {"n_ctx": 2, "per_device_train_batch_size": 4}),
-    ("proda", PRODA_CONTEXTS_NAME, {"ctx_init": None, "n_ctx": 4, "proda_num_prompts": 2}),
-    ("promptsrc", PROMPTSRC_PROMPTS_NAME, {"n_ctx": 2, "learner_options": {"gpa_mean": 2.0}}),
-])  # fmt: skip
-def test_maple_and_proda_with_cmp_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner, weights,
-                                                                          options):  # fmt: skip
+@pytest.mark.parametrize("learner", sorted(name for name, learner in LEARNERS.items() if learner.weights_name))
+def test_learners_with_own_weights_train_push_and_pull_through_the_recipe(tmp_path, testbed, hub, learner):
+    options = {"n_ctx": 2, "per_device_train_batch_size": 4, **LEARNERS[learner].test_options}
     output_dir = train_and_push(tmp_path, testbed, hub, prompt_learner=learner, cmp_lambda=1.0, **options)
-    files = hub.repos[REPO].files
+    files, weights = hub.repos[REPO].files, LEARNERS[learner].weights_name
     assert files[weights] == (output_dir / weights).read_bytes()  # the learner's own tensors travel with the adapter
     assert f"(`{learner}`)" in files["README.md"].decode()  # the card says which learner it is
     result = run([sys.executable, "-c", PULL, REPO, str(tmp_path / "pulled.npz")], hub_env(tmp_path, hub.endpoint))
@@ -239,6 +221,7 @@ def test_model_card_is_written_with_the_prompt(saved_run):
         assert result.metric_value == pytest.approx(metrics[key], abs=1e-6) and 0 <= metrics["aurc"] <= 1
     assert "Classwise ECE (%)" in {r.metric_name for r in card.data.eval_results}
     assert "eval/test/risk_coverage.png" in card.text and "| AURC |" in card.text
+    assert "## License" in card.text and "Apache License 2.0 (`Apache-2.0`" in card.text  # pyproject's license
     with Image.open(saved_run / "eval/test/risk_coverage.png") as png:
         assert png.format == "PNG"
     assert torch.is_tensor(CalibratedCLIP.from_pretrained(saved_run).logits(probe_images()))

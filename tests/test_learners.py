@@ -1,4 +1,5 @@
-"""MaPLe and ProDA: numerics against CoOp, hand-written forwards and Monte Carlo; save, load, transfer, training."""
+"""MaPLe and ProDA: numerics against CoOp, hand-written forwards and Monte Carlo. Every learner in the registry
+(``cmp_hf.learners.LEARNERS``, built with its ``test_options``): save, load, transfer, gradients, training."""
 
 import logging
 
@@ -8,7 +9,9 @@ import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptTunedCLIP
+from cmp_hf.constants import ADAPTER_WEIGHTS_NAME
 from cmp_hf.data import CLIPImageCollator
+from cmp_hf.learners import LEARNERS
 from cmp_hf.learners.proda import class_token_positions
 from cmp_hf.losses import LossOptions, expected_cross_entropy_bound, margin_variance, training_objective
 from cmp_hf.posthoc import PostHocCalibration
@@ -54,7 +57,7 @@ def no_hooks(module: torch.nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-# ---- MaPLe --------------------------------------------------------------------------------------------------------
+# ---- MaPLe ----------------------------------------------------------------------------------------------------------
 
 
 def test_maple_depth_one_text_is_coop(wide_clip, tokenizer, class_names):
@@ -169,7 +172,7 @@ def test_maple_init_text_longer_than_the_context_stays_as_text(tiny_clip_dir, to
     assert coop.prompt_config.n_ctx == 4  # CoOp's rule is unchanged
 
 
-# ---- ProDA --------------------------------------------------------------------------------------------------------
+# ---- ProDA ----------------------------------------------------------------------------------------------------------
 
 
 def test_proda_layout_is_the_released_split(tiny_clip_dir, tokenizer, class_names):
@@ -298,20 +301,23 @@ def test_maple_refuses_a_class_specific_context(tmp_path):
         CMPConfig(output_dir=str(tmp_path), prompt_learner="maple", class_specific_context=True, use_cpu=True)
 
 
-# ---- both: save, load, transfer -----------------------------------------------------------------------------------
+# ---- every registered learner: save, load, transfer, gradients ------------------------------------------------------
 
 
-LEARNER_OPTIONS = {"maple": dict(maple_prompt_depth=3), "proda": dict(proda_num_prompts=4)}
+@pytest.fixture(scope="module")
+def other_clip(tokenizer):
+    """Another base model: text width 48, so that every learner's own weights have other shapes."""
+    torch.manual_seed(1)
+    return CLIPModel(tiny_clip_config(tokenizer, hidden_size=48)).eval()
 
 
-@pytest.mark.parametrize("learner", ["maple", "proda"])
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
 def test_save_load_gives_identical_logits(tmp_path, tiny_clip_dir, tokenizer, class_names, learner):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **LEARNER_OPTIONS[learner])
+    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **LEARNERS[learner].test_options)
     model.prompt_config.base_model_name_or_path = tiny_clip_dir
     model.calibration = PostHocCalibration(temperature=1.7, dac_k=2)
     model.save_pretrained(tmp_path)
-    assert (tmp_path / model.learner.weights_name).exists()
     loaded = PromptTunedCLIP.from_pretrained(tmp_path).eval()
     x = pixels()
     with torch.no_grad():
@@ -320,21 +326,32 @@ def test_save_load_gives_identical_logits(tmp_path, tiny_clip_dir, tokenizer, cl
         torch.testing.assert_close(CalibratedCLIP.from_pretrained(tmp_path).logits(x), expected, rtol=0, atol=0)
         novel = loaded.for_classes(["pink", "cyan"])  # DAC's class scales from the learner's text features
         assert novel.calibration.class_scales.shape == (2,) and novel(pixel_values=x).logits.isfinite().all()
-    other = prompt_model(clip, tokenizer, class_names, n_ctx=3, learner=learner, proda_num_prompts=3)
+
+
+@pytest.mark.parametrize("learner", sorted(name for name, learner in LEARNERS.items() if learner.weights_name))
+def test_the_learners_own_weights_file_is_checked(tmp_path, tiny_clip_dir, tokenizer, other_clip, class_names,
+                                                  learner):  # fmt: skip
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    options = LEARNERS[learner].test_options
+    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **options)
+    model.prompt_config.base_model_name_or_path = tiny_clip_dir
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / model.learner.weights_name).exists()
+    other = prompt_model(other_clip, tokenizer, class_names, n_ctx=2, learner=learner, **options)
     with pytest.raises(ValueError, match="come from another"):
         other.load_learner_weights(tmp_path)
     (tmp_path / model.learner.weights_name).unlink()
-    with pytest.raises(FileNotFoundError, match=f"holds a {learner} prompt but has no"):
+    with pytest.raises(FileNotFoundError, match=f"holds a {learner} prompt but has no {model.learner.weights_name}"):
         PromptTunedCLIP.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("learner", ["maple", "proda"])
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
 def test_transfer_to_other_classes_carries_the_learner(tiny_clip_dir, tokenizer, class_names, learner):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **LEARNER_OPTIONS[learner])
+    options = LEARNERS[learner].test_options
+    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **options)
     other = model.for_classes(["pink", "cyan"])
-    fresh = prompt_model(clip, tokenizer, ["pink", "cyan"], seed=1, n_ctx=2, learner=learner,
-                         **LEARNER_OPTIONS[learner])  # fmt: skip
+    fresh = prompt_model(clip, tokenizer, ["pink", "cyan"], seed=1, n_ctx=2, learner=learner, **options)
     with torch.no_grad():
         fresh.context.copy_(model.context)
         fresh.learner.load_extra_state_dict(model.learner.extra_state_dict())
@@ -343,13 +360,28 @@ def test_transfer_to_other_classes_carries_the_learner(tiny_clip_dir, tokenizer,
         torch.testing.assert_close(other.eval()(pixel_values=x).logits, fresh(pixel_values=x).logits, rtol=0, atol=0)
 
 
-# ---- both in the trainer ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_gradients_reach_every_learned_tensor_and_only_those(tiny_clip_dir, tokenizer, class_names, learner):
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    model = prompt_model(clip, tokenizer, class_names, n_ctx=2, learner=learner, **LEARNERS[learner].test_options)
+    F.cross_entropy(model.train()(pixel_values=pixels(4)).logits, torch.tensor([0, 1, 2, 3])).backward()
+    learned = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert "peft_model.prompt_encoder.default.embedding.weight" in learned
+    assert set(learned) - {"peft_model.prompt_encoder.default.embedding.weight"} == {
+        f"learner.{n}" for n, _ in model.learner.named_parameters()
+    }  # the context and the learner's own weights train, CLIP stays frozen
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learned.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in learned)
+
+
+# ---- in the trainer -------------------------------------------------------------------------------------------------
 
 
 def make_config(tmp_path, **overrides) -> CMPConfig:
     values = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no",
                   per_device_train_batch_size=4, per_device_eval_batch_size=4, n_ctx=2, learning_rate=0.05, seed=7,
-                  disable_tqdm=True, maple_prompt_depth=2, proda_num_prompts=4)  # fmt: skip
+                  disable_tqdm=True)  # fmt: skip
+    values.update(LEARNERS[overrides.get("prompt_learner", "coop")].test_options)
     values.update(overrides)
     return CMPConfig(**values)
 
@@ -358,20 +390,31 @@ def learned(model: PromptTunedCLIP) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_maple_trains_on_images_and_says_why(tmp_path, tiny_clip_dir, train_set, test_set, caplog):
-    with caplog.at_level(logging.WARNING, logger="cmp_hf.trainer"):
-        trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2, prompt_learner="maple"),
-                             train_dataset=train_set, eval_dataset={"test": test_set})  # fmt: skip
-    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer.input_pipeline.feature_cache is None
-    assert "the maple learner prompts the image tower" in caplog.text
-    before = learned(trainer.model)
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_every_learner_trains_evaluates_and_saves_in_the_trainer(tmp_path, tiny_clip_dir, train_set, test_set,
+                                                                 learner):  # fmt: skip
+    trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2, prompt_learner=learner),
+                         train_dataset=train_set, eval_dataset={"test": test_set})  # fmt: skip
+    context = trainer.model.context.detach().clone()
     trainer.train()
-    after = learned(trainer.model)
-    assert all(not torch.equal(before[n], after[n]) for n in before)  # context, deep prompts, couplings
+    assert not torch.equal(trainer.model.context, context)
+    # the optimiser holds the context and the learner's own weights (their gradients: the test above; CoCoOp's
+    # one-unit meta-network on the tiny CLIP may sit in ReLU's flat part, so not every tensor need move here)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert len(optimised) == 1 + len(list(trainer.model.learner.parameters()))
     assert "eval_test_ece_pct" in trainer.evaluate()
     trainer.save_model()
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "A calibrated MaPLe prompt" in card and "| prompt learner | MaPLe (`maple`) |" in card
+    card, title = (tmp_path / "out" / "README.md").read_text(), LEARNERS[learner].title
+    assert f"A calibrated {title} prompt" in card and f"| prompt learner | {title} (`{learner}`) |" in card
+
+
+def test_maple_trains_on_images_and_says_why(tmp_path, tiny_clip_dir, train_set, caplog):
+    with caplog.at_level(logging.WARNING, logger="cmp_hf.trainer"):
+        trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2, prompt_learner="maple"),
+                             train_dataset=train_set)  # fmt: skip
+    assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer.input_pipeline.feature_cache is None
+    assert "the maple learner prompts the image tower" in caplog.text
 
 
 def test_proda_trains_on_the_bound_with_cmp(tmp_path, tiny_clip_dir, train_set):
@@ -428,7 +471,7 @@ def test_maple_gradient_accumulation_matches_the_full_batch(tmp_path, tiny_clip_
     assert gap <= 1e-5 * moved  # unclipped (CMPConfig's default max_grad_norm is 0)
 
 
-@pytest.mark.parametrize("learner", ["maple", "proda"])
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
 def test_resume_from_checkpoint_restores_the_learner(tmp_path, tiny_clip_dir, train_set, learner):
     full = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path / "a", max_steps=4, prompt_learner=learner),
                       train_dataset=train_set)  # fmt: skip
@@ -436,7 +479,8 @@ def test_resume_from_checkpoint_restores_the_learner(tmp_path, tiny_clip_dir, tr
     config = make_config(tmp_path / "b", max_steps=4, prompt_learner=learner, save_strategy="steps", save_steps=2)
     CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set).train()
     checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
-    assert (checkpoint / full.model.learner.weights_name).exists()
+    saved = {ADAPTER_WEIGHTS_NAME, *filter(None, [full.model.learner.weights_name])}  # the learner's own file too
+    assert saved <= {path.name for path in checkpoint.iterdir()}
     resumed = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected, got = learned(full.model), learned(resumed.model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, quickstart_config
+from helpers import ROOT, quickstart_config
 from suite_copies import local_copy
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 from transformers import CLIPProcessor, HfArgumentParser
@@ -111,6 +111,17 @@ def test_speed_benchmark_runs_and_the_formulations_agree(capsys):
     printed = capsys.readouterr().out
     assert "| seconds per epoch |" in printed and "speed-up per epoch: (a)/(c)" in printed
     assert "| 4 | 4 | 1 |" in printed and "CoCoOp step" in printed and "Activation checkpointing" in printed
+
+
+def test_speed_benchmark_skips_the_sections_set_to_zero_classes(capsys):
+    args = bench_speed.make_parser().parse_args([
+        "--size", "tiny", "--classes", "4", "--n_ctx", "4", "--steps", "1", "--epoch_classes", "0",
+        "--cocoop_classes", "0", "--device", "cpu",
+    ])  # fmt: skip
+    figures = bench_speed.main(args)
+    printed = capsys.readouterr().out
+    assert "cocoop_time" not in figures and "loss_gap" not in figures and set(figures["steps"]) == {(4, 4)}
+    assert "CoCoOp step" not in printed and "Epoch:" not in printed and "Activation checkpointing" in printed
 
 
 def test_suite_configs_parse_and_name_registry_entries():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import hub_env, run
 from hub_server import FakeHub
-from test_hub import hub_env, run
 
 from cmp_hf.data import DOMAIN_SHIFTS
 from recipes import report

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, quickstart_config
+from helpers import ROOT, quickstart_config
 from safetensors.torch import load_file
 
 from cmp_hf import CMPConfig, CMPTrainer

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from datasets import Dataset
+from helpers import ROOT
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, pipeline
 from transformers.utils import logging as hf_logging

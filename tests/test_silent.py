@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers import flip_last_byte
 from PIL import Image as PILImage
-from test_bad_inputs import flip_last_byte
 from transformers import CLIPModel, CLIPProcessor
 
 import dev

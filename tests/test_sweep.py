@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import quickstart_config
+from helpers import quickstart_config
 from submitit.core.utils import DelayedSubmission
 
 from cmp_hf.constants import SWEEP_JOB_NAME

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from transformers import CLIPModel, CLIPProcessor
 
 from cmp_hf import CMPConfig, CMPTrainer, calibration_metrics

@@ -440,10 +440,11 @@ def test_a_single_eval_set_is_saved_in_eval_itself(tmp_path, tiny_clip_dir, trai
     assert not (out / "eval" / "eval").exists()
 
 
-@pytest.mark.parametrize("learner", ["coop", "cocoop"])
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
 def test_evaluate_under_other_class_names_is_the_transferred_prompt(tmp_path, tiny_clip_dir, train_set, learner):
     """``evaluate(class_names=...)`` scores exactly what ``for_classes`` gives, and leaves the model as it was."""
-    config = make_config(tmp_path, max_steps=2, prompt_learner=learner, kgcoop_weight=1.0)
+    options = LEARNERS[learner].test_options
+    config = make_config(tmp_path, max_steps=2, prompt_learner=learner, kgcoop_weight=1.0, **options)
     trainer = CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
     trainer.train()
     trainer.model.calibration.dac_k = 2

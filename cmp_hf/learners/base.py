@@ -52,6 +52,10 @@ class PromptLearner(nn.Module):
             says ``False`` and keeps Hugging Face's full forward.
         options: the learner's own options and their defaults (``PromptConfig.learner_options`` sets them by
             name; :meth:`option` reads them); checked by name and type before any model is built.
+        test_options: ``PromptConfig`` (and ``CMPConfig``) keywords for a small prompt that uses every kind of
+            weight this learner has and that it accepts (ProDA: K = 4 contexts, one per class-name layout at least,
+            and no ``ctx_init``); the test suite builds each registered learner with them, so that a new learner is
+            tested without editing the tests.
 
     Instance attributes (set by ``PromptTunedCLIP.activation_checkpointing_enable``, carried by
     :meth:`for_classes`):
@@ -67,6 +71,7 @@ class PromptLearner(nn.Module):
     weights_name: ClassVar[str | None] = None
     shares_prefix: ClassVar[bool] = False
     options: ClassVar[dict[str, Any]] = {}
+    test_options: ClassVar[dict[str, Any]] = {}
     checkpoint_text: bool = False
     text_chunk_classes: int | None = None
 
@@ -158,7 +163,8 @@ class PromptLearner(nn.Module):
         return {}
 
     def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`extra_state_dict` returned."""
+        """Restore what :meth:`extra_state_dict` returned; ``ValueError`` naming the shapes where they are not this
+        learner's (weights saved for another prompt configuration or base model)."""
 
     def for_classes(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> PromptLearner:
         """The same learner for ``config``'s classes, carrying this one's weights (a transfer to new classes)."""

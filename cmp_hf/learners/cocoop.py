@@ -49,4 +49,11 @@ class CoCoOpLearner(CoOpLearner):
         return {key: value.detach().contiguous() for key, value in self.meta_net.state_dict().items()}
 
     def load_extra_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = {key: tuple(value.shape) for key, value in self.meta_net.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in state_dict.items()}
+        if found != expected:
+            raise ValueError(
+                f"The saved CoCoOp meta-network has tensors {sorted(found.items())} but this prompt needs "
+                f"{sorted(expected.items())}: they come from another base model."
+            )
         self.meta_net.load_state_dict(state_dict)

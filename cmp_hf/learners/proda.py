@@ -58,6 +58,7 @@ class ProDALearner(CoOpLearner):
     title = "ProDA"
     weights_name = PRODA_CONTEXTS_NAME
     shares_prefix = False
+    test_options = {"proda_num_prompts": 4, "ctx_init": None}  # its K contexts start at random, never from text
 
     def build_weights(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, config: PromptConfig) -> None:
         num_prompts, max_positions = config.proda_num_prompts, clip.config.text_config.max_position_embeddings

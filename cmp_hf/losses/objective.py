@@ -12,7 +12,8 @@ term, CMP included, sees the logits of the mean features: those are the logits t
 penalises the confidence of the misclassifications the model actually makes. The bound's surrogate logits add the
 variance to every wrong class only, so their ranking is not the model's, and CMP on them would penalise samples
 the model gets right. Focal loss and label smoothing reshape the cross-entropy of point logits and have no such
-bound here: they are refused with ProDA.
+bound here: a learner with Gaussian class features refuses them (``ProDALearner.check_loss_options``, the one place
+that rule lives, called when the config is built), so with ``margin_variance`` this function uses the bound alone.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _non_finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not math.isfinite(value)
 
 
-GAUSSIAN_FEATURES_REFUSE = (
+GAUSSIAN_FEATURES_REFUSE = (  # what ProDALearner.check_loss_options raises
     "Focal loss and label smoothing cannot train a learner with Gaussian class features (ProDA): its loss is an upper "
     "bound of the expected cross-entropy, which they have no bound for. Set focal_gamma and label_smoothing_factor to "
     "0 and combine ProDA with CMP, MbLS or KgCoOp (or temperature scaling after training)."
@@ -99,9 +100,7 @@ def training_objective(
     weights (a weight of 0 logs the term without adding it)."""
     logits = logits.float()
     terms = {"ce": F.cross_entropy(logits, labels)}
-    if margin_variance is not None:
-        if options.focal_gamma or options.label_smoothing_factor:
-            raise ValueError(GAUSSIAN_FEATURES_REFUSE)
+    if margin_variance is not None:  # focal loss and label smoothing were refused by the learner
         terms["ce_bound"] = loss = expected_cross_entropy_bound(logits, labels, margin_variance)
     elif options.focal_gamma:
         terms["focal"] = loss = focal_loss(logits, labels, options.focal_gamma)

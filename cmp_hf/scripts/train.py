@@ -132,7 +132,9 @@ def load_run_data(script_args: ScriptArguments, config: CMPConfig) -> RunData:
         pool = dataset[script_args.train_split]
         test = {split: dataset[split] for split in script_args.eval_splits}
         names = script_args.class_names or class_names_from_features(pool, config.label_column)
-        for split, dataset in {script_args.train_split: pool, **test}.items():  # before any split by class
+        # the splits this function splits by class, checked before it does; the trainer checks what it gets whole
+        split_here = {script_args.train_split: pool} if script_args.shots or script_args.base_to_novel else {}
+        for split, dataset in {**split_here, **(test if script_args.base_to_novel else {})}.items():
             check_labels(dataset, f"split {split!r}", config.label_column, len(names))
     data = RunData(train=pool, class_names=list(names), evals=dict(test), coop_test=coop_test)
     val = None
