@@ -368,8 +368,10 @@ class RunDir:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
+                this_process = holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},")
+                end = "delete the CMPTrainer that trained there" if this_process else "wait for that run to end"
                 raise RuntimeError(
-                    f"{self.path} is in use by another run ({holder}; lock file {path}). Wait for that run to end, "
+                    f"{self.path} is in use by another run ({holder}; lock file {path}). To train there, {end}, "
                     "or give this one another output_dir."
                 ) from None
             try:  # the holder we waited for may have released it and removed the file: lock the current file

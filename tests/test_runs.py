@@ -162,8 +162,8 @@ def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_ov
     trainer = small_run(tmp_path, tiny_clip_dir, train_set)
     trainer.train()  # ... which the next run takes over
     assert f"pid {os.getpid()} " in lock.read_text()
-    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {os.getpid()} "):  # not re-entrant:
-        RunDir(output_dir).lock()  # a second claim in this process is refused like another process's
+    with pytest.raises(RuntimeError, match=rf"another run \(pid {os.getpid()} .*delete the CMPTrainer that trained"):
+        RunDir(output_dir).lock()  # not re-entrant: a second claim in this process is refused as another's is
     del trainer
     gc.collect()  # the trainer's hold ends with it
     assert not lock.exists()
