@@ -39,7 +39,8 @@ from .constants import (
 from .data import DOMAIN_SHIFTS
 from .learners import LEARNERS
 from .reports import harmonic_mean
-from .runs import RunDir, RunRecord
+from .run_record import RunRecord
+from .runs import RunDir
 
 # Files a run leaves in its directory from its start on: where one lies without a finished result, a run is missing
 STARTED_RUN_FILES = (
@@ -109,9 +110,9 @@ def load_runs(runs_dir: str | Path) -> list[RunResult]:
     results = []
     for directory in sorted({path.parent for path in Path(runs_dir).rglob(METRICS_NAME)}):
         run_dir = RunDir(directory)
-        if any(part.startswith("checkpoint-") for part in directory.parts) or not run_dir.is_recipe_run():
+        if any(part.startswith("checkpoint-") for part in directory.parts):
             continue
-        if not run_dir.is_finished():
+        if not (run_dir.is_finished() and run_dir.has_record()):  # a prompt saved by CMPTrainer alone: not a row
             continue
         record = run_dir.read_record()
         not_coop = tuple(sorted(key for key, coop in record.coop_test.items() if not coop))

@@ -1,6 +1,6 @@
 """A run's output directory, owned by one object, :class:`RunDir`: which checkpoint the run resumes from and whether
 that checkpoint is this run's, whether the directory holds a finished run, the lock a run holds while it writes
-there, and the run's record (``run.json`` and ``metrics.json``, one typed :class:`RunRecord`).
+there, and the run's record (``run.json`` and ``metrics.json``, one typed :class:`~cmp_hf.run_record.RunRecord`).
 
 Trainer resumes from whatever directory it is given, and its ``resume_from_checkpoint=True`` takes the
 highest-numbered ``checkpoint-*`` even when that one was cut off while being written (a run killed mid-save). A
@@ -24,7 +24,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import STAGING_PREFIX, naming_failures, write_json
-from .config import CMP_DEFAULTS, CMPConfig
 from .constants import (
     CALIBRATION_FEATURES_NAME,
     CALIBRATION_NAME,
@@ -52,6 +50,7 @@ from .constants import (
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
 )
+from .run_record import RunRecord
 
 try:
     import fcntl
@@ -62,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TRUE, _FALSE = {"true", "last"}, {"false", "none", ""}
-_CONFIG_DEFAULTS = {option.name: option.default for option in fields(CMPConfig)}
 
 # What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints)
 RUN_OUTPUT_FILES = (
@@ -71,51 +69,6 @@ RUN_OUTPUT_FILES = (
 )  # fmt: skip
 # What says a directory is a recipe run's (the recipe writes run.json when it starts, a sweep job sweep_job.json)
 RECIPE_RUN_FILES = (RUN_INFO_NAME, SWEEP_JOB_NAME)
-
-
-@dataclass
-class RunRecord:
-    """What a recipe run was (``run.json``: every field but ``metrics``) and what it measured (``metrics.json``:
-    ``{eval set: {metric: value}}``). Fields a ``run.json`` lacks (one of an older version) take CMPConfig's
-    defaults; keys this version does not know are ignored."""
-
-    dataset: str
-    setting: str  # "all_8shot", "base_to_novel_16shot", ...
-    shots: int | None = None
-    seed: int | None = None
-    cmp_lambda: float = CMP_DEFAULTS["cmp_lambda"]
-    cmp_form: str = CMP_DEFAULTS["cmp_form"]
-    cmp_competitors: str = CMP_DEFAULTS["cmp_competitors"]
-    kgcoop_weight: float = _CONFIG_DEFAULTS["kgcoop_weight"]
-    prompt_learner: str = _CONFIG_DEFAULTS["prompt_learner"]
-    fewshot_sampling: str | None = None  # with shots: how the few-shot sample was drawn
-    data_root: str | None = None
-    coop_test: dict[str, bool] = field(default_factory=dict)  # suite dataset -> is its test set CoOp's?
-    temperature: float | None = None  # the fitted post-hoc temperature; None until the run has trained
-    dac_k: int | None = None
-    preset: str | None = None
-    shift_strength: float = _CONFIG_DEFAULTS["shift_strength"]
-    zero_shot_weight: float = _CONFIG_DEFAULTS["zero_shot_weight"]
-    transfer_zero_shot_weight: float = _CONFIG_DEFAULTS["transfer_zero_shot_weight"]
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, config: CMPConfig, **values: Any) -> RunRecord:
-        """A record of ``config``'s run: the fields CMPConfig also has are taken from it, the others given."""
-        shared = [option.name for option in fields(cls) if option.name in _CONFIG_DEFAULTS]
-        return cls(**{**{name: getattr(config, name) for name in shared}, **values})
-
-    def run_json(self) -> dict[str, Any]:
-        """``run.json``'s content: every field but the metrics."""
-        return {key: value for key, value in asdict(self).items() if key != "metrics"}
-
-    @classmethod
-    def from_json(cls, run: dict[str, Any], metrics: dict[str, dict[str, float]] | None = None) -> RunRecord:
-        known = {option.name for option in fields(cls)} - {"metrics"}
-        missing = [name for name in ("dataset", "setting") if name not in run]
-        if missing:
-            raise ValueError(f"run.json lacks {missing}")
-        return cls(**{key: value for key, value in run.items() if key in known}, metrics=metrics or {})
 
 
 class RunDir:
@@ -225,7 +178,8 @@ class RunDir:
     def is_finished(self) -> bool:
         return bool(self.finished_files())
 
-    def is_recipe_run(self) -> bool:
+    def has_record(self) -> bool:
+        """Whether a recipe run's ``run.json`` is here (a finished recipe run has one; a trainer's prompt not)."""
         return os.path.isfile(self._file(RUN_INFO_NAME))
 
     def state(self) -> tuple[str, str | None, str | None]:

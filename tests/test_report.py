@@ -18,7 +18,8 @@ from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.data import DOMAIN_SHIFTS
 from cmp_hf.learners import LEARNERS
 from cmp_hf.paper_tables import learner_name
-from cmp_hf.runs import RunDir, RunRecord
+from cmp_hf.run_record import RunRecord
+from cmp_hf.runs import RunDir
 from cmp_hf.scripts.config_file import read_config
 from cmp_hf.sweeps import LOSSES
 from recipes import report

@@ -20,7 +20,8 @@ from cmp_hf.atomic import STAGING_PREFIX
 from cmp_hf.config import CMP_DEFAULTS
 from cmp_hf.constants import METRICS_NAME, OUTPUT_DIR_LOCK_NAME, PROMPT_FILES, RUN_INFO_NAME, SWEEP_JOB_NAME
 from cmp_hf.paper_tables import load_runs, unfinished_runs
-from cmp_hf.runs import RunDir, RunRecord, last_checkpoint
+from cmp_hf.run_record import RunRecord
+from cmp_hf.runs import RunDir, last_checkpoint
 from cmp_hf.scripts import train
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 

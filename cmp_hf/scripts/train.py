@@ -45,7 +45,8 @@ from ..data.checks import check_labels
 from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
-from ..runs import RunDir, RunRecord, checkpoint_step
+from ..run_record import RunRecord
+from ..runs import RunDir, checkpoint_step
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
 
