@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TRUE, _FALSE = {"true", "last"}, {"false", "none", ""}
+_HELD: dict[str, RunDir] = {}  # lock file -> the RunDir of this process that holds it
 
 # What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints)
 RUN_OUTPUT_FILES = (
@@ -86,8 +87,9 @@ class RunDir:
 
     **Claim.** :meth:`claim` (a context manager; :meth:`acquire` and :meth:`release` for a holder that outlives a
     block, as a trainer does) checks that the directory can be written, takes its lock, refuses a finished run and
-    removes the outputs of a run an overwrite replaces. The lock is taken once per run: a second claim of the same
-    directory, in this process or another, is refused while the first holds it.
+    removes the outputs of a run an overwrite replaces. The lock is taken once per run (the recipe hands its claimed
+    ``RunDir`` to the trainer): another process's claim is refused while it is held; a later claim in this process
+    (a new trainer after one that failed, in a notebook) takes it over from the earlier holder.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -304,9 +306,10 @@ class RunDir:
     def lock(self) -> None:
         """Hold the directory's lock file until :meth:`release`.
 
-        A second claim, by another process or by another ``RunDir`` of this one, gets an error naming the lock and
-        the holder's pid. The lock is an ``flock`` on the file, which the system drops when its holder dies, so the
-        lock of a killed run is taken over (the file's content, the holder's pid, is then rewritten).
+        Another process that tries while it is held gets an error naming the lock and the holder's pid; another
+        ``RunDir`` of this process takes it over (the earlier holder's release then leaves it alone). The lock is an
+        ``flock`` on the file, which the system drops when its holder dies, so the lock of a killed run is taken
+        over (the file's content, the holder's pid, is then rewritten).
         """
         if self.locked:
             raise RuntimeError(f"{self} holds its lock already: a run takes it once.")
@@ -315,6 +318,11 @@ class RunDir:
             return
         os.makedirs(self.path, exist_ok=True)
         path = os.path.realpath(self._file(OUTPUT_DIR_LOCK_NAME))
+        if path in _HELD:  # held by an earlier run of this process
+            earlier = _HELD[path]
+            self._lock, earlier._lock = earlier._lock, None
+            _HELD[path] = self
+            return
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -322,10 +330,8 @@ class RunDir:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                this_process = holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},")
-                end = "delete the CMPTrainer that trained there" if this_process else "wait for that run to end"
                 raise RuntimeError(
-                    f"{self.path} is in use by another run ({holder}; lock file {path}). To train there, {end}, "
+                    f"{self.path} is in use by another run ({holder}; lock file {path}). Wait for that run to end, "
                     "or give this one another output_dir."
                 ) from None
             try:  # the holder we waited for may have released it and removed the file: lock the current file
@@ -339,14 +345,17 @@ class RunDir:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode())
         self._lock = fd
+        _HELD[path] = self
 
     def release(self) -> None:
         """Give the lock back (removing the lock file), if this ``RunDir`` holds it."""
         if self._lock is None:
             return
         fd, self._lock = self._lock, None
+        path = os.path.realpath(self._file(OUTPUT_DIR_LOCK_NAME))
+        del _HELD[path]
         with contextlib.suppress(FileNotFoundError):
-            os.remove(self._file(OUTPUT_DIR_LOCK_NAME))  # while still locked, so no other process locks it meanwhile
+            os.remove(path)  # while still locked, so no other process locks it meanwhile
         os.close(fd)
 
 

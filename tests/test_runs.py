@@ -163,11 +163,28 @@ def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_ov
     trainer = small_run(tmp_path, tiny_clip_dir, train_set)
     trainer.train()  # ... which the next run takes over
     assert f"pid {os.getpid()} " in lock.read_text()
-    with pytest.raises(RuntimeError, match=rf"another run \(pid {os.getpid()} .*delete the CMPTrainer that trained"):
-        RunDir(output_dir).lock()  # not re-entrant: a second claim in this process is refused as another's is
     del trainer
     gc.collect()  # the trainer's hold ends with it
     assert not lock.exists()
+
+
+def test_a_later_run_in_this_process_takes_the_lock_over(tmp_path, tiny_clip_dir, train_set, lock_holder):
+    """Not re-entrant (a run locks once), but a trainer left alive in a notebook does not block the next one."""
+    first = small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no")
+    first.train()
+    later = RunDir(tmp_path / "run")
+    later.lock()  # the first trainer's hold passes to this one
+    del first
+    gc.collect()
+    lock = tmp_path / "run" / OUTPUT_DIR_LOCK_NAME
+    assert later.locked and f"pid {os.getpid()} " in lock.read_text()  # the first's end left it alone
+    with pytest.raises(RuntimeError, match="a run takes it once"):
+        later.lock()
+    later.release()
+    assert not lock.exists()
+    other = lock_holder(tmp_path / "run")  # another process's lock is never taken over
+    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {other.pid} "):
+        RunDir(tmp_path / "run").lock()
 
 
 def write_files(directory: Path, names) -> None:
