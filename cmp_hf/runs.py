@@ -202,8 +202,10 @@ class RunDir:
     # ---- the run's record -------------------------------------------------------------------------------------
 
     def begin(self, record: RunRecord) -> None:
-        """Say that a recipe run started here: ``run.json`` without results (see the class docstring)."""
-        write_json(self._file(RUN_INFO_NAME), record.run_json(), indent=2, allow_nan=False)
+        """Say that a recipe run started here (see the class docstring): ``run.json`` without results, unless one is
+        here already (a run resumed, or run again, keeps the record it has until :meth:`finish` replaces it)."""
+        if not self.has_record():
+            write_json(self._file(RUN_INFO_NAME), record.run_json(), indent=2, allow_nan=False)
 
     def finish(self, record: RunRecord) -> None:
         """Write the final ``run.json``, then ``metrics.json``: from then on, the run is finished."""

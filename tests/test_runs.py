@@ -52,6 +52,8 @@ def test_recipe_resumes_a_killed_run_to_the_uninterrupted_prompt(tmp_path, testb
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists()  # it died mid-training, after its first checkpoint
+    started = json.loads((killed / RUN_INFO_NAME).read_text())  # the recipe said it started, with no result yet
+    assert started["temperature"] is None and not RunDir(killed).is_finished()
     stopped_at = int(Path(last_checkpoint(str(killed))).name.removeprefix("checkpoint-"))
     assert 20 <= stopped_at < 240
 
