@@ -443,3 +443,9 @@ def _docstring() -> str:
 
 
 CMPConfig.__doc__ = _docstring()
+
+# CMP's default settings, read from the fields above (the sweep's "cmp" loss, the report's method names, run.json's
+# defaults): changing a default there changes them everywhere.
+CMP_DEFAULTS: dict[str, object] = {
+    f.name: f.default for f in fields(CMPConfig) if f.name in _SECTIONS["Parameters that control the penalty"]
+}

@@ -15,11 +15,12 @@ PROMPTSRC_PROMPTS_NAME = "promptsrc_prompts.safetensors"  # PromptSRC's deep tex
 TRAINING_ARGS_NAME = "training_args.json"
 MODEL_CARD_NAME = "README.md"
 EVAL_DIR = "eval"  # eval/<set>/ holds one eval set's report
-EVAL_METRICS_NAME = "metrics.json"
+# Metrics, by the same name wherever they are: a recipe run's of every eval set in output_dir ({set: {metric: value}},
+# cmp_hf.runs.RunRecord), one eval set's report in eval/<set>/ (cmp_hf.reports)
+METRICS_NAME = "metrics.json"
 RELIABILITY_DIAGRAM_NAME = "reliability.png"
 RISK_COVERAGE_NAME = "risk_coverage.png"
 FEWSHOT_SPLIT_NAME = "fewshot_split.json"  # the few-shot sample a recipe run drew (reused on a re-run)
-RUN_METRICS_NAME = "metrics.json"  # a recipe run's metrics of every eval set, {set: {metric: value}}
 OUTPUT_DIR_LOCK_NAME = ".cmp_hf.lock"  # held by the run writing to an output directory (cmp_hf.runs)
 RUN_INFO_NAME = "run.json"  # what a recipe run was (dataset, setting, shots, seed, loss, calibration)
 SWEEP_CONFIG_NAME = "sweep_config.yaml"  # the config a sweep composed for one run (recipes/sweep.py)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path, write_json
-from .constants import EVAL_DIR, EVAL_METRICS_NAME, RELIABILITY_DIAGRAM_NAME, RISK_COVERAGE_NAME
+from .constants import EVAL_DIR, METRICS_NAME, RELIABILITY_DIAGRAM_NAME, RISK_COVERAGE_NAME
 from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
 from .plotting import reliability_diagram, risk_coverage_curve
 
@@ -69,7 +69,7 @@ class EvalReport:
             "num_classes": self.num_classes,
             "reliability": self.reliability.to_dict(),
         }
-        write_json(os.path.join(directory, EVAL_METRICS_NAME), content, indent=2, allow_nan=False)
+        write_json(os.path.join(directory, METRICS_NAME), content, indent=2, allow_nan=False)
         for figure, filename in FIGURES.items():
             with atomic_path(os.path.join(directory, filename)) as tmp:
                 self.draw(figure, tmp)

@@ -3,11 +3,12 @@ killed runs resumed from their last checkpoint, failures reported with their log
 
 A run is one ``cmp_hf.scripts.train`` main (what ``accelerate launch recipes/train.py`` runs) on a config composed
 from a dataset config, a learner recipe, a setting, a loss and a seed; the composed config is written into the run's
-``output_dir`` as ``sweep_config.yaml``, so every run directory says exactly what ran. A run is finished when its
-``metrics.json`` (written last and atomically by the recipe) and its saved prompt are there; anything else is re-run,
-from the last complete ``checkpoint-*`` in its directory when there is one. Each job writes ``sweep_job.json`` into
-the run directory when it starts (job id, log files, the checkpoint it resumed from) and adds the error when it
-fails: that is what :func:`run_states` reads, so a status table needs no scheduler and survives the jobs.
+``output_dir`` as ``sweep_config.yaml``, so every run directory says exactly what ran. A run is finished as
+:class:`~cmp_hf.runs.RunDir` says (its ``metrics.json``, written last and atomically by the recipe, and its saved
+prompt are there); anything else is re-run, from the last complete ``checkpoint-*`` in its directory when there is
+one. Each job writes ``sweep_job.json`` into the run directory when it starts (job id, log files, the checkpoint it
+resumed from) and adds the error when it fails: that is what :func:`run_states` reads, so a status table needs no
+scheduler and survives the jobs.
 ``recipes/sweep.py`` is the command line.
 """
 
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from typing import Any
 import yaml
 
 from .atomic import write_json, write_text
+from .config import CMP_DEFAULTS
 from .constants import PRESETS, SWEEP_CONFIG_NAME, SWEEP_JOB_NAME
-from .runs import is_finished, last_checkpoint, last_line, lock_output_dir, read_log, run_state, unlock_output_dir
+from .runs import RunDir, last_line, read_log
 from .schedulers import COOP_EPOCHS_BY_SHOTS
 from .scripts.config_file import read_config
 
@@ -43,8 +45,8 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 LOSSES: dict[str, dict[str, Any]] = {  # the loss dimension of the grid: CMPConfig fields
     "ce": {"cmp_lambda": 0.0},
-    "cmp": {"cmp_lambda": 1.0, "cmp_form": "log_ratio", "cmp_competitors": "all"},
-    "cmp_ratio": {"cmp_lambda": 1.0, "cmp_form": "ratio", "cmp_competitors": "all"},
+    "cmp": dict(CMP_DEFAULTS),  # CMPConfig's defaults, written out so that a dataset config's own give way
+    "cmp_ratio": {**CMP_DEFAULTS, "cmp_form": "ratio"},
     # the recommended recipe; its options written out too, so that a dataset config's own (cmp_lambda) give way
     "calibrated": {"preset": "calibrated", **PRESETS["calibrated"]},
 }
@@ -73,7 +75,9 @@ class GridSpec:
     """What ``recipes/sweep.py`` takes: the dimensions of the grid and what every run shares."""
 
     configs: Sequence[str]  # dataset configs (recipes/configs/suite/<dataset>.yaml)
-    learners: dict[str, dict[str, Any]]  # learner name -> its recipe (recipes/configs/suite/learners/<name>.yaml)
+    # learner recipe name -> its options (recipes/configs/suite/learners/<name>.yaml): a prompt learner of the
+    # registry (cmp_hf.learners.LEARNERS) with its released settings, or one with a loss term (kgcoop: CoOp + KgCoOp)
+    learner_recipes: dict[str, dict[str, Any]]
     losses: Sequence[str]
     settings: Sequence[str]
     seeds: Sequence[int]
@@ -94,7 +98,7 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
             "(<runs_dir>/<setting>/<config name>/...), so give each config its own name."
         )
     runs = []
-    grid = itertools.product(spec.configs, spec.settings, spec.learners, spec.losses, spec.seeds)
+    grid = itertools.product(spec.configs, spec.settings, spec.learner_recipes, spec.losses, spec.seeds)
     for config_path, setting, learner, loss, seed in grid:
         name = f"{setting}/{Path(config_path).stem}/{learner}/{loss}/seed{seed}"
         output_dir = os.path.join(spec.runs_dir, name)
@@ -103,7 +107,7 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
             config["shots"] = spec.shots
         if spec.coop_epochs and config.get("shots"):
             config["num_train_epochs"] = COOP_EPOCHS_BY_SHOTS[config["shots"]]
-        config.update(spec.learners[learner])
+        config.update(spec.learner_recipes[learner])
         config.update(LOSSES[loss])
         config.update(seed=seed, output_dir=output_dir, save_strategy="steps", save_steps=spec.save_steps)
         config.update(save_total_limit=1, _sweep_name=name)
@@ -156,50 +160,55 @@ class TrainRun(submitit.helpers.Checkpointable):
         self.num_processes = num_processes
 
     def __call__(self) -> dict[str, Any]:
-        output_dir = Path(self.run.output_dir)
+        """The job holds the run's lock while it writes its records and, in this process, while the recipe runs
+        (handed the locked :class:`~cmp_hf.runs.RunDir`); a multi-process launch is the recipe's own process
+        group, whose main process takes the lock when the job has given it back."""
+        run_dir = RunDir(self.run.output_dir)
         try:  # a job of this run still running (a re-submission meanwhile): leave it and its records alone
-            lock_output_dir(str(output_dir))
+            run_dir.lock()
         except RuntimeError as busy:
-            return {"output_dir": str(output_dir), "skipped": True, "resumed_from": None, "busy": str(busy)}
+            return {"output_dir": run_dir.path, "skipped": True, "resumed_from": None, "busy": str(busy)}
         try:
-            return self._train(output_dir)
-        finally:
-            unlock_output_dir(str(output_dir))
+            if run_dir.is_finished():
+                return {"output_dir": run_dir.path, "skipped": True, "resumed_from": None}
+            argv, record = self._start(run_dir)
+            if self.num_processes == 1:
+                from .scripts.train import run as train
 
-    def _train(self, output_dir: Path) -> dict[str, Any]:
-        """The job, with the run's lock held (released before a multi-process launch, whose main process takes
-        it)."""
-        if is_finished(output_dir):
-            return {"output_dir": str(output_dir), "skipped": True, "resumed_from": None}
+                return self._train(record, lambda: train(argv, run_dir=run_dir))
+        finally:
+            run_dir.release()
+        launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.num_processes)]
+        return self._train(record, lambda: subprocess.run([*launch, "-m", "cmp_hf.scripts.train", *argv], check=True))
+
+    def _start(self, run_dir: RunDir) -> tuple[list[str], dict[str, Any]]:
+        """Write the composed config and the job's record; the recipe's arguments. Not finished, so whatever the
+        directory holds is this run's own unfinished work: resume it from its last complete checkpoint, or start
+        it again (the recipe trains over an unfinished run without being asked to overwrite it)."""
+        output_dir = Path(run_dir.path)
         config_path = str(output_dir / SWEEP_CONFIG_NAME)
         write_text(config_path, yaml.safe_dump(_recipe_config(self.run.config), sort_keys=False))
-        resume = last_checkpoint(output_dir)
-        # not finished, so whatever the directory holds is this run's own unfinished work: resume it, or (no
-        # complete checkpoint, e.g. killed while evaluating) let the recipe replace its saved prompt
-        again = ["--resume_from_checkpoint", resume] if resume else ["--overwrite_output_dir", "true"]
-        argv = train_argv(self.run, config_path) + again
+        resume = run_dir.last_checkpoint()
+        argv = train_argv(self.run, config_path) + (["--resume_from_checkpoint", resume] if resume else [])
         record = {"run": self.run.name, "pid": os.getpid(), "resumed_from": resume, "started": time.time()}
         if os.environ.get("SUBMITIT_EXECUTOR"):
             env = submitit.JobEnvironment()
             record.update(job_id=env.job_id, log=str(env.paths.stderr), stdout=str(env.paths.stdout))
         write_json(output_dir / SWEEP_JOB_NAME, record, indent=2)
-        try:
-            if self.num_processes > 1:
-                unlock_output_dir(str(output_dir))
-                launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(self.num_processes)]
-                subprocess.run([*launch, "-m", "cmp_hf.scripts.train", *argv], check=True)
-            else:
-                from .scripts.train import run as train
+        return argv, record
 
-                train(argv)
+    def _train(self, record: dict[str, Any], train: Callable[[], Any]) -> dict[str, Any]:
+        """Run the recipe; a failure is added to the job's record (with its log's last line) and raised."""
+        try:
+            train()
         except Exception as error:
             if isinstance(error, subprocess.CalledProcessError):  # the traceback went to the job's log
                 message = last_line(read_log(record.get("log"))) or str(error)
             else:
                 message = last_line("".join(traceback.format_exception_only(type(error), error)))
-            write_json(output_dir / SWEEP_JOB_NAME, {**record, "error": message}, indent=2)
+            write_json(Path(self.run.output_dir) / SWEEP_JOB_NAME, {**record, "error": message}, indent=2)
             raise
-        return {"output_dir": str(output_dir), "skipped": False, "resumed_from": resume}
+        return {"output_dir": self.run.output_dir, "skipped": False, "resumed_from": record["resumed_from"]}
 
 
 @dataclass(frozen=True)
@@ -212,8 +221,8 @@ class RunState:
 
 def run_states(runs: Sequence[PlannedRun]) -> list[RunState]:
     """done (finished), failed (its job raised: the error and the log), incomplete (started, not finished, no
-    error: still running, or killed; the log's last line), missing (never started): :func:`~cmp_hf.runs.run_state`."""
-    return [RunState(run, *run_state(run.output_dir)) for run in runs]
+    error: still running, or killed; the log's last line), missing (never started): ``RunDir.state``."""
+    return [RunState(run, *RunDir(run.output_dir).state()) for run in runs]
 
 
 def status_table(states: Sequence[RunState]) -> str:

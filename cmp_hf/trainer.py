@@ -34,15 +34,7 @@ from .losses import margin_variance, training_objective
 from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .reports import EvalReport
-from .runs import (
-    check_checkpoint_is_this_run,
-    check_output_dir_is_free,
-    check_output_dir_is_writable,
-    checkpoint_to_resume,
-    lock_output_dir,
-    remove_replaced_run,
-    unlock_output_dir,
-)
+from .runs import RunDir
 from .schedulers import coop_scheduler
 
 logger = logging.getLogger(__name__)
@@ -89,6 +81,10 @@ class CMPTrainer(Trainer):
     loss), ``cmp`` (the penalty before ``cmp_lambda``), each active baseline term, and ``misclassified`` (fraction
     of samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
     eval set and computes the class text features once per evaluation.
+
+    ``run_dir``: ``args.output_dir`` as a caller that already claimed it hands it over (the recipe: checked, locked,
+    its resume point resolved; :class:`~cmp_hf.runs.RunDir`). Without it, the trainer claims ``args.output_dir``
+    itself when :meth:`train` starts and holds it until the trainer is gone.
     """
 
     # compute_loss returns a per-batch mean: Trainer must divide it by the gradient-accumulation steps.
@@ -107,6 +103,7 @@ class CMPTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         calibration_dataset: Dataset | None = None,
+        run_dir: RunDir | None = None,
     ) -> None:
         if args is None:
             args = CMPConfig(output_dir="cmp-output")
@@ -114,8 +111,10 @@ class CMPTrainer(Trainer):
             raise TypeError(f"args must be a CMPConfig (it carries the CMP and prompt options), got {type(args)}.")
         if args.push_to_hub:
             require_token(args.hub_token)
-        if args.should_save:  # Trainer creates output_dir: a file there, a read-only or full disk fail now, named
-            check_output_dir_is_writable(args.output_dir)
+        self._claimed = run_dir is not None  # by the caller; if not, train() claims the output directory
+        self._run_dir = run_dir if self._claimed else RunDir(args.output_dir)
+        if not self._claimed and args.should_save:  # Trainer creates output_dir: a file there, a read-only or full
+            self._run_dir.check_is_writable()  # disk fail now, named
         datasets = named_datasets(train_dataset, eval_dataset)
         for name, dataset in datasets:
             check_columns(dataset, name, args.image_column, args.label_column, needs_images=data_collator is None)
@@ -131,7 +130,9 @@ class CMPTrainer(Trainer):
             model.learner.check_loss_options(args.loss_options())  # the losses with its own learner, not this one
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = prompt_model(model, prompt_config, processing_class)
-        _checkpoint_of_this_run(args.resume_from_checkpoint, args, model)  # before the image features are encoded
+        if not self._claimed:  # a claimed run_dir resolved its resume point
+            self._run_dir.resume_from(args.resume_from_checkpoint)
+        self._run_dir.check_checkpoint_is_this_run(args, asdict(model.prompt_config))  # before features are encoded
         if args.temperature_scaling and calibration_dataset is None:
             raise ValueError(
                 "temperature_scaling fits T on held-out labelled images after training: pass calibration_dataset= "
@@ -166,7 +167,6 @@ class CMPTrainer(Trainer):
         if EvalFiguresCallback.wanted(args.report_to):  # reliability diagrams on TensorBoard / trackio
             self.add_callback(EvalFiguresCallback(self.eval_reports, self.callback_handler.callbacks))
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
-        self._locked_output_dir: str | None = None
 
     def _model_inputs(self, dataset: Any) -> Any:
         """A dataset of images as the collator takes it (:class:`~cmp_hf.data.pipeline.InputPipeline`)."""
@@ -223,22 +223,22 @@ class CMPTrainer(Trainer):
     # ---- training -----------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """As Trainer's, and: ``resume_from_checkpoint`` defaults to ``args.resume_from_checkpoint`` (a recipe's
-        option), ``True`` takes the last *complete* checkpoint of ``output_dir``, and a missing path, a checkpoint
-        cut off mid-save or one saved by another run (other prompt, seed, loss or optimizer) is an error before
-        any training. So is an ``output_dir`` holding a finished run (unless ``args.overwrite_output_dir``) or in
-        use by another process: the main process locks it from here until this trainer is deleted."""
-        if resume_from_checkpoint is None:
-            resume_from_checkpoint = self.args.resume_from_checkpoint
-        checkpoint = _checkpoint_of_this_run(resume_from_checkpoint, self.args, self.model)
-        check_output_dir_is_free(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
-        if self.is_world_process_zero() and self._locked_output_dir is None:  # held until this trainer is gone
-            check_output_dir_is_writable(self.args.output_dir)
-            self._locked_output_dir = self.args.output_dir
-            lock_output_dir(self._locked_output_dir)
-            weakref.finalize(self, unlock_output_dir, self._locked_output_dir)
-        if self.is_world_process_zero():
-            remove_replaced_run(self.args.output_dir, self.args.overwrite_output_dir, resuming=checkpoint is not None)
+        """As Trainer's, and: ``resume_from_checkpoint`` defaults to the run directory's resume point
+        (``args.resume_from_checkpoint``, a recipe's option), ``True`` takes the last *complete* checkpoint of
+        ``output_dir``, and a missing path, a checkpoint cut off mid-save or one saved by another run (other prompt,
+        seed, loss or optimizer) is an error before any training (:class:`~cmp_hf.runs.RunDir`). So is an
+        ``output_dir`` holding a finished run (unless ``args.overwrite_output_dir``) or in use by another process:
+        unless the trainer was handed a claimed ``run_dir``, the main process locks it from here until this trainer
+        is deleted."""
+        if resume_from_checkpoint is not None:
+            self._run_dir.resume_from(resume_from_checkpoint)
+            self._run_dir.check_checkpoint_is_this_run(self.args, asdict(self.model.prompt_config))
+        if not self._claimed:  # checked again on every train(); locked once, until this trainer is gone
+            locked = self._run_dir.locked
+            self._run_dir.acquire(self.args.overwrite_output_dir, is_main_process=self.is_world_process_zero())
+            if self._run_dir.locked and not locked:
+                weakref.finalize(self, self._run_dir.release)
+        checkpoint = self._run_dir.checkpoint
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
@@ -571,11 +571,3 @@ def _non_finite_rows(values: torch.Tensor) -> list[int]:
     if not torch.is_tensor(values) or not values.is_floating_point():
         return []
     return torch.nonzero(~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)).flatten().tolist()
-
-
-def _checkpoint_of_this_run(value: str | bool | None, args: CMPConfig, model: PromptTunedCLIP) -> str | None:
-    """The checkpoint ``value`` names (see :func:`cmp_hf.runs.checkpoint_to_resume`), refused if another run's."""
-    checkpoint = checkpoint_to_resume(value, args.output_dir)
-    if checkpoint is not None:
-        check_checkpoint_is_this_run(checkpoint, args, asdict(model.prompt_config))
-    return checkpoint

@@ -38,8 +38,8 @@ from cmp_hf import CMPConfig, CMPTrainer, PostHocCalibration, PromptTunedCLIP
 from cmp_hf.atomic import write_text
 from cmp_hf.constants import PRESETS, RUN_IDENTITY_FIELDS
 from cmp_hf.data import few_shot_sets, subset_classes
+from cmp_hf.paper_tables import publish
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
-from cmp_hf.tables import publish
 from cmp_hf.testing.testbed import TASKS, testbed_task
 
 # The released recipes (CoOp's optimiser, warm-up and cosine schedule otherwise).

@@ -1,13 +1,13 @@
-"""The paper's tables from a folder of runs (each with metrics.json and run.json), optionally pushed to the Hub.
+"""The paper's tables from a folder of finished runs (prompt, run.json, metrics.json), optionally pushed to the Hub.
 
     python recipes/report.py runs --out runs/report [--push_to_hub user/cmp-hf-results]
 
 Few-shot (a column per dataset, plus the average), base-to-novel (base, novel and harmonic mean of accuracy, ECE,
 ACE and MCE per dataset and on average, CoCoOp's convention) and ImageNet -> V2 / Sketch / A / R, each with the
-methods as rows per learner and mean +- std over seeds (n seeds): ``cmp_hf.tables``. ``--out`` writes ``<out>.md``
-and the long-format ``<out>.csv``; ``--push_to_hub`` uploads both to a Hub dataset repo with a card. Runs that were
-started but did not finish (failed, still running or killed) are listed first, with their state and last error line
-as ``recipes/sweep.py --status`` gives them: their cells are missing or have fewer seeds.
+methods as rows per learner and mean +- std over seeds (n seeds): ``cmp_hf.paper_tables``. ``--out`` writes
+``<out>.md`` and the long-format ``<out>.csv``; ``--push_to_hub`` uploads both to a Hub dataset repo with a card.
+Runs that were started but did not finish (failed, still running or killed) are listed first, with their state and
+last error line as ``recipes/sweep.py --status`` gives them: their cells are missing or have fewer seeds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cmp_hf.hub import HubError, push_results
-from cmp_hf.tables import load_runs, paper_tables, publish, unfinished_note, unfinished_runs
+from cmp_hf.paper_tables import load_runs, paper_tables, publish, unfinished_note, unfinished_runs
 
 
 def main(argv: list[str] | None = None) -> str:

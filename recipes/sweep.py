@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from cmp_hf.runs import RunDir
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
 from cmp_hf.scripts.config_file import read_config
 from cmp_hf.sweeps import (
@@ -32,7 +33,6 @@ from cmp_hf.sweeps import (
     GridSpec,
     RunState,
     TrainRun,
-    is_finished,
     make_executor,
     plan,
     run_states,
@@ -41,14 +41,18 @@ from cmp_hf.sweeps import (
     validate,
 )
 
-LEARNERS_DIR = Path(__file__).parent / "configs" / "suite" / "learners"  # one recipe per learner
-LEARNERS = sorted(path.stem for path in LEARNERS_DIR.glob("*.yaml"))
+# The sweep's learner dimension: one recipe per learner, a registry prompt learner (cmp_hf.learners.LEARNERS) with its
+# released settings, or one with a loss term (kgcoop: CoOp + KgCoOp's term)
+LEARNER_RECIPES_DIR = Path(__file__).parent / "configs" / "suite" / "learners"
+LEARNER_RECIPES = sorted(path.stem for path in LEARNER_RECIPES_DIR.glob("*.yaml"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="dataset configs (e.g. recipes/configs/suite/*.yaml)")
-    parser.add_argument("--learners", nargs="+", default=["coop"], choices=LEARNERS, help=f"recipes in {LEARNERS_DIR}")
+    parser.add_argument(
+        "--learners", nargs="+", default=["coop"], choices=LEARNER_RECIPES, help=f"recipes in {LEARNER_RECIPES_DIR}"
+    )
     parser.add_argument("--losses", nargs="+", default=["ce", "cmp"], choices=sorted(LOSSES))
     parser.add_argument("--settings", nargs="+", default=["few_shot"], choices=sorted(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -88,9 +92,9 @@ def slurm_parameters(parser: argparse.ArgumentParser, unknown: list[str]) -> dic
 
 def main(argv: list[str] | None = None) -> list[RunState]:
     args = parse_args(argv)
-    learners = {name: read_config(str(LEARNERS_DIR / f"{name}.yaml")) for name in args.learners}
+    recipes = {name: read_config(str(LEARNER_RECIPES_DIR / f"{name}.yaml")) for name in args.learners}
     grid = GridSpec(
-        configs=args.configs, learners=learners, losses=args.losses, settings=args.settings, seeds=args.seeds,
+        configs=args.configs, learner_recipes=recipes, losses=args.losses, settings=args.settings, seeds=args.seeds,
         runs_dir=args.runs_dir, shots=args.shots, coop_epochs=args.coop_epochs, save_steps=args.save_steps,
         overrides=args.extra,
     )  # fmt: skip
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[RunState]:
         states = run_states(runs)
         print(status_table(states))
         return states
-    todo = [run for run in runs if not is_finished(run.output_dir)]
+    todo = [run for run in runs if not RunDir(run.output_dir).is_finished()]
     if args.dry_run:
         for run in runs:
             print(f"{'done' if run not in todo else 'todo'}  {run.name}")

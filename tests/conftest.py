@@ -28,7 +28,7 @@ CLASS_NAMES = ["red", "green", "blue", "yellow"]
 WORDS = CLASS_NAMES + ["a", "photo", "of"]
 
 
-HOLD_LOCK = "import sys, time; from cmp_hf.runs import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"  # noqa: E501
+HOLD_LOCK = "import sys, time; from cmp_hf.runs import RunDir; RunDir(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(600)"  # noqa: E501
 
 
 @pytest.fixture

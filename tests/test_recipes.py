@@ -16,6 +16,7 @@ from transformers import CLIPProcessor, HfArgumentParser
 
 from cmp_hf import CMPConfig, PromptTunedCLIP, calibration_metrics
 from cmp_hf.data import DOMAIN_SHIFTS, SUITE, CLIPImageCollator, load_image_dataset
+from cmp_hf.runs import RunDir
 from cmp_hf.scripts import train
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 from recipes import bench_speed
@@ -155,9 +156,10 @@ def test_suite_run_with_base_to_novel_and_transfer(tmp_path, tiny_clip_dir):
     ]  # fmt: skip
     metrics = train.main(*parse_config_and_overrides(train.make_parser(), argv))
     assert set(metrics) == {"val", "test_base", "test_novel", "cifar10"}
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["setting"] == "base_to_novel_2shot" and run["dataset"] == "dtd"
-    assert run["coop_test"] == {"dtd": False, "cifar10": False}  # Hub test splits, not CoOp's
+    run = RunDir(tmp_path / "run").read_record()  # what the report reads: a finished run
+    assert run.setting == "base_to_novel_2shot" and run.dataset == "dtd" and run.metrics == metrics
+    assert run.coop_test == {"dtd": False, "cifar10": False}  # Hub test splits, not CoOp's
+    assert run.kgcoop_weight == 1.0 and run.temperature == 1.0  # from the config; the fitted (here: none) temperature
     assert "dtd (the Hub repo's test split, not CoOp's)" in (tmp_path / "run" / "README.md").read_text()
     saved_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
     assert saved_args["kgcoop_template"] == SUITE["dtd"].template == "{} texture."  # KgCoOp's anchor, as released

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +14,34 @@ import pytest
 from helpers import hub_env, run
 from hub_server import FakeHub
 
+from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.data import DOMAIN_SHIFTS
+from cmp_hf.learners import LEARNERS
+from cmp_hf.paper_tables import learner_name
+from cmp_hf.run_record import RunRecord
+from cmp_hf.runs import RunDir
+from cmp_hf.scripts.config_file import read_config
+from cmp_hf.sweeps import LOSSES
 from recipes import report
+from recipes.sweep import LEARNER_RECIPES, LEARNER_RECIPES_DIR
 
 METRICS = ("accuracy_pct", "ece_pct", "ace_pct", "mce_pct")
-LEARNERS = {"CoOp": {"prompt_learner": "coop", "kgcoop_weight": 0.0}, "KgCoOp": {"prompt_learner": "coop",
-            "kgcoop_weight": 8.0}, "MaPLe": {"prompt_learner": "maple", "kgcoop_weight": 0.0}}  # fmt: skip
+RECIPES = {name: read_config(str(LEARNER_RECIPES_DIR / f"{name}.yaml")) for name in LEARNER_RECIPES}
+REPORTED = {"CoOp": "coop", "KgCoOp": "kgcoop", "MaPLe": "maple"}  # the report's learner name -> the sweep's recipe
 CMP = "CMP (log_ratio)"  # the method column names the form
-METHODS = {"CE": {"cmp_lambda": 0.0}, CMP: {"cmp_lambda": 1.0}}
+METHODS = {"CE": LOSSES["ce"], CMP: LOSSES["cmp"]}  # the report's method name -> the sweep's loss
 
 
 def write_run(directory: Path, setting: str, dataset: str, learner: str, method: str, seed: int, eval_sets, rng):
-    """A finished run as the train recipe leaves it, with random metrics; returns them."""
+    """A finished run as the train recipe leaves it (prompt, run.json, metrics.json), with random metrics; returns
+    them."""
     directory.mkdir(parents=True)
     metrics = {name: {m: float(rng.uniform(0, 100)) for m in METRICS} | {"nll": 1.0} for name in eval_sets}
-    info = dict(dataset=dataset, setting=setting, seed=seed, cmp_form="log_ratio", cmp_competitors="all")
-    info |= LEARNERS[learner] | METHODS[method]
-    (directory / "run.json").write_text(json.dumps(info))
-    (directory / "metrics.json").write_text(json.dumps(metrics))
+    options = {**RECIPES[REPORTED[learner]], **METHODS[method]}  # as the sweep composes a run's config
+    run = RunRecord.from_json({**options, "dataset": dataset, "setting": setting, "seed": seed}, metrics)
+    for name in PROMPT_FILES:
+        (directory / name).write_text("{}")
+    RunDir(directory).finish(run)
     return metrics
 
 
@@ -48,7 +58,7 @@ def grid(tmp_path_factory):
     }
     for layout, (setting, datasets, eval_sets) in layouts.items():
         for dataset in datasets:
-            for learner in LEARNERS:
+            for learner in REPORTED:
                 for method in METHODS:
                     if (dataset, learner) == ("eurosat", "MaPLe"):
                         continue  # a missing cell: MaPLe has no few-shot or base-to-novel average
@@ -146,8 +156,8 @@ def test_rows_name_the_cmp_form_and_flag_test_sets_that_are_not_coops(tmp_path):
         for form in ("log_ratio", "ratio"):
             directory = tmp_path / "runs" / dataset / form
             write_run(directory, "all_8shot", dataset, "CoOp", CMP, 1, ["test"], rng)
-            info = json.loads((directory / "run.json").read_text()) | {"cmp_form": form}
-            (directory / "run.json").write_text(json.dumps(info | {"coop_test": {dataset: coop_test}}))
+            run_dir = RunDir(directory)
+            run_dir.finish(replace(run_dir.read_record(), cmp_form=form, coop_test={dataset: coop_test}))
     markdown = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert "| CoOp | CMP (log_ratio) |" in markdown and "| CoOp | CMP (ratio) |" in markdown
     assert "Test sets that are not CoOp's" in markdown and "tables): dtd." in markdown
@@ -184,3 +194,16 @@ def test_push_to_hub_uploads_the_tables_as_a_dataset(tmp_path, grid):
     with FakeHub() as hub:  # no token: the message says how to log in, and the local tables are kept
         result = run(command, hub_env(tmp_path, hub.endpoint, token=None))
     assert result.returncode != 0 and "hf auth login" in result.stderr and (tmp_path / "report.csv").exists()
+
+
+def test_report_names_each_sweep_learner_recipe_as_its_registry_learner():
+    """The sweep's learner recipes, the registry's prompt learners and the report's names agree: a recipe of a
+    registry learner is named by its title, kgcoop (CoOp + KgCoOp's loss term) by the loss term."""
+    names = {name: learner_name(RunRecord.from_json({**recipe, "dataset": "d", "setting": "s"}))
+             for name, recipe in RECIPES.items()}  # fmt: skip
+    assert len(set(names.values())) == len(names)
+    for recipe, name in names.items():
+        learner = RECIPES[recipe]["prompt_learner"]
+        assert learner in LEARNERS, recipe
+        assert name == (LEARNERS[learner].title if not RECIPES[recipe].get("kgcoop_weight") else "KgCoOp")
+    assert {name: names[recipe] for name, recipe in REPORTED.items()} == {name: name for name in REPORTED}

@@ -2,6 +2,7 @@
 never letting a second run overwrite a finished one or write beside a running one."""
 
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -15,15 +16,12 @@ from helpers import ROOT, quickstart_config
 from safetensors.torch import load_file
 
 from cmp_hf import CMPConfig, CMPTrainer
-from cmp_hf.constants import OUTPUT_DIR_LOCK_NAME
-from cmp_hf.runs import (
-    checkpoint_to_resume,
-    finished_run_files,
-    last_checkpoint,
-    lock_output_dir,
-    output_dir_of_run,
-    unlock_output_dir,
-)
+from cmp_hf.atomic import STAGING_PREFIX
+from cmp_hf.config import CMP_DEFAULTS
+from cmp_hf.constants import METRICS_NAME, OUTPUT_DIR_LOCK_NAME, PROMPT_FILES, RUN_INFO_NAME, SWEEP_JOB_NAME
+from cmp_hf.paper_tables import load_runs, unfinished_runs
+from cmp_hf.run_record import RunRecord
+from cmp_hf.runs import RunDir, last_checkpoint
 from cmp_hf.scripts import train
 from cmp_hf.scripts.config_file import parse_config_and_overrides
 
@@ -54,6 +52,8 @@ def test_recipe_resumes_a_killed_run_to_the_uninterrupted_prompt(tmp_path, testb
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists()  # it died mid-training, after its first checkpoint
+    started = json.loads((killed / RUN_INFO_NAME).read_text())  # the recipe said it started, with no result yet
+    assert started["temperature"] is None and not RunDir(killed).is_finished()
     stopped_at = int(Path(last_checkpoint(str(killed))).name.removeprefix("checkpoint-"))
     assert 20 <= stopped_at < 240
 
@@ -81,7 +81,7 @@ def test_resume_errors_say_what_is_wrong_before_training(tmp_path, tiny_clip_dir
         small_run(tmp_path, tiny_clip_dir, train_set, resume_from_checkpoint="true")
     small_run(tmp_path, tiny_clip_dir, train_set).train()
     checkpoint = tmp_path / "run" / "checkpoint-4"
-    assert checkpoint_to_resume(True, str(tmp_path / "run")) == str(checkpoint)
+    assert RunDir(tmp_path / "run").resume_from(True) == str(checkpoint)
     # another seed, another loss weight, other classes: another run's checkpoint
     with pytest.raises(ValueError, match=r"belongs to another run \(seed: 42 there, 7 here\)"):
         small_run(tmp_path, tiny_clip_dir, train_set, seed=7, resume_from_checkpoint=str(checkpoint))
@@ -93,10 +93,10 @@ def test_resume_errors_say_what_is_wrong_before_training(tmp_path, tiny_clip_dir
     cut = tmp_path / "run" / "checkpoint-6"
     cut.mkdir()
     (cut / "adapter_model.safetensors").write_bytes(b"")
-    assert checkpoint_to_resume("true", str(tmp_path / "run")) == str(checkpoint)
+    assert RunDir(tmp_path / "run").resume_from("true") == str(checkpoint)
     with pytest.raises(ValueError, match=r"checkpoint-6 is not a complete Trainer checkpoint"):
-        checkpoint_to_resume(str(cut), str(tmp_path / "run"))
-    assert checkpoint_to_resume("false", str(tmp_path / "run")) is None
+        RunDir(tmp_path / "run").resume_from(str(cut))
+    assert RunDir(tmp_path / "run").resume_from("false") is None
 
 
 def test_a_finished_run_is_not_overwritten_unless_asked(tmp_path, tiny_clip_dir, train_set):
@@ -113,7 +113,7 @@ def test_the_last_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     assert last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # not "checkpoint-9" > "checkpoint-10"
-    assert checkpoint_to_resume(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert RunDir(tmp_path).resume_from(True) == str(tmp_path / "checkpoint-10")
 
 
 def test_a_run_killed_after_saving_its_prompt_is_resumed_not_refused(tmp_path, tiny_clip_dir, train_set):
@@ -125,17 +125,24 @@ def test_a_run_killed_after_saving_its_prompt_is_resumed_not_refused(tmp_path, t
     del trainer
     gc.collect()
     output_dir = str(tmp_path / "run")
-    assert finished_run_files(output_dir) and last_checkpoint(output_dir) == str(tmp_path / "run" / "checkpoint-4")
-    with output_dir_of_run(output_dir, overwrite=False, resuming=True, is_main_process=True):  # the recipe's check
+    assert RunDir(output_dir).is_finished() and last_checkpoint(output_dir) == str(tmp_path / "run" / "checkpoint-4")
+    run_dir = RunDir(output_dir)
+    run_dir.resume_from("true")
+    with run_dir.claim(overwrite=False):  # the recipe's check
         pass
     small_run(tmp_path, tiny_clip_dir, train_set, resume_from_checkpoint="true").train()  # the trainer's check
     with pytest.raises(FileExistsError, match="already holds a finished run"):  # not resuming: refused
         small_run(tmp_path, tiny_clip_dir, train_set).train()
 
 
-def test_a_second_recipe_run_into_a_finished_output_dir_is_refused_before_loading(tmp_path, testbed):
+def test_a_second_recipe_run_into_a_finished_output_dir_is_refused_before_loading(tmp_path, testbed, monkeypatch):
     config = quickstart_config(testbed, tmp_path, shots=2, num_train_epochs=1, output_dir=str(tmp_path / "run"))
+    locks = []
+    lock = RunDir.lock
+    monkeypatch.setattr(RunDir, "lock", lambda self: locks.append(self.path) or lock(self))
     train.main(*parse_config_and_overrides(train.make_parser(), [str(config)]))
+    assert locks == [str(tmp_path / "run")]  # the recipe claims its directory once; the trainer does not again
+    assert RunDir(tmp_path / "run").read_record().dataset == str(testbed / "data")
     metrics = (tmp_path / "run" / "metrics.json").read_bytes()
     argv = [str(config), "--seed", "9", "--dataset_name", str(tmp_path / "no-such-data")]  # would fail if loaded
     with pytest.raises(FileExistsError, match=r"holds a finished run \(metrics.json, .*overwrite_output_dir: true"):
@@ -158,9 +165,96 @@ def test_a_run_in_progress_locks_its_output_dir_and_a_dead_ones_lock_is_taken_ov
     trainer = small_run(tmp_path, tiny_clip_dir, train_set)
     trainer.train()  # ... which the next run takes over
     assert f"pid {os.getpid()} " in lock.read_text()
-    lock_output_dir(str(output_dir))  # re-entrant within a process: the trainer's hold and this one
-    unlock_output_dir(str(output_dir))
-    assert lock.exists()
     del trainer
     gc.collect()  # the trainer's hold ends with it
     assert not lock.exists()
+
+
+def test_a_later_run_in_this_process_takes_the_lock_over(tmp_path, tiny_clip_dir, train_set, lock_holder):
+    """Not re-entrant (a run locks once), but a trainer left alive in a notebook does not block the next one."""
+    first = small_run(tmp_path, tiny_clip_dir, train_set, save_strategy="no")
+    first.train()
+    later = RunDir(tmp_path / "run")
+    later.lock()  # the first trainer's hold passes to this one
+    del first
+    gc.collect()
+    lock = tmp_path / "run" / OUTPUT_DIR_LOCK_NAME
+    assert later.locked and f"pid {os.getpid()} " in lock.read_text()  # the first's end left it alone
+    with pytest.raises(RuntimeError, match="a run takes it once"):
+        later.lock()
+    later.release()
+    assert not lock.exists()
+    other = lock_holder(tmp_path / "run")  # another process's lock is never taken over
+    with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {other.pid} "):
+        RunDir(tmp_path / "run").lock()
+
+
+def write_files(directory: Path, names) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_text("{}")
+
+
+RECIPE_RUN = (*PROMPT_FILES, RUN_INFO_NAME)  # a recipe run that saved its prompt, then was killed while evaluating
+
+
+@pytest.mark.parametrize(
+    ("files", "finished"),
+    [
+        ((METRICS_NAME,), False),  # metrics only: no prompt
+        ((RUN_INFO_NAME, METRICS_NAME), False),  # a recipe run's record without its prompt
+        (PROMPT_FILES, True),  # a prompt saved with CMPTrainer alone: its last file
+        (RECIPE_RUN, False),  # killed after saving its prompt, before metrics.json
+        ((*PROMPT_FILES, SWEEP_JOB_NAME), False),  # a sweep job's run, killed the same way
+        ((*RECIPE_RUN, f"{STAGING_PREFIX}{METRICS_NAME}.tmp"), False),  # killed while writing metrics.json
+        ((*RECIPE_RUN, METRICS_NAME), True),  # everything, metrics.json last
+        ((*RECIPE_RUN, SWEEP_JOB_NAME, METRICS_NAME), True),
+    ],
+)
+def test_one_definition_of_a_finished_run(tmp_path, files, finished):
+    """The recipe (refusal), the sweep (skip / status) and the report (its rows, its unfinished list) agree."""
+    directory = tmp_path / "runs" / "run"
+    write_files(directory, files)
+    if RUN_INFO_NAME in files:
+        (directory / RUN_INFO_NAME).write_text(json.dumps(RunRecord("dtd", "all_8shot").run_json()))
+    run_dir = RunDir(directory)
+    assert run_dir.is_finished() is finished
+    assert (run_dir.state()[0] == "done") is finished  # recipes/sweep.py: skipped, and "done" in --status
+    if finished:
+        with pytest.raises(FileExistsError, match="already holds a finished run"):
+            run_dir.acquire(overwrite=False)
+    else:
+        with run_dir.claim(overwrite=False):  # trained over without overwrite_output_dir
+            assert (directory / OUTPUT_DIR_LOCK_NAME).exists()
+    assert not (directory / OUTPUT_DIR_LOCK_NAME).exists()
+    reported = [record.dataset for record in load_runs(tmp_path / "runs")]
+    assert reported == (["dtd"] if finished and RUN_INFO_NAME in files else [])
+    started = files != (METRICS_NAME,)  # a metrics.json alone is no sign of a run
+    assert bool(unfinished_runs(tmp_path / "runs")) is (started and not finished)
+
+
+def test_run_record_round_trip_and_old_run_json(tmp_path, testbed):
+    record = RunRecord("dtd", "base_to_novel_16shot", shots=16, seed=2, cmp_form="ratio", coop_test={"dtd": True},
+                       temperature=1.5, metrics={"test_base": {"accuracy_pct": 71.25, "ece_pct": 3.5}})  # fmt: skip
+    run_dir = RunDir(tmp_path)
+    run_dir.finish(record)
+    assert run_dir.read_record() == record
+    assert json.loads((tmp_path / METRICS_NAME).read_text()) == record.metrics
+    # run.json's keys are the ones earlier versions wrote, in their order
+    assert list(json.loads((tmp_path / RUN_INFO_NAME).read_text())) == [
+        "dataset", "setting", "shots", "seed", "cmp_lambda", "cmp_form", "cmp_competitors", "kgcoop_weight",
+        "prompt_learner", "fewshot_sampling", "data_root", "coop_test", "temperature", "dac_k", "preset",
+        "shift_strength", "zero_shot_weight", "transfer_zero_shot_weight",
+    ]  # fmt: skip
+    # a run.json of another version: missing fields take CMPConfig's defaults, unknown keys are ignored
+    (tmp_path / RUN_INFO_NAME).write_text(json.dumps({"dataset": "dtd", "setting": "all_8shot", "future_key": 1}))
+    old = run_dir.read_record()
+    assert (old.cmp_lambda, old.cmp_form, old.cmp_competitors) == tuple(CMP_DEFAULTS.values())
+    assert old.prompt_learner == CMPConfig.prompt_learner and old.metrics == record.metrics
+    (tmp_path / RUN_INFO_NAME).write_text(json.dumps({"setting": "all_8shot"}))
+    with pytest.raises(ValueError, match=r"unreadable result file \(run.json lacks \['dataset'\]\): re-run it"):
+        run_dir.read_record()
+    # the recipe's own record: CMPConfig's fields taken from its config, what it ran on from the script
+    config = CMPConfig(output_dir=str(tmp_path), seed=5, cmp_lambda=0.5, prompt_learner="maple")
+    taken = RunRecord.from_config(config, dataset="dtd", setting="all_2shot")
+    assert (taken.seed, taken.cmp_lambda, taken.prompt_learner, taken.setting) == (5, 0.5, "maple", "all_2shot")

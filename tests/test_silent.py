@@ -19,6 +19,7 @@ from transformers import CLIPModel, CLIPProcessor
 import dev
 from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP, cli
 from cmp_hf.atomic import OutputWriteError
+from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.data import to_rgb
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.hub import pushed_files
@@ -258,7 +259,8 @@ def test_report_names_the_runs_missing_from_its_tables(tmp_path, capsys):
     done.mkdir(parents=True)
     (done / "run.json").write_text(json.dumps(info))
     (done / "metrics.json").write_text(json.dumps({"test": {"accuracy_pct": 50.0, "ece_pct": 5.0}}))
-    (done / "prompt_config.json").write_text("{}")
+    for name in PROMPT_FILES:  # a finished run: its prompt, run.json and metrics.json
+        (done / name).write_text("{}")
     failed = tmp_path / "few_shot/dtd/coop/cmp/seed2"
     failed.mkdir()
     (failed / "sweep_job.json").write_text(json.dumps({"log": "/logs/2.err", "error": "ValueError: bad shots"}))

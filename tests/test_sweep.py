@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -18,9 +19,10 @@ import yaml
 from helpers import quickstart_config
 from submitit.core.utils import DelayedSubmission
 
-from cmp_hf.constants import SWEEP_JOB_NAME
-from cmp_hf.runs import last_checkpoint
-from cmp_hf.sweeps import GridSpec, TrainRun, is_finished, plan, validate
+from cmp_hf.constants import METRICS_NAME, SWEEP_JOB_NAME
+from cmp_hf.runs import RunDir, last_checkpoint
+from cmp_hf.scripts import train
+from cmp_hf.sweeps import GridSpec, TrainRun, plan, validate
 from recipes import report, sweep
 
 pytestmark = pytest.mark.slow
@@ -45,7 +47,7 @@ def test_local_grid_runs_every_job_then_skips_them(tmp_path, testbed):
     assert [s.state for s in states] == ["done"] * 2
     run_dirs = [runs / f"few_shot/animals/coop/cmp/seed{seed}" for seed in (1, 2)]
     for run_dir in run_dirs:
-        assert is_finished(run_dir)
+        assert RunDir(run_dir).is_finished()
         job = json.loads((run_dir / "sweep_job.json").read_text())
         assert job["resumed_from"] is None and Path(job["log"]).is_file()  # each run was its own submitit job
         used = yaml.safe_load((run_dir / "sweep_config.yaml").read_text())
@@ -117,7 +119,7 @@ def test_killed_job_resumes_and_failed_job_is_reported(tmp_path, testbed):
 
 def test_a_job_whose_run_is_still_running_leaves_it_alone(tmp_path, testbed, lock_holder):
     """Re-submitting while a job of the same run still runs: the new job neither trains nor rewrites its records."""
-    spec = GridSpec(configs=[write_config(testbed, tmp_path)], learners={"coop": {}}, losses=["ce"],
+    spec = GridSpec(configs=[write_config(testbed, tmp_path)], learner_recipes={"coop": {}}, losses=["ce"],
                     settings=["few_shot"], seeds=[1], runs_dir=str(tmp_path / "runs"))  # fmt: skip
     (run,) = plan(spec)
     other = lock_holder(run.output_dir)
@@ -126,12 +128,39 @@ def test_a_job_whose_run_is_still_running_leaves_it_alone(tmp_path, testbed, loc
     assert not (Path(run.output_dir) / SWEEP_JOB_NAME).exists()  # the running job's record is untouched
 
 
+def test_a_half_finished_run_is_run_again_without_overwrite_and_locked_once(tmp_path, testbed, monkeypatch):
+    """Killed while evaluating, after its prompt was saved and with no checkpoint to resume: the job runs it again
+    (no --overwrite_output_dir: an unfinished run is not a finished one to protect), holding the lock once."""
+    spec = GridSpec(configs=[write_config(testbed, tmp_path)], learner_recipes={"coop": {}}, losses=["ce"],
+                    settings=["few_shot"], seeds=[1], runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    (run,) = plan(spec)
+    output_dir = Path(run.output_dir)
+    assert not TrainRun(run)()["skipped"]
+    (output_dir / METRICS_NAME).unlink()  # the prompt and run.json are there: the run is unfinished
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    assert (output_dir / "adapter_model.safetensors").exists() and not RunDir(output_dir).is_finished()
+    argvs, locks = [], []
+    run_recipe, lock = train.run, RunDir.lock
+    monkeypatch.setattr(train, "run", lambda argv, run_dir: argvs.append(argv) or run_recipe(argv, run_dir))
+    monkeypatch.setattr(RunDir, "lock", lambda self: locks.append(self.path) or lock(self))
+    result = TrainRun(run)()
+    assert not result["skipped"] and result["resumed_from"] is None
+    assert "--overwrite_output_dir" not in argvs[0] and "--resume_from_checkpoint" not in argvs[0]
+    assert locks == [run.output_dir]  # the job's lock, handed to the recipe and its trainer
+    assert RunDir(output_dir).is_finished() and not (output_dir / ".cmp_hf.lock").exists()
+    assert TrainRun(run)()["skipped"]  # finished now: left alone
+
+
 def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path, testbed):
     config = write_config(testbed, tmp_path / "animals", shots=4)
-    learners = {name: yaml.safe_load((sweep.LEARNERS_DIR / f"{name}.yaml").read_text()) for name in sweep.LEARNERS}
+    recipes = {
+        name: yaml.safe_load((sweep.LEARNER_RECIPES_DIR / f"{name}.yaml").read_text())
+        for name in sweep.LEARNER_RECIPES
+    }
     spec = GridSpec(
-        configs=[config], learners=learners, losses=["ce", "cmp"], settings=["few_shot", "base_to_novel"], seeds=[1],
-        runs_dir=str(tmp_path / "runs"), coop_epochs=True,
+        configs=[config], learner_recipes=recipes, losses=["ce", "cmp"], settings=["few_shot", "base_to_novel"],
+        seeds=[1], runs_dir=str(tmp_path / "runs"), coop_epochs=True,
     )  # fmt: skip
     runs = {run.name: run.config for run in plan(spec)}
     assert len(runs) == 6 * 2 * 2
@@ -149,7 +178,9 @@ def test_plan_composes_learner_recipes_and_validates_before_submitting(tmp_path,
     promptsrc = runs["few_shot/animals/promptsrc/cmp/seed1"]  # its own epochs and options, under CMP
     assert promptsrc["num_train_epochs"] == 20 and promptsrc["learner_options"]["gpa_mean"] == 15.0
     validate(plan(spec), tmp_path / "scratch")  # every composed config parses as the train recipe parses it
-    bad = GridSpec(**{**spec.__dict__, "learners": {"proda": learners["proda"]}, "overrides": ["--focal_gamma", "2"]})
+    bad = GridSpec(
+        **{**spec.__dict__, "learner_recipes": {"proda": recipes["proda"]}, "overrides": ["--focal_gamma", "2"]}
+    )
     with pytest.raises(ValueError, match=r"Run few_shot/animals/proda/ce/seed1 has an invalid config .*Focal loss"):
         validate(plan(bad), tmp_path / "scratch")
 

@@ -22,18 +22,15 @@ uninterrupted run would have learned.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from ..atomic import write_json
 from ..base_model import check_clip_source
 from ..config import CMPConfig
-from ..constants import RUN_INFO_NAME, RUN_METRICS_NAME
 from ..data import (
     FEWSHOT_SAMPLINGS,
     SUITE,
@@ -48,7 +45,8 @@ from ..data.checks import check_labels
 from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
 from ..reports import base_novel_harmonic_mean
-from ..runs import checkpoint_step, checkpoint_to_resume, output_dir_of_run
+from ..run_record import RunRecord
+from ..runs import RunDir, checkpoint_step
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
 
@@ -211,29 +209,31 @@ def summary(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(script_args: ScriptArguments, config: CMPConfig) -> dict[str, dict[str, float]]:
+def main(
+    script_args: ScriptArguments, config: CMPConfig, run_dir: RunDir | None = None
+) -> dict[str, dict[str, float]]:
     """Train, evaluate and save into ``output_dir`` (refused when it holds a finished run, unless resuming it or
-    overwriting it; locked meanwhile), then push when asked: a failed push leaves the finished directory."""
+    overwriting it; locked meanwhile), then push when asked: a failed push leaves the finished directory.
+    ``run_dir``: ``output_dir`` already locked by the caller (a sweep job), which keeps its lock."""
     if not script_args.model_name_or_path:
         raise ValueError("Set model_name_or_path (in the YAML or as --model_name_or_path).")
     check_clip_source(script_args.model_name_or_path)  # before any data is loaded
     quiet_console(config)
+    run_dir = run_dir if run_dir is not None else RunDir(config.output_dir)
     # a missing checkpoint fails here, before any data is loaded; another run's, once the prompt is built
-    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
-    with output_dir_of_run(
-        config.output_dir, config.overwrite_output_dir, resuming=checkpoint is not None,
-        is_main_process=config.process_index == 0,
-    ):  # fmt: skip
-        trainer, metrics = train_and_evaluate(script_args, config, checkpoint)
+    run_dir.resume_from(config.resume_from_checkpoint)
+    with run_dir.claim(config.overwrite_output_dir, is_main_process=config.process_index == 0):
+        trainer, metrics = train_and_evaluate(script_args, config, run_dir)
     if config.push_to_hub:
         push(trainer, script_args.benchmark or script_args.dataset_name)
     return metrics
 
 
 def train_and_evaluate(
-    script_args: ScriptArguments, config: CMPConfig, checkpoint: str | None
+    script_args: ScriptArguments, config: CMPConfig, run_dir: RunDir
 ) -> tuple[CMPTrainer, dict[str, dict[str, float]]]:
-    """Everything local: train, save the prompt, evaluate, save the reports, metrics.json and run.json."""
+    """Everything local, in the claimed ``run_dir``: train, save the prompt, evaluate, save the reports, run.json
+    and metrics.json."""
     data = load_run_data(script_args, config)
     if script_args.benchmark and config.kgcoop_template is None:  # KgCoOp's anchor is the dataset's CoOp template
         config.kgcoop_template = SUITE[script_args.benchmark].template
@@ -244,6 +244,7 @@ def train_and_evaluate(
         eval_dataset=data.evals,
         class_names=data.class_names,
         calibration_dataset=data.evals.get("val"),  # the few-shot validation split (shots: k)
+        run_dir=run_dir,
     )
     bars_only(trainer)
     trainer.create_model_card(dataset_name=card_dataset_name(script_args, data))
@@ -254,9 +255,21 @@ def train_and_evaluate(
                 "zero_shot_baseline needs ctx_init (e.g. 'a photo of a'): the untrained prompt is CLIP's."
             )
         flat.update(evaluate_all(trainer, data, prefix="zeroshot"))  # (its reports are replaced after training)
+    record = RunRecord.from_config(
+        config,
+        dataset=script_args.benchmark or script_args.dataset_name,
+        setting=data.setting,
+        shots=script_args.shots,
+        fewshot_sampling=script_args.fewshot_sampling if script_args.shots else None,
+        data_root=script_args.data_root,
+        coop_test=data.coop_test,  # per suite dataset: False = its test set is not CoOp's (Hub split)
+    )
+    if trainer.is_world_process_zero():
+        run_dir.begin(record)  # a recipe run: unfinished until metrics.json is written
+    checkpoint = run_dir.checkpoint
     if checkpoint is not None and trainer.is_world_process_zero():
         print(f"Resuming from {checkpoint} (step {checkpoint_step(checkpoint)}), not from step 0.", flush=True)
-    trainer.train(resume_from_checkpoint=checkpoint or False)
+    trainer.train()
     trainer.save_locally(config.output_dir)  # the prompt is safe before evaluation starts
     if script_args.dac:
         trainer.model.calibration.dac_k = 5
@@ -267,30 +280,9 @@ def train_and_evaluate(
     if script_args.zero_shot_baseline:
         metrics.update({f"zeroshot_{name}": values for name, values in nest(flat, "zeroshot", names).items()})
     if trainer.is_world_process_zero():
-        run = {
-            "dataset": script_args.benchmark or script_args.dataset_name,
-            "setting": data.setting,
-            "shots": script_args.shots,
-            "seed": config.seed,
-            "cmp_lambda": config.cmp_lambda,
-            "cmp_form": config.cmp_form,
-            "cmp_competitors": config.cmp_competitors,
-            "kgcoop_weight": config.kgcoop_weight,
-            "prompt_learner": config.prompt_learner,
-            "fewshot_sampling": script_args.fewshot_sampling if script_args.shots else None,
-            "data_root": script_args.data_root,
-            "coop_test": data.coop_test,  # per suite dataset: False = its test set is not CoOp's (Hub split)
-            "temperature": trainer.model.calibration.temperature,
-            "dac_k": trainer.model.calibration.dac_k,
-            "preset": config.preset,
-            "shift_strength": config.shift_strength,
-            "zero_shot_weight": config.zero_shot_weight,
-            "transfer_zero_shot_weight": config.transfer_zero_shot_weight,
-        }
-        # metrics.json last: its presence marks a finished run (recipes/sweep.py skips those), so a run killed
-        # before this point is re-run
-        for name, content in ((RUN_INFO_NAME, run), (RUN_METRICS_NAME, metrics)):
-            write_json(os.path.join(config.output_dir, name), content, indent=2, allow_nan=False)
+        calibration = trainer.model.calibration
+        # metrics.json last: from then on the run is finished (RunDir), so a run killed before this point is re-run
+        run_dir.finish(replace(record, temperature=calibration.temperature, dac_k=calibration.dac_k, metrics=metrics))
         print(summary(metrics))
         print(f"Prompt, model card, metrics.json and eval/<set>/ (metrics, figures) in {config.output_dir}")
     return trainer, metrics
@@ -311,9 +303,9 @@ def push(trainer: CMPTrainer, dataset_name: str | None) -> None:
         print(note)
 
 
-def run(argv: Sequence[str]) -> dict[str, dict[str, float]]:
+def run(argv: Sequence[str], run_dir: RunDir | None = None) -> dict[str, dict[str, float]]:
     """``[config.yaml] [--option value ...]`` -> :func:`main` (what ``cmp-hf train`` and recipes/train.py run)."""
-    return main(*parse_config_and_overrides(make_parser(), argv))
+    return main(*parse_config_and_overrides(make_parser(), argv), run_dir=run_dir)
 
 
 if __name__ == "__main__":  # accelerate launch -m cmp_hf.scripts.train <config.yaml>

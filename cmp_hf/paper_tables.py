@@ -1,6 +1,7 @@
 """Result tables as the benchmarks and ``recipes/report.py`` publish them: Markdown to read, CSV to reuse.
 
-The paper's three layouts, from a folder of recipe runs (each with ``metrics.json`` and ``run.json``):
+The paper's three layouts, from a folder of finished recipe runs (``cmp_hf.runs.RunDir``: each with its prompt,
+``run.json`` and ``metrics.json``):
 
 * few-shot: per metric, a row per (learner, method), a column per dataset plus the average over datasets, on the
   test set;
@@ -18,34 +19,35 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .atomic import STAGING_PREFIX, write_text
+from .config import CMP_DEFAULTS
 from .constants import (
     FEWSHOT_SPLIT_NAME,
+    METRICS_NAME,
     OUTPUT_DIR_LOCK_NAME,
     PROMPT_CONFIG_NAME,
     RUN_INFO_NAME,
-    RUN_METRICS_NAME,
     SWEEP_CONFIG_NAME,
     SWEEP_JOB_NAME,
 )
 from .data import DOMAIN_SHIFTS
 from .learners import LEARNERS
 from .reports import harmonic_mean
-from .runs import run_state
+from .run_record import RunRecord
+from .runs import RunDir
 
 # Files a run leaves in its directory from its start on: where one lies without a finished result, a run is missing
-STARTED_RUN_FILES = (SWEEP_JOB_NAME, SWEEP_CONFIG_NAME, FEWSHOT_SPLIT_NAME, PROMPT_CONFIG_NAME, OUTPUT_DIR_LOCK_NAME)
+STARTED_RUN_FILES = (
+    RUN_INFO_NAME, SWEEP_JOB_NAME, SWEEP_CONFIG_NAME, FEWSHOT_SPLIT_NAME, PROMPT_CONFIG_NAME, OUTPUT_DIR_LOCK_NAME,
+)  # fmt: skip
 
 METRICS = {"accuracy_pct": "Accuracy", "ece_pct": "ECE", "ace_pct": "ACE", "mce_pct": "MCE"}  # all in percent
-DEFAULT_CMP = ("all", 1.0)  # competitors and lambda the method column leaves out: "CMP (<form>)"
 
 
 def publish(markdown: str, rows: list[dict], out: str | None) -> None:
@@ -78,70 +80,67 @@ class RunResult:
         return "base_to_novel" if self.setting.startswith("base_to_novel") else "few_shot"
 
 
-def learner_name(run: dict[str, Any]) -> str:
-    learner = run.get("prompt_learner", "coop")
+def learner_name(record: RunRecord) -> str:
+    """The prompt learner's name (its ``title`` in the registry, ``cmp_hf.learners.LEARNERS``), with KgCoOp's loss
+    term named where it is on: "KgCoOp" for CoOp with it (the sweep's ``kgcoop`` learner recipe), "<learner> +
+    KgCoOp" for another learner."""
+    learner = record.prompt_learner
     name = LEARNERS[learner].title if learner in LEARNERS else learner
-    if run.get("kgcoop_weight"):
+    if record.kgcoop_weight:
         return "KgCoOp" if name == "CoOp" else f"{name} + KgCoOp"
     return name
 
 
-def method_name(run: dict[str, Any]) -> str:
+def method_name(record: RunRecord) -> str:
     """CE, or CMP with its form always named (the paper's numbers most likely came from the released 'ratio'
-    form, cmp_hf's default is 'log_ratio'), and its competitors and lambda where they are not the defaults; a named
-    preset by its name."""
-    if run.get("preset"):
-        return f"{run['preset']} (preset)"
-    if not run["cmp_lambda"]:
+    form, cmp_hf's default is 'log_ratio'), and its competitors and lambda where they are not CMPConfig's defaults;
+    a named preset by its name."""
+    if record.preset:
+        return f"{record.preset} (preset)"
+    if not record.cmp_lambda:
         return "CE"
-    form, options = run["cmp_form"], (run["cmp_competitors"], float(run["cmp_lambda"]))
-    return f"CMP ({form})" if options == DEFAULT_CMP else f"CMP ({form}, {options[0]}, lambda {options[1]:g})"
+    options = (record.cmp_competitors, float(record.cmp_lambda))
+    if options == (CMP_DEFAULTS["cmp_competitors"], CMP_DEFAULTS["cmp_lambda"]):
+        return f"CMP ({record.cmp_form})"
+    return f"CMP ({record.cmp_form}, {options[0]}, lambda {options[1]:g})"
 
 
 def load_runs(runs_dir: str | Path) -> list[RunResult]:
-    """Every finished run under ``runs_dir`` (``metrics.json`` beside ``run.json``; checkpoints are not runs)."""
+    """Every finished recipe run under ``runs_dir`` (checkpoints are not runs)."""
     results = []
-    for metrics_path in sorted(Path(runs_dir).rglob(RUN_METRICS_NAME)):
-        run_path = metrics_path.with_name(RUN_INFO_NAME)
-        if not run_path.exists() or any(part.startswith("checkpoint-") for part in metrics_path.parts):
+    for directory in sorted({path.parent for path in Path(runs_dir).rglob(METRICS_NAME)}):
+        run_dir = RunDir(directory)
+        if any(part.startswith("checkpoint-") for part in directory.parts):
             continue
-        try:
-            run, metrics = json.loads(run_path.read_text()), json.loads(metrics_path.read_text())
-        except ValueError as error:
-            raise ValueError(f"{metrics_path.parent} has an unreadable result file ({error}): re-run it.") from error
-        not_coop = tuple(sorted(key for key, coop in run.get("coop_test", {}).items() if not coop))
+        if not (run_dir.is_finished() and run_dir.has_record()):  # a prompt saved by CMPTrainer alone: not a row
+            continue
+        record = run_dir.read_record()
+        not_coop = tuple(sorted(key for key, coop in record.coop_test.items() if not coop))
         results.append(
-            RunResult(run["setting"], run["dataset"], learner_name(run), method_name(run), metrics, not_coop)
-        )
+            RunResult(record.setting, record.dataset, learner_name(record), method_name(record), record.metrics,
+                      not_coop)
+        )  # fmt: skip
     return results
 
 
 def unfinished_runs(runs_dir: str | Path) -> list[tuple[str, str, str | None, str | None]]:
-    """Run directories under ``runs_dir`` that were started but hold no result :func:`load_runs` reads, as
-    (directory, state, log, last error line): ``failed`` or ``incomplete`` as ``recipes/sweep.py --status`` says
-    (from ``sweep_job.json``), ``incomplete`` for a run started outside a sweep, or one whose result files are
-    missing or unreadable. Their cells are missing from the tables, or have fewer seeds."""
+    """Run directories under ``runs_dir`` that were started but hold no finished run, as (directory, state, log,
+    last error line): ``failed`` or ``incomplete`` as ``recipes/sweep.py --status`` says (from ``sweep_job.json``),
+    ``incomplete`` for a run started outside a sweep. Their cells are missing from the tables, or have fewer
+    seeds."""
     root = Path(runs_dir)
     started = {path.parent for name in STARTED_RUN_FILES for path in root.rglob(name)}
     started |= {path.parent for path in root.rglob("checkpoint-*") if path.is_dir()}
     found = []
     for directory in sorted(started):
         parts = directory.relative_to(root).parts
-        if any(part.startswith(("checkpoint-", STAGING_PREFIX)) for part in parts) or _readable_run(directory):
+        run_dir = RunDir(directory)
+        if any(part.startswith(("checkpoint-", STAGING_PREFIX)) for part in parts) or run_dir.is_finished():
             continue
-        state, log, error = run_state(directory)
-        found.append((directory.relative_to(root).as_posix(), "incomplete" if state in ("done", "missing") else state,
-                      log, error))  # fmt: skip
+        state, log, error = run_dir.state()
+        found.append((directory.relative_to(root).as_posix(), "incomplete" if state == "missing" else state, log,
+                      error))  # fmt: skip
     return found
-
-
-def _readable_run(directory: Path) -> bool:
-    try:
-        json.loads((directory / RUN_INFO_NAME).read_text())
-        json.loads((directory / RUN_METRICS_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def unfinished_note(unfinished: list[tuple[str, str, str | None, str | None]]) -> str:
