@@ -34,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .constants import EVAL_DIR, MODEL_CARD_NAME, PROMPT_FILES
-from .reports import EvalReport
+from .eval_report import EvalReport
 
 CARD_TEMPLATE = "prompt_card.md"
 PUSHED_SUFFIXES = (".safetensors", ".json", ".md")  # top-level files a push uploads, with everything under eval/

@@ -37,8 +37,8 @@ from .constants import (
     SWEEP_JOB_NAME,
 )
 from .data import DOMAIN_SHIFTS
+from .eval_report import harmonic_mean
 from .learners import LEARNERS
-from .reports import harmonic_mean
 from .runs import run_state
 
 # Files a run leaves in its directory from its start on: where one lies without a finished result, a run is missing

@@ -36,12 +36,12 @@ from .data.checks import check_columns, check_labels, check_training_set
 from .data.collator import ROW_COLUMN, CLIPImageCollator, ImageFeatureCollator, with_row_numbers
 from .data.feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 from .data.loading import class_names_from_features
+from .eval_report import EvalReport
 from .hub import HubError, hub_errors, model_card, preset_evidence, push_output_dir, repo_name, require_token
 from .losses import margin_variance, training_objective
-from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
+from .metrics import CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .prompts.config import PromptConfig, validate_class_names
-from .reports import EvalReport
 from .runs import (
     check_checkpoint_is_this_run,
     check_output_dir_is_free,
@@ -374,22 +374,28 @@ class CMPTrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics."""
+        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
+
+        The calibration maths runs once per set, here, on the logits concatenated once (Trainer concatenates at
+        every batch, quadratic in the set's size): the default ``compute_metrics`` is not called by Trainer, its
+        numbers come with the set's report."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
-        concatenate = self.args.eval_do_concat_batches
-        if name is not None:  # Trainer concatenates at every batch (quadratic in the set's size): once, here
-            self.args.eval_do_concat_batches = False
+        own_metrics = self._computes_calibration_metrics()
+        concatenate, compute_metrics = self.args.eval_do_concat_batches, self.compute_metrics
+        self.args.eval_do_concat_batches = False
+        if own_metrics:
+            self.compute_metrics = None
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
                     dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
                 )
-        except NonFiniteScoresError as error:  # from the default compute_metrics
+        except NonFiniteScoresError as error:  # from a CalibrationMetrics with other bins
             raise self._non_finite_eval_error(name, error.rows) from error
         finally:
-            self.args.eval_do_concat_batches = concatenate
+            self.args.eval_do_concat_batches, self.compute_metrics = concatenate, compute_metrics
         if isinstance(output.predictions, list):
             labels = output.label_ids
             output = output._replace(
@@ -397,15 +403,20 @@ class CMPTrainer(Trainer):
                 label_ids=np.concatenate(labels) if isinstance(labels, list) else labels,
             )
         output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
-        if name is not None and output.predictions is not None and output.label_ids is not None:
-            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-            rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
-            if len(rows):
-                raise self._non_finite_eval_error(name, rows)
-            computed = self._calibration_metrics(output.metrics, metric_key_prefix)
-            self.eval_reports[name] = EvalReport.from_logits(
-                name, logits, output.label_ids, self.args.calibration_bins, metrics=computed
-            )
+        if (name is None and not own_metrics) or output.predictions is None or output.label_ids is None:
+            return output
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+        if len(rows):
+            raise self._non_finite_eval_error(name, rows)
+        report = EvalReport.from_logits(
+            name or metric_key_prefix, logits, output.label_ids, self.args.calibration_bins
+        )
+        if name is not None:
+            self.eval_reports[name] = report
+        if own_metrics:  # in the order Trainer gives compute_metrics' keys: before the loss
+            metrics = {f"{metric_key_prefix}_{key}": value for key, value in report.metrics.items()}
+            output = output._replace(metrics={**metrics, **output.metrics})
         return output
 
     def _non_finite_eval_error(self, name: str | None, rows: np.ndarray) -> ValueError:
@@ -415,13 +426,11 @@ class CMPTrainer(Trainer):
             "report of this set was written."
         )
 
-    def _calibration_metrics(self, metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
-        """The calibration metrics that the default ``compute_metrics`` has just computed for this set (``None``
-        with another ``compute_metrics``): the report takes them instead of computing them a second time."""
+    def _computes_calibration_metrics(self) -> bool:
+        """Whether ``compute_metrics`` is the default ``CalibrationMetrics`` with the eval report's bins: then the
+        report's metrics are its numbers and Trainer need not compute them a second time."""
         computed = self.compute_metrics
-        if not (isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins):
-            return None
-        return {key: metrics[f"{prefix}_{key}"] for key in METRIC_KEYS}
+        return isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins
 
     def fit_temperature(self, dataset: Dataset) -> float:
         """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,

@@ -5,9 +5,9 @@
 
 (1) maths: ``calibration_metrics`` on logits in memory; (2) ``CMPTrainer.evaluate`` of a set of 50,000 cached image
 features over 1,000 classes on a tiny CLIP (so the forward passes cost little next to the metrics): dataloader,
-forward, loss terms, ``compute_metrics`` and the eval report with its reliability table and risk curve; of which
-(3) the metrics stage alone, ``CalibrationMetrics`` plus the report; (4) the ``calibration`` evaluate module on the
-same logits (``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). Medians of
+forward, loss terms and the eval report (its metrics are the ones returned); of which (3) the metrics stage alone,
+``EvalReport.from_logits``; (4) the ``calibration`` evaluate module on the same logits
+(``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). Medians of
 ``--repeats``.
 """
 
@@ -25,16 +25,15 @@ import evaluate
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import EvalPrediction
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.data.collator import ImageFeatureCollator
 from cmp_hf.data.feature_cache import FEATURES_COLUMN
+from cmp_hf.eval_report import EvalReport
 from cmp_hf.evaluation import CALIBRATION_METRIC
-from cmp_hf.metrics import CalibrationMetrics, calibration_metrics
+from cmp_hf.metrics import calibration_metrics
 from cmp_hf.progress import bars_only
 from cmp_hf.prompts import PromptConfig
-from cmp_hf.reports import EvalReport
 from cmp_hf.testing.tiny import tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
@@ -75,11 +74,9 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     trainer, dataset = trainer_for(args)
     output = trainer.predict(dataset)  # the logits the evaluation computes metrics from
     logits, labels = output.predictions, output.label_ids
-    prediction = EvalPrediction(predictions=logits, label_ids=labels)
 
-    def metrics_stage() -> None:  # what CMPTrainer runs on the gathered logits of one eval set
-        metrics = CalibrationMetrics(args.n_bins)(prediction)
-        EvalReport.from_logits("eval", logits, labels, args.n_bins, metrics=metrics)
+    def metrics_stage() -> None:  # what CMPTrainer runs on the gathered logits of one eval set: metrics + report
+        EvalReport.from_logits("eval", logits, labels, args.n_bins)
 
     results = {
         "maths": seconds(lambda: calibration_metrics(labels, logits=logits, n_bins=args.n_bins), args.repeats),

@@ -45,9 +45,9 @@ from ..data import (
     subset_classes,
 )
 from ..data.checks import check_labels
+from ..eval_report import base_novel_harmonic_mean
 from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
-from ..reports import base_novel_harmonic_mean
 from ..runs import checkpoint_step, checkpoint_to_resume, output_dir_of_run
 from ..trainer import CMPTrainer
 from .config_file import parse_config_and_overrides
