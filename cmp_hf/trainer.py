@@ -406,12 +406,12 @@ class CMPTrainer(Trainer):
         if (name is None and not own_metrics) or output.predictions is None or output.label_ids is None:
             return output
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
-        if len(rows):
-            raise self._non_finite_eval_error(name, rows)
-        report = EvalReport.from_logits(
-            name or metric_key_prefix, logits, output.label_ids, self.args.calibration_bins
-        )
+        try:  # the maths checks the logits and names their non-finite rows: no second pass over them here
+            report = EvalReport.from_logits(
+                name or metric_key_prefix, logits, output.label_ids, self.args.calibration_bins
+            )
+        except NonFiniteScoresError as error:
+            raise self._non_finite_eval_error(name, error.rows) from error
         if name is not None:
             self.eval_reports[name] = report
         if own_metrics:  # in the order Trainer gives compute_metrics' keys: before the loss
