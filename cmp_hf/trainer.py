@@ -402,22 +402,23 @@ class CMPTrainer(Trainer):
                 predictions=np.concatenate(output.predictions),
                 label_ids=np.concatenate(labels) if isinstance(labels, list) else labels,
             )
-        output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
-        if (name is None and not own_metrics) or output.predictions is None or output.label_ids is None:
-            return output
+        terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
+        if (name is not None or own_metrics) and output.predictions is not None and output.label_ids is not None:
+            output.metrics.update(self._report_metrics(output, name, metric_key_prefix, own_metrics))
+        output.metrics.update(terms)
+        return output
+
+    def _report_metrics(self, output, name: str | None, prefix: str, own_metrics: bool) -> dict[str, float]:
+        """Compute the set's report (kept under ``name``); return its metrics, prefixed, when they stand for the
+        default ``compute_metrics`` (which Trainer did not call), to go where Trainer puts its numbers."""
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
         try:  # the maths checks the logits and names their non-finite rows: no second pass over them here
-            report = EvalReport.from_logits(
-                name or metric_key_prefix, logits, output.label_ids, self.args.calibration_bins
-            )
+            report = EvalReport.from_logits(name or prefix, logits, output.label_ids, self.args.calibration_bins)
         except NonFiniteScoresError as error:
             raise self._non_finite_eval_error(name, error.rows) from error
         if name is not None:
             self.eval_reports[name] = report
-        if own_metrics:  # in the order Trainer gives compute_metrics' keys: before the loss
-            metrics = {f"{metric_key_prefix}_{key}": value for key, value in report.metrics.items()}
-            output = output._replace(metrics={**metrics, **output.metrics})
-        return output
+        return {f"{prefix}_{key}": value for key, value in report.metrics.items()} if own_metrics else {}
 
     def _non_finite_eval_error(self, name: str | None, rows: np.ndarray) -> ValueError:
         return ValueError(
