@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from datasets.config import HF_DATASETS_CACHE
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
+from transformers import CLIPModel, CLIPProcessor, EvalPrediction, Trainer, TrainerCallback, set_seed
 
 from . import posthoc
 from .atomic import staged_directory, write_text
@@ -376,17 +376,16 @@ class CMPTrainer(Trainer):
     ):
         """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
 
-        The calibration maths runs once per set, here, on the logits concatenated once (Trainer concatenates at
-        every batch, quadratic in the set's size): the default ``compute_metrics`` is not called by Trainer, its
-        numbers come with the set's report."""
+        The logits are concatenated once (Trainer concatenates at every batch, quadratic in the set's size). The
+        calibration maths runs once per set, here: the default ``compute_metrics`` is not called by Trainer, its
+        numbers come with the set's report; another ``compute_metrics`` gets the whole set's arrays, as usual."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
         own_metrics = self._computes_calibration_metrics()
         concatenate, compute_metrics = self.args.eval_do_concat_batches, self.compute_metrics
         self.args.eval_do_concat_batches = False
-        if own_metrics:
-            self.compute_metrics = None
+        self.compute_metrics = None if own_metrics else _on_whole_arrays(compute_metrics)
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
@@ -396,12 +395,7 @@ class CMPTrainer(Trainer):
             raise self._non_finite_eval_error(name, error.rows) from error
         finally:
             self.args.eval_do_concat_batches, self.compute_metrics = concatenate, compute_metrics
-        if isinstance(output.predictions, list):
-            labels = output.label_ids
-            output = output._replace(
-                predictions=np.concatenate(output.predictions),
-                label_ids=np.concatenate(labels) if isinstance(labels, list) else labels,
-            )
+        output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
         terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
         if (name is not None or own_metrics) and output.predictions is not None and output.label_ids is not None:
             output.metrics.update(self._report_metrics(output, name, metric_key_prefix, own_metrics))
@@ -662,6 +656,23 @@ class CMPTrainer(Trainer):
                 "labels",
             ]
             self._signature_columns = columns
+
+
+def _joined(values: Any) -> Any:
+    """One array from Trainer's per-batch list of arrays (``eval_do_concat_batches=False``); anything else as is."""
+    return np.concatenate(values) if isinstance(values, list) else values
+
+
+def _on_whole_arrays(compute_metrics: Callable | None) -> Callable | None:
+    """``compute_metrics`` called with whole-set arrays while Trainer gathers per-batch lists of them."""
+    if compute_metrics is None:
+        return None
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        fields = ("predictions", "label_ids", "inputs", "losses")
+        return compute_metrics(EvalPrediction(**{name: _joined(getattr(prediction, name)) for name in fields}))
+
+    return compute
 
 
 def _non_finite_rows(values: torch.Tensor) -> list[int]:

@@ -182,3 +182,21 @@ def test_predict_gives_the_calibration_metrics_and_keeps_no_report(tmp_path):
     assert {key: output.metrics[f"test_{key}"] for key in expected} == expected
     keys = [key for key in output.metrics if not key.endswith(("_runtime", "_per_second", "_preparation_time"))]
     assert keys == ["test_loss", *(f"test_{key}" for key in expected), "test_ce", "test_cmp", "test_misclassified"]
+
+
+def test_another_compute_metrics_gets_the_whole_sets_arrays(tmp_path):
+    seen = []
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        seen.append((prediction.predictions, prediction.label_ids))
+        return {"rows": len(prediction.label_ids)}
+
+    trainer, dataset = feature_trainer(tmp_path, 30, 5, per_device_eval_batch_size=8)
+    trainer.compute_metrics = compute_metrics
+    metrics = trainer.evaluate({"set": dataset})
+    output = trainer.predict(dataset)
+    assert metrics["eval_set_rows"] == output.metrics["test_rows"] == 30 and "eval_set_ece_pct" not in metrics
+    for logits, labels in seen:  # arrays of all 30 rows, not Trainer's per-batch lists
+        np.testing.assert_array_equal(logits, output.predictions)
+        np.testing.assert_array_equal(labels, dataset["label"])
+    assert trainer.eval_reports["set"].metrics == as_percent(calibration_metrics(labels, logits=logits))
