@@ -40,6 +40,9 @@ METRIC_KEYS = (
 )  # fmt: skip
 
 
+CLASSWISE_BLOCK = 2**21  # entries of p per block of classwise_ece: 16 MB of bin indices
+
+
 @dataclass(frozen=True)
 class ReliabilityTable:
     """Per-bin statistics a reliability diagram draws. Empty bins have NaN accuracy and confidence."""
@@ -144,17 +147,22 @@ def classwise_ece(p: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
     """Mean over classes k of the ECE of p[:, k] against 1[labels = k], with ``reliability_table``'s bins.
 
     All classes' bins are counted in one ``bincount`` (bin index k * n_bins + b) instead of a loop over classes,
-    which matters at ImageNet's 1000 classes.
+    which matters at ImageNet's 1000 classes; over blocks of rows, so that the bin indices take 16 MB instead of
+    N x C x 8 bytes (400 MB at 50,000 x 1,000, the largest allocation of the evaluation).
     """
     n, num_classes = p.shape
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bin_ids = np.searchsorted(edges[1:-1], p, side="left") + n_bins * np.arange(num_classes)
-    size = n_bins * num_classes
-    count = np.bincount(bin_ids.ravel(), minlength=size)
-    # sum_B (1[y=k] - p_k): -p over every entry, +1 in the bin of each sample's true class (no N x C indicator)
-    gap = np.bincount(bin_ids[np.arange(n), labels], minlength=size) - np.bincount(
-        bin_ids.ravel(), weights=p.ravel(), minlength=size
-    )
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    offsets, size = n_bins * np.arange(num_classes), n_bins * num_classes
+    count, gap = np.zeros(size, dtype=np.int64), np.zeros(size)
+    rows = max(1, CLASSWISE_BLOCK // num_classes)
+    for start in range(0, n, rows):
+        block, block_labels = p[start : start + rows], labels[start : start + rows]
+        bin_ids = np.searchsorted(inner_edges, block, side="left")
+        bin_ids += offsets
+        count += np.bincount(bin_ids.ravel(), minlength=size)
+        # sum_B (1[y=k] - p_k): +1 in the bin of each sample's true class (no N x C indicator), -p over every entry
+        gap += np.bincount(bin_ids[np.arange(len(block)), block_labels], minlength=size)
+        gap -= np.bincount(bin_ids.ravel(), weights=block.ravel(), minlength=size)
     # |B|/N * |freq_B - conf_B| = |sum_B (1[y=k] - p_k)| / N; summed over all bins of all classes, then / classes
     return float(np.abs(gap[count > 0]).sum() / n / num_classes)
 

@@ -8,14 +8,13 @@ features over 1,000 classes on a tiny CLIP (so the forward passes cost little ne
 forward, loss terms and the eval report (its metrics are the ones returned); of which (3) the metrics stage alone,
 ``EvalReport.from_logits``, and (4) the eval loss terms of the same logits, batch by batch (cross-entropy, CMP,
 the misclassified fraction); (5) the ``calibration`` evaluate module on the same logits
-(``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). Medians of ``--repeats``
-after a warm-up call, the paths taking turns.
+(``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). The fastest of
+``--repeats`` after a warm-up call, the paths taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -44,8 +43,9 @@ from recipes.bench_speed import class_names, print_table  # noqa: E402
 
 
 def seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each call after a warm-up one. The calls take turns at every repeat, so that a change in
-    a shared machine's load falls on all of them alike."""
+    """Fastest seconds of each call over ``repeats`` after a warm-up one (as ``timeit``: the run least disturbed
+    by other processes on a shared machine). The calls take turns at every repeat, so that a change in the
+    machine's load falls on all of them alike."""
     times = {name: [] for name in calls}
     for repeat in range(repeats + 1):
         for name, call in calls.items():
@@ -53,7 +53,7 @@ def seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
             call()
             if repeat:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: min(values) for name, values in times.items()}
 
 
 def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         compute = lambda: module.compute(predictions=logits, references=labels, n_bins=args.n_bins, from_logits=True)  # noqa: E731
         results.update(seconds({"evaluate module": compute}, args.repeats))
     threads = torch.get_num_threads()
-    print(f"{args.samples:,} x {args.classes:,} logits, {threads} CPU threads, median of {args.repeats}")
+    print(f"{args.samples:,} x {args.classes:,} logits, {threads} CPU threads, fastest of {args.repeats}")
     rows = [[name, f"{value:.2f}", f"{value / results['maths']:.2f}x"] for name, value in results.items()]
     print_table(["path", "seconds", "/ maths"], rows)
     return results
