@@ -77,7 +77,9 @@ def cmp_penalty(
         # logsumexp over H from the row's maximum, which is in H when the row is misclassified (so its mass >= 1);
         # a row without competitors has mass 0, kept finite (and its gradient) by the clamp, then discarded.
         top = z.amax(dim=1, keepdim=True).detach()
-        mass = torch.where(in_h, (z - top).exp(), 0).sum(dim=1)
+        weights = (z - top).exp()
+        # in place where no graph is kept (evaluation): no third (B, C) array
+        mass = (weights.mul_(in_h) if not weights.requires_grad else torch.where(in_h, weights, 0)).sum(dim=1)
         misclassified = mass > 0
         per_sample = mass.clamp_min(torch.finfo(z.dtype).tiny).log() + top.squeeze(1) - true_logit
     else:
