@@ -22,8 +22,8 @@ These functions work on numpy arrays and know nothing of models or of the rest o
 nothing from it). :func:`calibration_result` is the one computation: the metrics with the reliability table and the
 risk curve they come from. ``calibration_metrics``, ``CalibrationMetrics`` (``Trainer``'s ``compute_metrics``), the
 ``calibration`` ``evaluate`` module (:mod:`cmp_hf.evaluation`) and the trainer's eval reports all go through it; the
-trainer calls it once per eval set on the logits in memory, as the module's Arrow store costs ~15x the maths at
-ImageNet's 50,000 x 1,000.
+trainer calls it once per eval set on the logits in memory, as the module's Arrow store costs 15-18x the maths
+at ImageNet's 50,000 x 1,000.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def classwise_ece(p: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
 
     All classes' bins are counted in one ``bincount`` (bin index k * n_bins + b) instead of a loop over classes,
     which matters at ImageNet's 1000 classes; over blocks of rows, so that the bin indices take 16 MB instead of
-    N x C x 8 bytes (400 MB at 50,000 x 1,000, the largest allocation of the evaluation).
+    N x C x 8 bytes (400 MB at 50,000 x 1,000, as much again as the float64 probabilities).
     """
     n, num_classes = p.shape
     inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
