@@ -18,9 +18,9 @@ from . import posthoc
 from .config import CMPConfig
 from .constants import PRESETS
 from .data.fewshot import examples_per_class
+from .eval_report import EvalReport
 from .hub import repo_name
 from .modeling import PromptTunedCLIP
-from .reports import EvalReport
 
 CARD_TEMPLATE = "prompt_card.md"
 CARD_TAGS = ["cmp_hf", "clip", "coop", "prompt-tuning", "calibration", "cmp"]

@@ -16,7 +16,7 @@ TRAINING_ARGS_NAME = "training_args.json"
 MODEL_CARD_NAME = "README.md"
 EVAL_DIR = "eval"  # eval/<set>/ holds one eval set's report
 # Metrics, by the same name wherever they are: a recipe run's of every eval set in output_dir ({set: {metric: value}},
-# cmp_hf.runs.RunRecord), one eval set's report in eval/<set>/ (cmp_hf.reports)
+# cmp_hf.run_record.RunRecord), one eval set's report in eval/<set>/ (cmp_hf.eval_report)
 METRICS_NAME = "metrics.json"
 RELIABILITY_DIAGRAM_NAME = "reliability.png"
 RISK_COVERAGE_NAME = "risk_coverage.png"

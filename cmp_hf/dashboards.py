@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.integrations import TensorBoardCallback, TrackioCallback
 
-from .reports import FIGURES, EvalReport
+from .eval_report import FIGURES, EvalReport
 
 IMAGE_TRACKERS = ("tensorboard", "trackio")
 

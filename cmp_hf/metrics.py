@@ -18,10 +18,12 @@ maximum softmax probability; equal-width bins are ``(lower, upper]``; ECE = sum_
   a fraction in [0, 1] (lower is better). torch-uncertainty integrates the same curve with the trapezoid rule,
   which differs by O(1/N).
 
-These functions work on numpy arrays and know nothing of models. The ``calibration`` ``evaluate`` module
-(:mod:`cmp_hf.evaluation`) and ``CalibrationMetrics`` (``Trainer``'s ``compute_metrics``) both compute through
-``calibration_metrics``; the latter calls it on the logits in memory, as the module's Arrow store costs ~15x the
-maths at ImageNet's 50,000 x 1,000.
+These functions work on numpy arrays and know nothing of models or of the rest of cmp_hf (this module imports
+nothing from it). :func:`calibration_result` is the one computation: the metrics with the reliability table and the
+risk curve they come from. ``calibration_metrics``, ``CalibrationMetrics`` (``Trainer``'s ``compute_metrics``), the
+``calibration`` ``evaluate`` module (:mod:`cmp_hf.evaluation`) and the trainer's eval reports all go through it; the
+trainer calls it once per eval set on the logits in memory, as the module's Arrow store costs 15-18x the maths
+at ImageNet's 50,000 x 1,000.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ METRIC_KEYS = (
     "accuracy_pct", "ece_pct", "ace_pct", "mce_pct", "mce_weighted_pct", "rmsce_pct", "nll", "brier",
     "classwise_ece_pct", "aurc",
 )  # fmt: skip
+
+
+CLASSWISE_BLOCK = 2**21  # entries of p per block of classwise_ece: 16 MB of bin indices
 
 
 @dataclass(frozen=True)
@@ -56,15 +61,6 @@ class ReliabilityTable:
     def to_dict(self) -> dict[str, list[float | None]]:
         """Plain lists for JSON; empty bins' NaN become ``None`` (null)."""
         return {name: [None if np.isnan(v) else float(v) for v in values] for name, values in asdict(self).items()}
-
-
-def probabilities(*, probs: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
-    """Class probabilities in float64 from exactly one of ``probs`` or ``logits`` (softmax is applied to logits)."""
-    if (probs is None) == (logits is None):
-        raise ValueError("Pass exactly one of probs= (probabilities) or logits= (unnormalised scores).")
-    if probs is not None:
-        return np.asarray(probs, dtype=np.float64)
-    return _softmax(logits)[0]
 
 
 def _softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,17 +147,22 @@ def classwise_ece(p: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
     """Mean over classes k of the ECE of p[:, k] against 1[labels = k], with ``reliability_table``'s bins.
 
     All classes' bins are counted in one ``bincount`` (bin index k * n_bins + b) instead of a loop over classes,
-    which matters at ImageNet's 1000 classes.
+    which matters at ImageNet's 1000 classes; over blocks of rows, so that the bin indices take 16 MB instead of
+    N x C x 8 bytes (400 MB at 50,000 x 1,000, as much again as the float64 probabilities).
     """
     n, num_classes = p.shape
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bin_ids = np.searchsorted(edges[1:-1], p, side="left") + n_bins * np.arange(num_classes)
-    size = n_bins * num_classes
-    count = np.bincount(bin_ids.ravel(), minlength=size)
-    # sum_B (1[y=k] - p_k): -p over every entry, +1 in the bin of each sample's true class (no N x C indicator)
-    gap = np.bincount(bin_ids[np.arange(n), labels], minlength=size) - np.bincount(
-        bin_ids.ravel(), weights=p.ravel(), minlength=size
-    )
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    offsets, size = n_bins * np.arange(num_classes), n_bins * num_classes
+    count, gap = np.zeros(size, dtype=np.int64), np.zeros(size)
+    rows = max(1, CLASSWISE_BLOCK // num_classes)
+    for start in range(0, n, rows):
+        block, block_labels = p[start : start + rows], labels[start : start + rows]
+        bin_ids = np.searchsorted(inner_edges, block, side="left")
+        bin_ids += offsets
+        count += np.bincount(bin_ids.ravel(), minlength=size)
+        # sum_B (1[y=k] - p_k): +1 in the bin of each sample's true class (no N x C indicator), -p over every entry
+        gap += np.bincount(bin_ids[np.arange(len(block)), block_labels], minlength=size)
+        gap -= np.bincount(bin_ids.ravel(), weights=block.ravel(), minlength=size)
     # |B|/N * |freq_B - conf_B| = |sum_B (1[y=k] - p_k)| / N; summed over all bins of all classes, then / classes
     return float(np.abs(gap[count > 0]).sum() / n / num_classes)
 
@@ -177,14 +178,31 @@ def risk_coverage(confidences: np.ndarray, correct: np.ndarray) -> tuple[np.ndar
     return k / len(order), np.cumsum(errors) / k
 
 
-def calibration_metrics(
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The calibration of one set of scores: ``metrics`` as fractions (not percent), the equal-width
+    ``reliability`` table that ECE, MCE and RMSCE come from, and ``risk``: the error rate of the k most confident
+    samples, k = 1..N, whose mean is the AURC."""
+
+    metrics: dict[str, float]
+    reliability: ReliabilityTable
+    risk: np.ndarray
+    num_classes: int
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.risk)
+
+
+def calibration_result(
     labels: np.ndarray,
     *,
     probs: np.ndarray | None = None,
     logits: np.ndarray | None = None,
     n_bins: int = 10,
-) -> dict[str, float]:
-    """All calibration metrics as fractions (not percent). Give ``probs=`` or ``logits=``, not both.
+) -> CalibrationResult:
+    """All calibration metrics of ``probs=`` or ``logits=`` (not both) with the table and curve they come from,
+    from one softmax pass.
 
     Non-finite scores and non-integer labels are refused (they would give numbers with no meaning, or a label
     silently truncated to another class)."""
@@ -205,6 +223,7 @@ def calibration_metrics(
     confidences = p.max(axis=1)
     correct = (p.argmax(axis=1) == labels).astype(np.float64)
     table = reliability_table(confidences, correct, n_bins)
+    _, risk = risk_coverage(confidences, correct)
     gaps = np.abs(table.accuracy - table.confidence)
     weights = table.count / table.count.sum()
     true_prob = p[np.arange(len(labels)), labels]
@@ -212,7 +231,7 @@ def calibration_metrics(
         log_true = np.asarray(logits)[np.arange(len(labels)), labels].astype(np.float64) - log_normaliser
     else:
         log_true = np.log(np.maximum(true_prob, np.finfo(np.float64).tiny))
-    return {
+    metrics = {
         "accuracy": float(correct.mean()),
         "ece": float(table.weighted_gaps.sum()),
         "ace": float(equal_mass_table(confidences, correct, n_bins).weighted_gaps.sum()),
@@ -222,8 +241,20 @@ def calibration_metrics(
         "nll": float(-log_true.mean()),
         "brier": float(((p**2).sum(axis=1) - 2 * true_prob + 1).mean()),  # sum_k (p_k - 1[k=y])^2, no one-hot
         "classwise_ece": classwise_ece(p, labels, n_bins),
-        "aurc": float(risk_coverage(confidences, correct)[1].mean()),
+        "aurc": float(risk.mean()),
     }
+    return CalibrationResult(metrics, table, risk, p.shape[1])
+
+
+def calibration_metrics(
+    labels: np.ndarray,
+    *,
+    probs: np.ndarray | None = None,
+    logits: np.ndarray | None = None,
+    n_bins: int = 10,
+) -> dict[str, float]:
+    """All calibration metrics as fractions (not percent): :func:`calibration_result`'s ``metrics``."""
+    return calibration_result(labels, probs=probs, logits=logits, n_bins=n_bins).metrics
 
 
 def as_percent(metrics: dict[str, float]) -> dict[str, float]:
@@ -240,7 +271,8 @@ class CalibrationMetrics:
 
     Computes :func:`calibration_metrics` on the logits in memory: the numbers of the ``calibration`` ``evaluate``
     module (``cmp_hf.evaluation.Calibration``, which calls the same function), without the module's Arrow round
-    trip. Returns ``as_percent`` keys (:data:`METRIC_KEYS`): ``accuracy_pct``, ``ece_pct``, ``ace_pct``,
+    trip. ``CMPTrainer`` does not call it: it computes the same numbers with each eval set's report, once.
+    Returns ``as_percent`` keys (:data:`METRIC_KEYS`): ``accuracy_pct``, ``ece_pct``, ``ace_pct``,
     ``mce_pct``, ``mce_weighted_pct``, ``rmsce_pct``, ``classwise_ece_pct`` (percent, as the paper prints them),
     ``nll``, ``brier`` and ``aurc`` (their own scale).
     """

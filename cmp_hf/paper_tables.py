@@ -37,8 +37,8 @@ from .constants import (
     SWEEP_JOB_NAME,
 )
 from .data import DOMAIN_SHIFTS
+from .eval_report import harmonic_mean
 from .learners import LEARNERS
-from .reports import harmonic_mean
 from .run_record import RunRecord
 from .runs import RunDir
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from huggingface_hub import ModelCard
-from transformers import CLIPModel, CLIPProcessor, Trainer, TrainerCallback, set_seed
+from transformers import CLIPModel, CLIPProcessor, EvalPrediction, Trainer, TrainerCallback, set_seed
 
 from . import posthoc
 from .atomic import staged_directory, write_text
@@ -28,12 +28,12 @@ from .data.collator import ROW_COLUMN
 from .data.feature_cache import FEATURES_COLUMN
 from .data.loading import class_names_from_features
 from .data.pipeline import InputPipeline, named_datasets
+from .eval_report import EvalReport
 from .factory import load_prompt_weights, prompt_model
 from .hub import hub_errors, push_checkpoint, push_output_dir, require_token
 from .losses import margin_variance, training_objective
-from .metrics import METRIC_KEYS, CalibrationMetrics, NonFiniteScoresError
+from .metrics import CalibrationMetrics, NonFiniteScoresError
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
-from .reports import EvalReport
 from .runs import RunDir
 from .schedulers import coop_scheduler
 
@@ -325,39 +325,45 @@ class CMPTrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics."""
+        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
+
+        The logits are concatenated once (Trainer concatenates at every batch, quadratic in the set's size). The
+        calibration maths runs once per set, here: the default ``compute_metrics`` is not called by Trainer, its
+        numbers come with the set's report; another ``compute_metrics`` gets the whole set's arrays, as usual."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
-        concatenate = self.args.eval_do_concat_batches
-        if name is not None:  # Trainer concatenates at every batch (quadratic in the set's size): once, here
-            self.args.eval_do_concat_batches = False
+        own_metrics = self._computes_calibration_metrics()
+        concatenate, compute_metrics = self.args.eval_do_concat_batches, self.compute_metrics
+        self.args.eval_do_concat_batches = False
+        self.compute_metrics = None if own_metrics else _on_whole_arrays(compute_metrics)
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
                     dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
                 )
-        except NonFiniteScoresError as error:  # from the default compute_metrics
+        except NonFiniteScoresError as error:  # from a CalibrationMetrics with other bins
             raise self._non_finite_eval_error(name, error.rows) from error
         finally:
-            self.args.eval_do_concat_batches = concatenate
-        if isinstance(output.predictions, list):
-            labels = output.label_ids
-            output = output._replace(
-                predictions=np.concatenate(output.predictions),
-                label_ids=np.concatenate(labels) if isinstance(labels, list) else labels,
-            )
-        output.metrics.update(self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_"))
-        if name is not None and output.predictions is not None and output.label_ids is not None:
-            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-            rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
-            if len(rows):
-                raise self._non_finite_eval_error(name, rows)
-            computed = self._calibration_metrics(output.metrics, metric_key_prefix)
-            self.eval_reports[name] = EvalReport.from_logits(
-                name, logits, output.label_ids, self.args.calibration_bins, metrics=computed
-            )
+            self.args.eval_do_concat_batches, self.compute_metrics = concatenate, compute_metrics
+        output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
+        terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
+        if (name is not None or own_metrics) and output.predictions is not None and output.label_ids is not None:
+            output.metrics.update(self._report_metrics(output, name, metric_key_prefix, own_metrics))
+        output.metrics.update(terms)
         return output
+
+    def _report_metrics(self, output, name: str | None, prefix: str, own_metrics: bool) -> dict[str, float]:
+        """Compute the set's report (kept under ``name``); return its metrics, prefixed, when they stand for the
+        default ``compute_metrics`` (which Trainer did not call), to go where Trainer puts its numbers."""
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        try:  # the maths checks the logits and names their non-finite rows: no second pass over them here
+            report = EvalReport.from_logits(name or prefix, logits, output.label_ids, self.args.calibration_bins)
+        except NonFiniteScoresError as error:
+            raise self._non_finite_eval_error(name, error.rows) from error
+        if name is not None:
+            self.eval_reports[name] = report
+        return {f"{prefix}_{key}": value for key, value in report.metrics.items()} if own_metrics else {}
 
     def _non_finite_eval_error(self, name: str | None, rows: np.ndarray) -> ValueError:
         return ValueError(
@@ -366,13 +372,11 @@ class CMPTrainer(Trainer):
             "report of this set was written."
         )
 
-    def _calibration_metrics(self, metrics: dict[str, float], prefix: str) -> dict[str, float] | None:
-        """The calibration metrics that the default ``compute_metrics`` has just computed for this set (``None``
-        with another ``compute_metrics``): the report takes them instead of computing them a second time."""
+    def _computes_calibration_metrics(self) -> bool:
+        """Whether ``compute_metrics`` is the default ``CalibrationMetrics`` with the eval report's bins: then the
+        report's metrics are its numbers and Trainer need not compute them a second time."""
         computed = self.compute_metrics
-        if not (isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins):
-            return None
-        return {key: metrics[f"{prefix}_{key}"] for key in METRIC_KEYS}
+        return isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins
 
     def fit_temperature(self, dataset: Dataset) -> float:
         """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,
@@ -565,6 +569,23 @@ class CMPTrainer(Trainer):
                 "labels",
             ]
             self._signature_columns = columns
+
+
+def _joined(values: Any) -> Any:
+    """One array from Trainer's per-batch list of arrays (``eval_do_concat_batches=False``); anything else as is."""
+    return np.concatenate(values) if isinstance(values, list) else values
+
+
+def _on_whole_arrays(compute_metrics: Callable | None) -> Callable | None:
+    """``compute_metrics`` called with whole-set arrays while Trainer gathers per-batch lists of them."""
+    if compute_metrics is None:
+        return None
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        fields = ("predictions", "label_ids", "inputs", "losses")
+        return compute_metrics(EvalPrediction(**{name: _joined(getattr(prediction, name)) for name in fields}))
+
+    return compute
 
 
 def _non_finite_rows(values: torch.Tensor) -> list[int]:

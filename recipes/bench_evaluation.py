@@ -5,49 +5,55 @@
 
 (1) maths: ``calibration_metrics`` on logits in memory; (2) ``CMPTrainer.evaluate`` of a set of 50,000 cached image
 features over 1,000 classes on a tiny CLIP (so the forward passes cost little next to the metrics): dataloader,
-forward, loss terms, ``compute_metrics`` and the eval report with its reliability table and risk curve; of which
-(3) the metrics stage alone, ``CalibrationMetrics`` plus the report; (4) the ``calibration`` evaluate module on the
-same logits (``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). Medians of
-``--repeats``.
+forward, loss terms and the eval report (its metrics are the ones returned); of which (3) the metrics stage alone,
+``EvalReport.from_logits``, and (4) the eval loss terms of the same logits, batch by batch (cross-entropy, CMP,
+the misclassified fraction); (5) the ``calibration`` evaluate module on the same logits
+(``evaluate.load(CALIBRATION_METRIC).compute``: the logits go through an Arrow table). The fastest of
+``--repeats`` after a warm-up call, the paths taking turns.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import evaluate
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import EvalPrediction
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.data.collator import ImageFeatureCollator
 from cmp_hf.data.feature_cache import FEATURES_COLUMN
+from cmp_hf.eval_report import EvalReport
 from cmp_hf.evaluation import CALIBRATION_METRIC
-from cmp_hf.metrics import CalibrationMetrics, calibration_metrics
+from cmp_hf.losses import training_objective
+from cmp_hf.metrics import calibration_metrics
 from cmp_hf.progress import bars_only
 from cmp_hf.prompts import PromptConfig
-from cmp_hf.reports import EvalReport
 from cmp_hf.testing.tiny import tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
 from recipes.bench_speed import class_names, print_table  # noqa: E402
 
 
-def seconds(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest seconds of each call over ``repeats`` after a warm-up one (as ``timeit``: the run least disturbed
+    by other processes on a shared machine). The calls take turns at every repeat, so that a change in the
+    machine's load falls on all of them alike."""
+    times = {name: [] for name in calls}
+    for repeat in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
@@ -75,23 +81,29 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     trainer, dataset = trainer_for(args)
     output = trainer.predict(dataset)  # the logits the evaluation computes metrics from
     logits, labels = output.predictions, output.label_ids
-    prediction = EvalPrediction(predictions=logits, label_ids=labels)
 
-    def metrics_stage() -> None:  # what CMPTrainer runs on the gathered logits of one eval set
-        metrics = CalibrationMetrics(args.n_bins)(prediction)
-        EvalReport.from_logits("eval", logits, labels, args.n_bins, metrics=metrics)
+    def metrics_stage() -> None:  # what CMPTrainer runs on the gathered logits of one eval set: metrics + report
+        EvalReport.from_logits("eval", logits, labels, args.n_bins)
 
-    results = {
-        "maths": seconds(lambda: calibration_metrics(labels, logits=logits, n_bins=args.n_bins), args.repeats),
-        "trainer.evaluate": seconds(trainer.evaluate, args.repeats),
-        "metrics stage": seconds(metrics_stage, args.repeats),
+    def loss_terms() -> None:  # what the evaluation's compute_loss adds per batch, on the same logits
+        options = trainer.args.loss_options()
+        for start in range(0, len(labels), args.eval_batch_size):
+            stop = start + args.eval_batch_size
+            training_objective(torch.from_numpy(logits[start:stop]), torch.from_numpy(labels[start:stop]), options)
+
+    calls = {
+        "maths": lambda: calibration_metrics(labels, logits=logits, n_bins=args.n_bins),
+        "trainer.evaluate": trainer.evaluate,
+        "metrics stage": metrics_stage,
+        "loss terms": loss_terms,
     }
+    results = seconds(calls, args.repeats)
     if not args.skip_module:
         module = evaluate.load(CALIBRATION_METRIC)
         compute = lambda: module.compute(predictions=logits, references=labels, n_bins=args.n_bins, from_logits=True)  # noqa: E731
-        results["evaluate module"] = seconds(compute, args.repeats)
+        results.update(seconds({"evaluate module": compute}, args.repeats))
     threads = torch.get_num_threads()
-    print(f"{args.samples:,} x {args.classes:,} logits, {threads} CPU threads, median of {args.repeats}")
+    print(f"{args.samples:,} x {args.classes:,} logits, {threads} CPU threads, fastest of {args.repeats}")
     rows = [[name, f"{value:.2f}", f"{value / results['maths']:.2f}x"] for name, value in results.items()]
     print_table(["path", "seconds", "/ maths"], rows)
     return results

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python recipes/bench_serving.py                       # 10, 100, 1000 classes, ViT-B/16 sizes
     python recipes/bench_serving.py --device cuda --bf16                    # the same on a GPU (autocast bf16)
-    python recipes/bench_serving.py --size tiny --classes 4 --images 8      # a smoke run
+    python recipes/bench_serving.py --size tiny                             # a smoke run (seconds, on a tiny CLIP)
 
 Three ways to get the same calibrated logits, on the same randomly initialised CLIP of ViT-B/16 sizes (no weights
 are needed to time it), the same prompt and the same 224-px pixel values (image preprocessing, the same for all,
@@ -15,9 +15,9 @@ is left out):
     computed beforehand: what no classifier over this CLIP can beat.
 
 Printed per class count: per-image latency of one-image calls (median of ``--latency_repeats``), throughput of
-``--images``-image calls (median of ``--throughput_repeats``), their ratios to the floor and to (a), the largest
-logit difference from (a), and each call's peak memory above its start (CUDA allocator on GPU, sampled resident
-set size on CPU, so CPU figures are coarse).
+``--images``-image calls (256 by default; median of ``--throughput_repeats``), their ratios to the floor and to
+(a), the largest logit difference from (a), and each call's peak memory above its start (CUDA allocator on GPU,
+sampled resident set size on CPU, so CPU figures are coarse).
 """
 
 from __future__ import annotations
@@ -73,18 +73,26 @@ def floor(args, classifier: CalibratedCLIP, text: torch.Tensor, pixel_values: to
     return torch.cat(out)
 
 
+def seconds(args, call) -> float:
+    synchronize(args.device)
+    start = time.perf_counter()
+    call()
+    synchronize(args.device)
+    return time.perf_counter() - start
+
+
 def timed(args, call) -> tuple[float, float, torch.Tensor]:
     """Seconds and peak MiB of one call, and its result."""
     with peak_memory(torch.device(args.device)) as memory:
-        synchronize(args.device)
-        start = time.perf_counter()
-        result = call()
-        synchronize(args.device)
-        seconds = time.perf_counter() - start
-    return seconds, memory["mib"], result
+        result = []
+        elapsed = seconds(args, lambda: result.append(call()))
+    return elapsed, memory["mib"], result[0]
 
 
 def measure(args, classes: int) -> dict[str, dict[str, float]]:
+    """The three ways on the same images. Their repeats take turns (a, b, c, a, b, c, ...), so that a change in
+    the machine's load over the run falls on all three alike; one-image calls are timed without the memory
+    sampler (a thread that would take a share of a small call)."""
     classifier = build(args, class_names(classes))
     size = classifier.model.clip.config.vision_config.image_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -98,20 +106,27 @@ def measure(args, classes: int) -> dict[str, dict[str, float]]:
         "now": lambda x: classifier.logits(x, batch_size=args.batch_size, progress=False),
         "floor": lambda x: floor(args, classifier, text, x),
     }
-    results = {}
-    for name, call in ways.items():
+    for call in ways.values():
         call(one)  # warm-up
-        latency = [timed(args, lambda call=call: call(one))[0] for _ in range(args.latency_repeats)]
-        runs = [timed(args, lambda call=call: call(pixel_values)) for _ in range(args.throughput_repeats)]
-        results[name] = {
-            "latency_s": statistics.median(latency),
-            "throughput": args.images / statistics.median(seconds for seconds, _, _ in runs),
-            "peak_mib": max(mib for _, mib, _ in runs),
-            "logits": runs[0][2],
+    latency = {name: [] for name in ways}
+    for _ in range(args.latency_repeats):
+        for name, call in ways.items():
+            latency[name].append(seconds(args, lambda call=call: call(one)))
+    runs = {name: [] for name in ways}
+    for _ in range(args.throughput_repeats):
+        for name, call in ways.items():
+            runs[name].append(timed(args, lambda call=call: call(pixel_values)))
+    results = {
+        name: {
+            "latency_s": statistics.median(latency[name]),
+            "throughput": args.images / statistics.median(elapsed for elapsed, _, _ in runs[name]),
+            "peak_mib": max(mib for _, mib, _ in runs[name]),
         }
-    reference = results["before"]["logits"]
-    for result in results.values():
-        result["max_diff"] = (result.pop("logits") - reference).abs().max().item()
+        for name in ways
+    }
+    reference = runs["before"][0][2]
+    for name, result in results.items():
+        result["max_diff"] = (runs[name][0][2] - reference).abs().max().item()
     return results
 
 
@@ -128,7 +143,7 @@ def main(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
         now, old, low = measured["now"], measured["before"], measured["floor"]
         for name, row in measured.items():
             table.append([
-                str(classes), name, f"{1000 * row['latency_s']:.0f}", f"{row['throughput']:.2f}",
+                str(classes), name, f"{1000 * row['latency_s']:.3g}", f"{row['throughput']:.2f}",
                 f"{row['peak_mib']:.0f}", f"{row['max_diff']:.1e}",
             ])  # fmt: skip
         table.append([

@@ -16,7 +16,7 @@ from cmp_hf import CMPConfig, CMPTrainer
 from cmp_hf.atomic import STAGING_PREFIX, save_safetensors, staged_directory, write_json, write_text
 from cmp_hf.constants import CALIBRATION_NAME
 from cmp_hf.data.collator import ImageFeatureCollator
-from cmp_hf.reports import EvalReport
+from cmp_hf.eval_report import EvalReport
 
 
 def leftovers(directory) -> list[str]:

@@ -1,16 +1,27 @@
-"""The ``calibration`` evaluate module: offline ``evaluate.load``, batches, ``combine``, and the trainer's use."""
+"""The ``calibration`` evaluate module: offline ``evaluate.load``, batches, ``combine``; the trainer's evaluation
+against a brute-force computation."""
 
 import os
+import warnings
 from pathlib import Path
 
 import datasets
 import evaluate
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
 from transformers import EvalPrediction
 
+from cmp_hf import CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
+from cmp_hf.data.collator import ImageFeatureCollator
+from cmp_hf.data.feature_cache import FEATURES_COLUMN
 from cmp_hf.evaluation import CALIBRATION_METRIC, Calibration
-from cmp_hf.metrics import CalibrationMetrics, as_percent, calibration_metrics
+from cmp_hf.losses import cmp_penalty
+from cmp_hf.losses.baselines import mbls_penalty
+from cmp_hf.metrics import CalibrationMetrics, as_percent, calibration_metrics, reliability_table, risk_coverage
+from cmp_hf.testing.tiny import tiny_clip
 
 
 def scores(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,3 +127,76 @@ def test_trainer_metrics_are_the_modules_numbers_without_its_arrow_store(monkeyp
     monkeypatch.setattr(Calibration, "_compute", refuse)
     out = CalibrationMetrics(n_bins=12)(EvalPrediction(predictions=logits, label_ids=labels))
     assert out == expected  # the same function on the same float64 values: equal, not only close
+
+
+def feature_trainer(tmp_path, n: int, classes: int, **options) -> tuple:
+    """A CMPTrainer over cached image features (the evaluation at scale's input) on a tiny CLIP, and its eval set."""
+    names = [f"class {chr(97 + k)}" for k in range(classes)]
+    clip, processor = tiny_clip(word for name in names for word in name.split())
+    with warnings.catch_warnings():  # peft reads a property transformers 5.24 deprecates: nothing to act on
+        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((n, clip.config.projection_dim)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": rng.integers(0, classes, n)})
+    config = CMPConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, **options
+    )
+    trainer = CMPTrainer(model, config, data_collator=ImageFeatureCollator(), processing_class=processor)
+    return trainer, dataset
+
+
+def test_trainer_evaluation_equals_a_brute_force_computation(tmp_path):
+    """Loss terms and calibration metrics of an eval set in uneven batches = the same maths on all its logits."""
+    trainer, dataset = feature_trainer(
+        tmp_path, 61, 7, per_device_eval_batch_size=8, cmp_lambda=0.5, mbls_weight=0.2, calibration_bins=12
+    )
+    metrics = trainer.evaluate({"set": dataset})
+    features, labels = torch.tensor(np.asarray(dataset[FEATURES_COLUMN])), torch.tensor(dataset["label"])
+    with torch.no_grad():
+        logits = trainer.model.eval()(image_features=features).logits.double()
+    ce, cmp = F.cross_entropy(logits, labels).item(), cmp_penalty(logits, labels).item()
+    mbls = mbls_penalty(logits, trainer.args.mbls_margin).item()
+    expected = {
+        "ce": ce, "cmp": cmp, "mbls": mbls, "loss": ce + 0.5 * cmp + 0.2 * mbls,
+        "misclassified": (logits.argmax(1) != labels).double().mean().item(),
+        **as_percent(calibration_metrics(labels.numpy(), logits=logits.float().numpy(), n_bins=12)),
+    }  # fmt: skip
+    assert {key: metrics[f"eval_set_{key}"] for key in expected} == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    report = trainer.eval_reports["set"]
+    probs = torch.softmax(logits, dim=1).numpy()
+    correct = probs.argmax(1) == labels.numpy()
+    table = reliability_table(probs.max(1), correct, 12)
+    for field in ("count", "accuracy", "confidence"):
+        np.testing.assert_allclose(getattr(report.reliability, field), getattr(table, field), rtol=1e-6)
+    np.testing.assert_allclose(report.risk, risk_coverage(probs.max(1), correct)[1], rtol=1e-12)
+    assert (report.num_samples, report.num_classes, report.n_bins) == (61, 7, 12)
+
+
+def test_predict_gives_the_calibration_metrics_and_keeps_no_report(tmp_path):
+    trainer, dataset = feature_trainer(tmp_path, 30, 5, per_device_eval_batch_size=8)
+    output = trainer.predict(dataset)
+    assert output.predictions.shape == (30, 5) and not trainer.eval_reports
+    expected = as_percent(calibration_metrics(output.label_ids, logits=output.predictions))
+    assert {key: output.metrics[f"test_{key}"] for key in expected} == expected
+    keys = [key for key in output.metrics if not key.endswith(("_runtime", "_per_second", "_preparation_time"))]
+    assert keys == ["test_loss", *(f"test_{key}" for key in expected), "test_ce", "test_cmp", "test_misclassified"]
+
+
+def test_another_compute_metrics_gets_the_whole_sets_arrays(tmp_path):
+    seen = []
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        seen.append((prediction.predictions, prediction.label_ids))
+        return {"rows": len(prediction.label_ids)}
+
+    trainer, dataset = feature_trainer(tmp_path, 30, 5, per_device_eval_batch_size=8)
+    trainer.compute_metrics = compute_metrics
+    metrics = trainer.evaluate({"set": dataset})
+    output = trainer.predict(dataset)
+    assert metrics["eval_set_rows"] == output.metrics["test_rows"] == 30 and "eval_set_ece_pct" not in metrics
+    for logits, labels in seen:  # arrays of all 30 rows, not Trainer's per-batch lists
+        np.testing.assert_array_equal(logits, output.predictions)
+        np.testing.assert_array_equal(labels, dataset["label"])
+    assert trainer.eval_reports["set"].metrics == as_percent(calibration_metrics(labels, logits=logits))

@@ -24,9 +24,9 @@ from cmp_hf import CalibratedCLIP
 from cmp_hf.card import CARD_TEMPLATE, CardInfo, model_card
 from cmp_hf.constants import PROMPT_FILES
 from cmp_hf.data.fewshot import examples_per_class
+from cmp_hf.eval_report import EvalReport
 from cmp_hf.hub import pushed_files
 from cmp_hf.learners import LEARNERS
-from cmp_hf.reports import EvalReport
 
 REPO = "tester/tiny-prompt"
 

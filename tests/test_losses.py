@@ -50,6 +50,10 @@ def test_matches_brute_force(form, competitors, batch, classes):
     assert cmp_penalty(logits, labels, form, competitors).item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
     # float32 input: same value up to float32 rounding
     assert cmp_penalty(logits.float(), labels, form, competitors).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # with a graph kept (training) as without (evaluation, computed in place): the same per-sample values
+    per_sample = cmp_penalty(logits, labels, form, competitors, reduction="none")
+    with_graph = cmp_penalty(logits.clone().requires_grad_(), labels, form, competitors, reduction="none")
+    assert torch.equal(per_sample, with_graph.detach())
 
 
 @pytest.mark.parametrize("form", ["log_ratio", "ratio"])

@@ -4,6 +4,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 from transformers import EvalPrediction
 
+import cmp_hf.metrics
 from cmp_hf.evaluation import Calibration
 from cmp_hf.metrics import (
     METRIC_KEYS,
@@ -41,7 +42,9 @@ def test_matches_torchmetrics(n_bins, classes, seed):
 
 
 @pytest.mark.parametrize(("n_bins", "classes", "seed"), [(10, 5, 0), (15, 3, 1), (7, 10, 2)])
-def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, seed):
+@pytest.mark.parametrize("block", [cmp_hf.metrics.CLASSWISE_BLOCK, 64])  # one block; rows in uneven blocks of 6-21
+def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, seed, block, monkeypatch):
+    monkeypatch.setattr(cmp_hf.metrics, "CLASSWISE_BLOCK", block)
     probs, labels = random_probs(700, classes, seed)
     expected = 0.0
     for k in range(classes):

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
 import cmp_hf.atomic
+import cmp_hf.eval_report
 import cmp_hf.metrics
-import cmp_hf.reports
 from cmp_hf import CMPConfig, CMPTrainer, HubError, PostHocCalibration, PromptTunedCLIP, calibration_metrics
 from cmp_hf.atomic import STAGING_PREFIX
 from cmp_hf.constants import ADAPTER_WEIGHTS_NAME, CALIBRATION_FEATURES_NAME, CALIBRATION_NAME, PROMPT_DIGEST_NAME
@@ -401,21 +401,22 @@ def test_evaluation_computes_the_calibration_maths_once_per_set(
     tmp_path, tiny_clip_dir, train_set, test_set, monkeypatch
 ):
     calls = []
-    real = calibration_metrics
+    real = cmp_hf.metrics.calibration_result
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    for module in (cmp_hf.metrics, cmp_hf.reports):  # compute_metrics, then the report
-        monkeypatch.setattr(module, "calibration_metrics", counting)
+    for module in (cmp_hf.metrics, cmp_hf.eval_report):  # CalibrationMetrics' way and the report's
+        monkeypatch.setattr(module, "calibration_result", counting)
     trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
     metrics = trainer.evaluate({"a": test_set, "b": train_set})
-    assert len(calls) == 2  # once per eval set: the report reuses what compute_metrics returned
+    assert len(calls) == 2  # once per eval set: its report's metrics are the returned metrics
     for name in ("a", "b"):
         assert trainer.eval_reports[name].metrics == {key: metrics[f"eval_{name}_{key}"] for key in METRIC_KEYS}
     logits, labels = logits_of(trainer.model, trainer.processing_class, test_set)
-    assert trainer.eval_reports["a"].metrics == pytest.approx(as_percent(real(labels, logits=logits)), abs=1e-4)
+    expected = as_percent(calibration_metrics(labels, logits=logits))
+    assert trainer.eval_reports["a"].metrics == pytest.approx(expected, abs=1e-4)
 
 
 def test_evaluate_takes_a_dict_of_sets_and_records_each(tmp_path, tiny_clip_dir, train_set, test_set):

@@ -30,9 +30,9 @@ RATIO_EPS = 1e-10  # the released code's epsilon
 def winning_wrong_classes(logits: torch.Tensor, labels: torch.Tensor, competitors: CMPCompetitors) -> torch.Tensor:
     """Boolean mask ``(B, C)`` of the set ``H_i``: wrong classes whose logit beats the true class's logit."""
     true_logit = logits.gather(1, labels[:, None])
+    if competitors == "all":  # the true class never beats itself: no need to leave it out
+        return logits > true_logit
     is_wrong = torch.ones_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], False)
-    if competitors == "all":
-        return is_wrong & (logits > true_logit)
     # top1: the best wrong class (first index among ties), kept only if it strictly beats the true class.
     best_wrong = logits.masked_fill(~is_wrong, float("-inf")).argmax(dim=1, keepdim=True)
     beats = logits.gather(1, best_wrong) > true_logit
@@ -72,14 +72,18 @@ def cmp_penalty(
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
     labels = labels.long()
     in_h = winning_wrong_classes(z, labels, competitors)
-    misclassified = in_h.any(dim=1)
     true_logit = z.gather(1, labels[:, None]).squeeze(1)
-    # Rows without competitors keep their own logits in the masked logsumexp so that it (and its gradient) stays
-    # finite; torch.where then discards them.
-    competitor_logits = torch.where(in_h | ~misclassified[:, None], z, float("-inf"))
     if form == "log_ratio":
-        per_sample = torch.logsumexp(competitor_logits, dim=1) - true_logit
+        # logsumexp over H from the row's maximum, which is in H when the row is misclassified (so its mass >= 1);
+        # a row without competitors has mass 0, kept finite (and its gradient) by the clamp, then discarded.
+        top = z.amax(dim=1, keepdim=True).detach()
+        weights = (z - top).exp()
+        # in place where no graph is kept (evaluation): no third (B, C) array
+        mass = (weights.mul_(in_h) if not weights.requires_grad else torch.where(in_h, weights, 0)).sum(dim=1)
+        misclassified = mass > 0
+        per_sample = mass.clamp_min(torch.finfo(z.dtype).tiny).log() + top.squeeze(1) - true_logit
     else:
+        misclassified = in_h.any(dim=1)
         probs = z.softmax(dim=1)
         competitor_mass = (probs * in_h).sum(dim=1)
         per_sample = probs.gather(1, labels[:, None]).squeeze(1) / (competitor_mass + RATIO_EPS)

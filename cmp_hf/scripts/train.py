@@ -42,9 +42,9 @@ from ..data import (
     subset_classes,
 )
 from ..data.checks import check_labels
+from ..eval_report import base_novel_harmonic_mean
 from ..hub import HubError, checkpoints_note
 from ..progress import bars_only, quiet_console
-from ..reports import base_novel_harmonic_mean
 from ..run_record import RunRecord
 from ..runs import RunDir, checkpoint_step
 from ..trainer import CMPTrainer

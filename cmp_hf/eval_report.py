@@ -16,7 +16,7 @@ from PIL import Image
 
 from .atomic import atomic_path, write_json
 from .constants import EVAL_DIR, METRICS_NAME, RELIABILITY_DIAGRAM_NAME, RISK_COVERAGE_NAME
-from .metrics import ReliabilityTable, as_percent, calibration_metrics, probabilities, reliability_table, risk_coverage
+from .metrics import CalibrationResult, ReliabilityTable, as_percent, calibration_result
 from .plotting import reliability_diagram, risk_coverage_curve
 
 FIGURES = {"reliability": RELIABILITY_DIAGRAM_NAME, "risk_coverage": RISK_COVERAGE_NAME}  # figure -> its file
@@ -36,23 +36,16 @@ class EvalReport:
     risk: np.ndarray
 
     @classmethod
-    def from_logits(
-        cls,
-        name: str,
-        logits: np.ndarray,
-        labels: np.ndarray,
-        n_bins: int = 10,
-        metrics: dict[str, float] | None = None,
-    ) -> EvalReport:
-        """``metrics``: ``CalibrationMetrics``' result for these very logits when it is already at hand (the
-        trainer's evaluation), so that the N x C maths runs once per eval set."""
-        if metrics is None:
-            metrics = as_percent(calibration_metrics(labels, logits=logits, n_bins=n_bins))
-        probs = probabilities(logits=logits)
-        correct = probs.argmax(axis=1) == np.asarray(labels)
-        table = reliability_table(probs.max(axis=1), correct, n_bins)
-        _, risk = risk_coverage(probs.max(axis=1), correct)
-        return cls(name, metrics, n_bins, len(labels), logits.shape[1], table, risk)
+    def from_result(cls, name: str, result: CalibrationResult) -> EvalReport:
+        """The report of a computed :class:`~cmp_hf.metrics.CalibrationResult`, with its metrics in percent."""
+        n_bins = len(result.reliability.count)
+        metrics = as_percent(result.metrics)
+        return cls(name, metrics, n_bins, result.num_samples, result.num_classes, result.reliability, result.risk)
+
+    @classmethod
+    def from_logits(cls, name: str, logits: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> EvalReport:
+        """Compute the report of an eval set from its logits (one pass of the calibration maths)."""
+        return cls.from_result(name, calibration_result(labels, logits=logits, n_bins=n_bins))
 
     @property
     def folder(self) -> str:
