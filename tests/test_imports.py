@@ -1,5 +1,6 @@
 """The package has no import cycle: every module of ``cmp_hf`` imports, and the graph of its imports (read with
-``ast``, function-level imports included, so that a cycle hidden behind a lazy import counts too) is acyclic."""
+``ast``, function-level imports included, so that a cycle hidden behind a lazy import counts too) is acyclic.
+Imports under ``if TYPE_CHECKING:`` are left out: they are for type checkers and never run."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     module, to ``a`` otherwise; imports of other packages are left out."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    type_only = {id(node) for block in ast.walk(tree) if _is_type_checking_block(block) for node in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -44,6 +49,16 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 submodule = f"{base}.{alias.name}"
                 targets.add(submodule if submodule in known else base)
     return {target for target in targets if target in known and target != name}
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        isinstance(test, ast.Name)
+        and test.id == "TYPE_CHECKING"
+        or isinstance(test, ast.Attribute)
+        and test.attr == "TYPE_CHECKING"
+    )
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -89,6 +104,11 @@ def test_an_injected_cycle_is_found(tmp_path):
     (package / "b.py").write_text("import pkg.a\n")
     assert find_cycle(import_graph(package)) == ["pkg.a", "pkg.sub.helper", "pkg.a"]
     (package / "sub" / "helper.py").write_text("def f():\n    return 1\n")
+    assert find_cycle(import_graph(package)) is None
+    # an import for type checkers only never runs: no cycle
+    (package / "sub" / "helper.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..a import A\n"
+    )
     assert find_cycle(import_graph(package)) is None
 
 
