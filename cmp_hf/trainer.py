@@ -7,17 +7,14 @@ import math
 import os
 import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from huggingface_hub import ModelCard
-from transformers import CLIPModel, CLIPProcessor, EvalPrediction, Trainer, TrainerCallback, set_seed
+from transformers import CLIPModel, CLIPProcessor, TrainerCallback, set_seed
 
-from . import posthoc
 from .atomic import staged_directory, write_text
 from .card import CardInfo, model_card
 from .config import CMPConfig
@@ -32,43 +29,18 @@ from .eval_report import EvalReport
 from .factory import load_prompt_weights, prompt_model
 from .hub import hub_errors, push_checkpoint, push_output_dir, require_token
 from .losses import margin_variance, training_objective
-from .metrics import CalibrationMetrics, NonFiniteScoresError
+from .losses.components import LossComponents
+from .metrics import CalibrationMetrics
 from .modeling import ZERO_SHOT_TEMPLATE, PromptTunedCLIP
 from .runs import RunDir
 from .schedulers import coop_scheduler
+from .trainer_evaluation import CalibrationEvaluation
+from .trainer_posthoc import PostHocFitting
 
 logger = logging.getLogger(__name__)
 
 
-class LossComponents:
-    """Sample-weighted running sums of named loss terms, reduced over processes only when reported.
-
-    The names are the same on every process (they follow the config), so the reduction lines up.
-    """
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.sums: torch.Tensor | None = None
-
-    def add(self, terms: dict[str, torch.Tensor], n: int) -> None:
-        self.names = list(terms)
-        values = torch.stack([value.detach().float() * n for value in terms.values()])
-        values = torch.cat([values, values.new_tensor([n])])
-        self.sums = values if self.sums is None else self.sums + values
-
-    def reset(self) -> None:
-        self.sums = None
-
-    def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor], prefix: str = "") -> dict[str, float]:
-        """Means since the last pop, over all processes; every process must call it (it is a collective)."""
-        if self.sums is None:
-            return {}
-        total = reduce(self.sums).tolist()
-        self.sums = None
-        return {f"{prefix}{name}": value / total[-1] for name, value in zip(self.names, total[:-1], strict=True)}
-
-
-class CMPTrainer(Trainer):
+class CMPTrainer(PostHocFitting, CalibrationEvaluation):
     """Trainer for prompts on a frozen CLIP with the Confidence Misalignment Penalty.
 
     ``model`` may be a Hub id or local directory of a CLIP, a ``CLIPModel`` or a ready ``PromptTunedCLIP`` (whose
@@ -81,6 +53,10 @@ class CMPTrainer(Trainer):
     loss), ``cmp`` (the penalty before ``cmp_lambda``), each active baseline term, and ``misclassified`` (fraction
     of samples whose arg-max is wrong). Evaluation returns the calibration metrics of :mod:`cmp_hf.metrics` for each
     eval set and computes the class text features once per evaluation.
+
+    Evaluation (:class:`~cmp_hf.trainer_evaluation.CalibrationEvaluation`) and the post-hoc steps fitted after
+    training (:class:`~cmp_hf.trainer_posthoc.PostHocFitting`) live in their own modules; this one holds the set-up,
+    the loss, the schedule, saving and the Hub.
 
     ``run_dir``: ``args.output_dir`` as a caller that already claimed it hands it over (the recipe: checked, locked,
     its resume point resolved; :class:`~cmp_hf.runs.RunDir`). Without it, the trainer claims ``args.output_dir``
@@ -171,54 +147,6 @@ class CMPTrainer(Trainer):
     def _model_inputs(self, dataset: Any) -> Any:
         """A dataset of images as the collator takes it (:class:`~cmp_hf.data.pipeline.InputPipeline`)."""
         return self.input_pipeline(dataset)
-
-    def evaluate(
-        self,
-        eval_dataset: Dataset | dict[str, Dataset] | str | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-        class_names: list[str] | None = None,
-    ) -> dict[str, float]:
-        """As Trainer's, and:
-
-        * datasets of images passed here go through the same feature cache as the eval sets;
-        * ``class_names`` evaluates under other classes with the same learned context (CoOp's transfer to novel
-          classes or to another dataset): the dataset's labels index ``class_names``;
-        * each eval set's report (metrics + reliability table) is kept in ``eval_reports`` under its name (the key
-          of a dict of eval sets; ``metric_key_prefix`` without its ``eval_`` for a single set, ``"eval"`` when
-          that is all it is) and saved with the model as ``eval/<name>/``.
-        """
-        override = eval_dataset is not None
-        datasets = eval_dataset if override else self.eval_dataset
-        if isinstance(datasets, dict):
-            metrics = {}
-            for name, dataset in datasets.items():  # Trainer looks a name up in self.eval_dataset (cached loaders)
-                dataset = dataset if override else name
-                metrics.update(self._evaluate_set(dataset, name, ignore_keys, metric_key_prefix, class_names))
-            return metrics
-        name = metric_key_prefix.removeprefix("eval_")
-        return self._evaluate_set(eval_dataset, name, ignore_keys, metric_key_prefix, class_names, single=True)
-
-    def _evaluate_set(
-        self,
-        dataset: Dataset | str | None,
-        name: str,
-        ignore_keys: list[str] | None,
-        metric_key_prefix: str,
-        class_names: list[str] | None,
-        single: bool = False,
-    ) -> dict[str, float]:
-        prefix = metric_key_prefix if single else f"{metric_key_prefix}_{name}"
-        classes = self.model.over_classes(class_names) if class_names is not None else nullcontext()
-        self._report_name = name
-        try:
-            with classes:
-                return super().evaluate(self._model_inputs(dataset), ignore_keys, prefix)
-        finally:
-            self._report_name = None
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
-        return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -319,127 +247,6 @@ class CMPTrainer(Trainer):
 
     def _sum_over_processes(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, reduction="sum")
-
-    # ---- evaluation ---------------------------------------------------------------------------------------------
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
-
-        The logits are concatenated once (Trainer concatenates at every batch, quadratic in the set's size). The
-        calibration maths runs once per set, here: the default ``compute_metrics`` is not called by Trainer, its
-        numbers come with the set's report; another ``compute_metrics`` gets the whole set's arrays, as usual."""
-        self.model.eval()
-        self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
-        name = self._report_name
-        own_metrics = self._computes_calibration_metrics()
-        concatenate, compute_metrics = self.args.eval_do_concat_batches, self.compute_metrics
-        self.args.eval_do_concat_batches = False
-        self.compute_metrics = None if own_metrics else _on_whole_arrays(compute_metrics)
-        try:
-            with self.model.fixed_text_features():
-                output = super().evaluation_loop(
-                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-                )
-        except NonFiniteScoresError as error:  # from a CalibrationMetrics with other bins
-            raise self._non_finite_eval_error(name, error.rows) from error
-        finally:
-            self.args.eval_do_concat_batches, self.compute_metrics = concatenate, compute_metrics
-        output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
-        terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
-        if (name is not None or own_metrics) and output.predictions is not None and output.label_ids is not None:
-            output.metrics.update(self._report_metrics(output, name, metric_key_prefix, own_metrics))
-        output.metrics.update(terms)
-        return output
-
-    def _report_metrics(self, output, name: str | None, prefix: str, own_metrics: bool) -> dict[str, float]:
-        """Compute the set's report (kept under ``name``); return its metrics, prefixed, when they stand for the
-        default ``compute_metrics`` (which Trainer did not call), to go where Trainer puts its numbers."""
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        try:  # the maths checks the logits and names their non-finite rows: no second pass over them here
-            report = EvalReport.from_logits(name or prefix, logits, output.label_ids, self.args.calibration_bins)
-        except NonFiniteScoresError as error:
-            raise self._non_finite_eval_error(name, error.rows) from error
-        if name is not None:
-            self.eval_reports[name] = report
-        return {f"{prefix}_{key}": value for key, value in report.metrics.items()} if own_metrics else {}
-
-    def _non_finite_eval_error(self, name: str | None, rows: np.ndarray) -> ValueError:
-        return ValueError(
-            f"Eval set {name!r} gives non-finite logits for {len(rows)} rows (first: {rows[:10].tolist()}): their "
-            f"images hold NaN or infinite values. Fix or drop those rows of the {self.args.image_column} column; no "
-            "report of this set was written."
-        )
-
-    def _computes_calibration_metrics(self) -> bool:
-        """Whether ``compute_metrics`` is the default ``CalibrationMetrics`` with the eval report's bins: then the
-        report's metrics are its numbers and Trainer need not compute them a second time."""
-        computed = self.compute_metrics
-        return isinstance(computed, CalibrationMetrics) and computed.n_bins == self.args.calibration_bins
-
-    def fit_temperature(self, dataset: Dataset) -> float:
-        """Temperature scaling on ``dataset`` (e.g. the few-shot validation set): fit T on the prompt's logits,
-        set it on the model (saved with it from now on) and return it."""
-        calibration = self.model.calibration
-        calibration.temperature = 1.0
-        output = self.predict(dataset, metric_key_prefix="temperature_fit")
-        logits, labels = torch.from_numpy(output.predictions), torch.from_numpy(output.label_ids)
-        calibration.temperature = posthoc.fit_temperature(logits, labels)
-        return calibration.temperature
-
-    def fit_posthoc_calibration(self) -> None:
-        """Fit the post-hoc steps ``args`` ask for (run at the end of :meth:`train`), replacing any earlier ones:
-        temperature scaling on ``calibration_dataset``, then the shift-aware temperature (the training images'
-        features, encoded as the learner encodes images, un-augmented) and the zero-shot anchoring weights, which
-        are set to 0 where zero-shot CLIP classifies fewer than ``zero_shot_min_accuracy`` of the training images."""
-        args = self.args
-        self.model.calibration = posthoc.PostHocCalibration()  # T is fitted on the prompt's own logits
-        if args.temperature_scaling:
-            self.fit_temperature(self._calibration_images)
-        anchoring = args.zero_shot_weight or args.transfer_zero_shot_weight
-        features = self.image_features(self._train_images) if args.shift_strength or anchoring else None
-        weights, zero_shot = (args.zero_shot_weight, args.transfer_zero_shot_weight), None
-        if anchoring:
-            with torch.no_grad():  # kept with the calibration: the forward would compute the same features again
-                zero_shot = self.model.hand_crafted_text_features()
-            accuracy = self._zero_shot_accuracy(features, zero_shot)
-            if accuracy < args.zero_shot_min_accuracy:
-                logger.info(
-                    "Zero-shot anchoring off: zero-shot CLIP classifies %.1f %% of the training images correctly, "
-                    "below zero_shot_min_accuracy (%.1f %%).", 100 * accuracy, 100 * args.zero_shot_min_accuracy,
-                )  # fmt: skip
-                weights, zero_shot = (0.0, 0.0), None
-        self.model.calibration = replace(
-            args.posthoc_calibration(),
-            temperature=self.model.calibration.temperature,
-            zero_shot_weight=weights[0],
-            transfer_zero_shot_weight=weights[1],
-            reference_features=features if args.shift_strength else None,
-            zero_shot_text_features=zero_shot,
-        )
-
-    def _zero_shot_accuracy(self, train_features: torch.Tensor, zero_shot: torch.Tensor) -> float:
-        """Zero-shot CLIP's accuracy on the training images, from their features and its class text features."""
-        labels = torch.as_tensor(self._train_images[self.args.label_column])
-        predicted = (train_features @ zero_shot.float().cpu().t()).argmax(dim=1)
-        return float((predicted == labels).float().mean())
-
-    @torch.no_grad()
-    def image_features(self, dataset: Dataset) -> torch.Tensor:
-        """The (L2-normalised) image features of ``dataset``'s images, from the feature cache when there is one,
-        gathered over processes in the dataset's order."""
-        if not isinstance(dataset, Dataset) or len(dataset) < 2:
-            raise ValueError("The shift-aware temperature needs a training set (a datasets.Dataset of 2+ images).")
-        self.model.eval()
-        found = []
-        for batch in self.get_test_dataloader(self._model_inputs(dataset)):
-            batch = self._prepare_inputs(batch)
-            features = batch.get(FEATURES_COLUMN)
-            if features is None:
-                features = self.model.image_features(batch["pixel_values"])
-            found.append(self.accelerator.gather_for_metrics(features.float()).cpu())
-        return torch.cat(found)
 
     # ---- schedule -----------------------------------------------------------------------------------------------
 
@@ -569,23 +376,6 @@ class CMPTrainer(Trainer):
                 "labels",
             ]
             self._signature_columns = columns
-
-
-def _joined(values: Any) -> Any:
-    """One array from Trainer's per-batch list of arrays (``eval_do_concat_batches=False``); anything else as is."""
-    return np.concatenate(values) if isinstance(values, list) else values
-
-
-def _on_whole_arrays(compute_metrics: Callable | None) -> Callable | None:
-    """``compute_metrics`` called with whole-set arrays while Trainer gathers per-batch lists of them."""
-    if compute_metrics is None:
-        return None
-
-    def compute(prediction: EvalPrediction) -> dict[str, float]:
-        fields = ("predictions", "label_ids", "inputs", "losses")
-        return compute_metrics(EvalPrediction(**{name: _joined(getattr(prediction, name)) for name in fields}))
-
-    return compute
 
 
 def _non_finite_rows(values: torch.Tensor) -> list[int]:

@@ -410,7 +410,7 @@ def test_every_learner_trains_evaluates_and_saves_in_the_trainer(tmp_path, tiny_
 
 
 def test_maple_trains_on_images_and_says_why(tmp_path, tiny_clip_dir, train_set, caplog):
-    with caplog.at_level(logging.WARNING, logger="cmp_hf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="cmp_hf.data.pipeline"):
         trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path, max_steps=2, prompt_learner="maple"),
                              train_dataset=train_set)  # fmt: skip
     assert isinstance(trainer.data_collator, CLIPImageCollator) and trainer.input_pipeline.feature_cache is None

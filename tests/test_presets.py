@@ -83,7 +83,7 @@ def test_the_preset_fits_t_on_the_held_out_set_and_gates_anchoring_on_zero_shot_
         options["zero_shot_min_accuracy"] = threshold
         args = make_config(tmp_path / str(threshold), **options)
         trainer = CMPTrainer(model=tiny_clip_dir, args=args, train_dataset=train_set, calibration_dataset=test_set)
-        with caplog.at_level("INFO", logger="cmp_hf.trainer"):
+        with caplog.at_level("INFO", logger="cmp_hf.trainer_posthoc"):
             trainer.train()
         model, calibration = trainer.model.eval(), trainer.model.calibration
         collate = collate or CLIPImageCollator(trainer.processing_class.image_processor)
