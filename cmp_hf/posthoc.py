@@ -294,3 +294,77 @@ def distance_aware_scales(
 def apply_class_scales(logits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Multiply each sample's logits by the scale of its predicted class (a per-prediction temperature)."""
     return logits * scales.to(logits.device, logits.dtype)[logits.argmax(dim=1)][:, None]
+
+
+@dataclass
+class PostHocArguments:
+    """The post-hoc options of ``CMPConfig`` (a base class of it, so they are ``TrainingArguments`` fields like the
+    others: YAML keys, command-line flags, ``--help``), kept beside the calibration they describe."""
+
+    temperature_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "Temperature scaling after training, fitted on held-out labelled images (CMPTrainer's "
+            "calibration_dataset; a recipe's few-shot validation split) with a N(0, 0.25^2) prior on log T; when "
+            "every held-out image is classified correctly, T stays 1 (they cannot say how often the prompt errs)."
+        },
+    )
+    shift_strength: float = field(
+        default=0.0,
+        metadata={
+            "help": "Shift-aware temperature (0 = off): after training, the training images' features are kept with "
+            "the prompt, and each image's logits are divided by exp(shift_strength * u), u = how many standard "
+            "deviations its mean cosine similarity to its nearest training images lies below the training images' "
+            "own (negative for typical images, which then keep or sharpen their confidence). Images unlike every "
+            "training image, e.g. from another domain, get less confidence. The prompt's own classes only."
+        },
+    )
+    shift_neighbours: int = field(
+        default=5, metadata={"help": "Shift-aware temperature: the number of nearest training images averaged."}
+    )
+    zero_shot_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zero-shot anchoring on the prompt's own classes: probabilities = (1 - w) x the prompt's + w x "
+            "zero-shot CLIP's ('a photo of a {}.'), an output ensemble (WiSE-FT); 0 = off."
+        },
+    )
+    transfer_zero_shot_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zero-shot anchoring once the prompt is transferred to other classes (for_classes, novel "
+            "classes), where the learned context was never fitted and zero-shot CLIP is usually the better "
+            "calibrated; 0 = off."
+        },
+    )
+    zero_shot_min_accuracy: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zero-shot anchoring only where zero-shot CLIP is competent: if its accuracy on the training "
+            "images (which it was never fitted to) is below this fraction, both zero-shot weights become 0, with a "
+            "log line (0 = always anchor)."
+        },
+    )
+
+    def posthoc_calibration(self) -> PostHocCalibration:
+        """The post-hoc steps these arguments ask for, before fitting (``CMPTrainer.fit_posthoc_calibration`` adds the
+        temperature, the training images' features and the zero-shot gate); building it validates the values (and
+        the gate's here), which ``CMPConfig`` does when it is built, before any training."""
+        if not 0 <= self.zero_shot_min_accuracy <= 1:
+            raise ValueError(
+                "zero_shot_min_accuracy is a fraction of the training images, in [0, 1]; got "
+                f"{self.zero_shot_min_accuracy}."
+            )
+        return PostHocCalibration(
+            shift_strength=self.shift_strength,
+            shift_neighbours=self.shift_neighbours,
+            zero_shot_weight=self.zero_shot_weight,
+            transfer_zero_shot_weight=self.transfer_zero_shot_weight,
+        )
+
+    @property
+    def posthoc_requested(self) -> bool:
+        """Whether training ends by fitting post-hoc calibration (temperature, shift-aware temperature, anchoring)."""
+        return bool(
+            self.temperature_scaling or self.shift_strength or self.zero_shot_weight or self.transfer_zero_shot_weight
+        )
