@@ -10,7 +10,6 @@ batches (:mod:`cmp_hf.serving`) under ``torch.inference_mode``, so memory does n
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -71,11 +70,9 @@ class CalibratedCLIP:
         ``device``: where to classify (e.g. ``"cuda"``); ``dtype``: see the class; ``verify_digest``: see
         :meth:`PromptTunedCLIP.from_pretrained`."""
         prompt_dir = fetch_prompt(repo_or_dir, revision, token)
-        with warnings.catch_warnings():  # peft reads a property transformers 5.24 deprecates: nothing to act on
-            warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
-            model = PromptTunedCLIP.from_pretrained(
-                prompt_dir, clip, tokenizer, base_model=base_model, verify_digest=verify_digest
-            )
+        model = PromptTunedCLIP.from_pretrained(
+            prompt_dir, clip, tokenizer, base_model=base_model, verify_digest=verify_digest
+        )
         if image_processor is None:  # the torchvision backend when installed, else PIL (and no fallback warning)
             image_processor = AutoImageProcessor.from_pretrained(model.prompt_config.base_model_name_or_path)
         return cls(model.to(device) if device is not None else model, image_processor, dtype)

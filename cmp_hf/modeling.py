@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -116,7 +117,7 @@ class PromptTunedCLIP(nn.Module):
             num_layers=text_config.num_hidden_layers,
             num_attention_heads=text_config.num_attention_heads,
         )
-        peft_model = PeftModel(clip, peft_config)
+        peft_model = _quietly(lambda: PeftModel(clip, peft_config))
         context = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         with torch.no_grad():
             context.copy_(initial_context(prompt_config, tokenizer, clip.text_model.embeddings.token_embedding))
@@ -146,7 +147,7 @@ class PromptTunedCLIP(nn.Module):
         clip = clip if clip is not None else CLIPModel.from_pretrained(base)
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(base)
         _check_adapter_shape(prompt_path, prompt_config, clip)
-        model = cls(PeftModel.from_pretrained(clip, prompt_path), prompt_config, tokenizer)
+        model = cls(_quietly(lambda: PeftModel.from_pretrained(clip, prompt_path)), prompt_config, tokenizer)
         model.load_learner_weights(prompt_path)
         model.calibration = calibration
         return model
@@ -198,7 +199,8 @@ class PromptTunedCLIP(nn.Module):
         novel classes or shifted datasets. A new prompt on the same frozen CLIP; needs a shared context."""
         learner, config, calibration = self._transfer(class_names)
         peft_config = self.peft_model.peft_config[self.peft_model.active_adapter]
-        other = PromptTunedCLIP(PeftModel(self.clip, peft_config), config, self.tokenizer).to(self.context.device)
+        peft_model = _quietly(lambda: PeftModel(self.clip, peft_config))
+        other = PromptTunedCLIP(peft_model, config, self.tokenizer).to(self.context.device)
         other.learner, other.calibration = learner, calibration
         with torch.no_grad():
             other.context.copy_(self.context)
@@ -328,6 +330,14 @@ def hand_crafted_text_features(
     tokens = tokenizer(texts, padding=True, return_tensors="pt").to(clip.device)
     pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
     return F.normalize(clip.text_projection(pooled), dim=-1)
+
+
+def _quietly(build: Callable[[], PeftModel]) -> PeftModel:
+    """``build()`` without the FutureWarning peft 0.21 raises by reading the CLIP's ``is_gradient_checkpointing``
+    (deprecated in transformers 5.24) each time it wraps a model: nothing a user of cmp_hf can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return build()
 
 
 def _check_adapter_shape(prompt_path: str, prompt_config: PromptConfig, clip: CLIPModel) -> None:

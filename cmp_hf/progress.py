@@ -10,8 +10,6 @@ callback for a bar that prints nothing else, or for nothing when ``disable_tqdm`
 
 from __future__ import annotations
 
-import warnings
-
 import datasets
 import transformers
 from transformers import Trainer, TrainingArguments
@@ -33,8 +31,6 @@ def quiet_console(args: TrainingArguments) -> None:
     else:
         datasets.enable_progress_bars()
         transformers.utils.logging.enable_progress_bar()
-    # Trainer itself calls this deprecated property on every run (transformers 5.24): nothing a user can act on
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def bars_only(trainer: Trainer) -> Trainer:

@@ -18,7 +18,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +76,6 @@ def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
-    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
     trainer, dataset = trainer_for(args)
     output = trainer.predict(dataset)  # the logits the evaluation computes metrics from
     logits, labels = output.predictions, output.label_ids

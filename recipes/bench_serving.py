@@ -26,7 +26,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -131,7 +130,6 @@ def measure(args, classes: int) -> dict[str, dict[str, float]]:
 
 
 def main(args: argparse.Namespace) -> dict[int, dict[str, dict[str, float]]]:
-    warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft, at build
     print(
         f"device {args.device}{' bf16 autocast' if args.bf16 else ''}, {torch.get_num_threads()} CPU threads, "
         f"CLIP {args.size} (random weights), {args.images}-image calls in batches of {args.batch_size}; "

@@ -2,7 +2,6 @@
 against a brute-force computation."""
 
 import os
-import warnings
 from pathlib import Path
 
 import datasets
@@ -133,9 +132,7 @@ def feature_trainer(tmp_path, n: int, classes: int, **options) -> tuple:
     """A CMPTrainer over cached image features (the evaluation at scale's input) on a tiny CLIP, and its eval set."""
     names = [f"class {chr(97 + k)}" for k in range(classes)]
     clip, processor = tiny_clip(word for name in names for word in name.split())
-    with warnings.catch_warnings():  # peft reads a property transformers 5.24 deprecates: nothing to act on
-        warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
-        model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
+    model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
     rng = np.random.default_rng(0)
     features = rng.standard_normal((n, clip.config.projection_dim)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
