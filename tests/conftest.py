@@ -18,10 +18,12 @@ os.environ["HF_METRICS_CACHE"] = tempfile.mkdtemp(prefix="cmp_hf_tests_metrics_"
 
 import datasets  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import CLIPModel, CLIPTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from cmp_hf.testing.synthetic import colour_patches  # noqa: E402
-from cmp_hf.testing.tiny import save_tiny_clip  # noqa: E402
+from cmp_hf.testing.tiny import save_tiny_clip, tiny_clip_config  # noqa: E402
 from recipes import make_tiny_testbed  # noqa: E402
 
 CLASS_NAMES = ["red", "green", "blue", "yellow"]
@@ -87,3 +89,19 @@ def testbed(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("testbed")
     make_tiny_testbed.main(str(directory), per_class=12, seed=0)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_clip_dir) -> CLIPTokenizer:
+    """The tiny CLIP's tokenizer, read from its files."""
+    return CLIPTokenizer.from_pretrained(tiny_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def wide_clip(tokenizer):
+    """Three layers per tower and a vision width (48) unlike the text width (32), so the couplings map between."""
+    config = tiny_clip_config(tokenizer)
+    config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = 3
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 48, 96
+    torch.manual_seed(0)
+    return CLIPModel(config).eval()

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import CLIPModel
 
 from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.constants import ADAPTER_WEIGHTS_NAME
@@ -36,21 +36,6 @@ def prompt_model(clip, tokenizer, class_names, seed=0, **options) -> PromptTuned
         for param in model.learner.parameters():
             param.normal_(0, 0.5)
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_clip_dir):
-    return CLIPTokenizer.from_pretrained(tiny_clip_dir)
-
-
-@pytest.fixture(scope="module")
-def wide_clip(tokenizer):
-    """Three layers per tower and a vision width (48) unlike the text width (32), so the couplings map between."""
-    config = tiny_clip_config(tokenizer)
-    config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = 3
-    config.vision_config.hidden_size, config.vision_config.intermediate_size = 48, 96
-    torch.manual_seed(0)
-    return CLIPModel(config).eval()
 
 
 def no_hooks(module: torch.nn.Module) -> bool:

@@ -1,15 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import CLIPModel
 
 from cmp_hf.modeling import PromptTunedCLIP
 from cmp_hf.prompts import PromptConfig, replaced_embeddings, tokenize_prompts
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_clip_dir):
-    return CLIPTokenizer.from_pretrained(tiny_clip_dir)
 
 
 def ids(tokenizer, text):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPModel, CLIPTokenizer, TrainerCallback, TrainerControl, TrainerState
+from transformers import CLIPModel, TrainerCallback, TrainerControl, TrainerState
 
 from cmp_hf import CalibratedCLIP, CMPConfig, CMPTrainer, PromptTunedCLIP
 from cmp_hf.learners import PromptSRCLearner
@@ -15,25 +15,15 @@ from cmp_hf.learners.promptsrc import IMAGENET_TEMPLATES, GaussianPromptAggregat
 from cmp_hf.losses import LossOptions, training_objective
 from cmp_hf.prompts import PromptConfig
 from cmp_hf.scripts.config_file import read_config
-from cmp_hf.testing.tiny import tiny_clip_config
 
 SMALL = {"prompt_depth_text": 3, "prompt_depth_vision": 3, "n_ctx_vision": 2}
 RECIPE = Path(__file__).resolve().parents[1] / "recipes/configs/suite/learners/promptsrc.yaml"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_clip_dir):
-    return CLIPTokenizer.from_pretrained(tiny_clip_dir)
-
-
-@pytest.fixture(scope="module")
-def clip(tokenizer):
-    """Three layers per tower and a vision width (48) unlike the text width (32)."""
-    config = tiny_clip_config(tokenizer)
-    config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = 3
-    config.vision_config.hidden_size, config.vision_config.intermediate_size = 48, 96
-    torch.manual_seed(0)
-    return CLIPModel(config).eval()
+def clip(wide_clip):
+    """Three layers per tower and a vision width (48) unlike the text width (32) (conftest's ``wide_clip``)."""
+    return wide_clip
 
 
 def pixels(n=5, seed=0):
