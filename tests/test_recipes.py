@@ -203,7 +203,7 @@ def test_evaluation_benchmark_runs():
 
     args = bench_evaluation.make_parser().parse_args(["--samples", "300", "--classes", "20", "--repeats", "1"])
     results = bench_evaluation.main(args)
-    assert set(results) == {"maths", "trainer.evaluate", "metrics stage", "evaluate module"}
+    assert set(results) == {"maths", "trainer.evaluate", "metrics stage", "loss terms", "evaluate module"}
     assert all(seconds > 0 for seconds in results.values())
 
 
