@@ -30,7 +30,7 @@ import time
 from typing import Any, NamedTuple
 
 import numpy as np
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, concatenate_datasets, disable_progress_bars
 from transformers import CLIPModel, CLIPProcessor
 from transformers.utils import logging as hf_logging
 
@@ -39,6 +39,7 @@ from cmp_hf.atomic import write_text
 from cmp_hf.constants import PRESETS, RUN_IDENTITY_FIELDS
 from cmp_hf.data import few_shot_sets, subset_classes
 from cmp_hf.paper_tables import publish
+from cmp_hf.progress import bars_only
 from cmp_hf.schedulers import COOP_EPOCHS_BY_SHOTS
 from cmp_hf.testing.testbed import TASKS, testbed_task
 
@@ -155,10 +156,10 @@ def run(
     )  # fmt: skip
     key = training_key(config)
     prompt = trained.get(key) if trained is not None and train is not None else None
-    trainer = CMPTrainer(
+    trainer = bars_only(CMPTrainer(  # no log dicts printed: the table at the end is the output
         model=clip if prompt is None else prompt, args=config, train_dataset=train, processing_class=processor,
         class_names=setting.base_names, calibration_dataset=val,
-    )  # fmt: skip
+    ))  # fmt: skip
     if prompt is not None:
         prompt.calibration = PostHocCalibration()  # another method's post-hoc steps are not this one's
         if config.posthoc_requested:  # what train() ends with
@@ -188,6 +189,8 @@ def training_key(config: CMPConfig) -> tuple:
 def main(args: argparse.Namespace) -> list[dict]:
     start = time.time()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # model loading
+    disable_progress_bars()  # dataset maps over a few hundred images
     clip = CLIPModel.from_pretrained(args.model).eval()
     processor = CLIPProcessor.from_pretrained(args.model)
     methods = list(METHODS) if args.methods == ["all"] else args.methods

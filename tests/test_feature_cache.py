@@ -1,6 +1,7 @@
 import os
 import shutil
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -194,3 +195,14 @@ def test_encoding_progress_follows_disable_tqdm(tiny_clip_dir, tmp_path, train_s
                        image_feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
     CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set)
     assert ("Encoding images" in capfd.readouterr().err) is not disable_tqdm
+
+
+def test_writing_the_cache_shows_no_progress_bar_and_keeps_the_setting(tiny_clip_dir, tmp_path, train_set, capfd):
+    """The cache file is written in a blink: no "Saving the dataset" bar, whatever datasets' setting, which is left
+    as the user had it (bars on here: the encoding bar, which is the cache's own, is turned off by progress=False)."""
+    datasets.enable_progress_bars()
+    CountingCache(tiny_clip_dir, tmp_path, progress=False).cache.features(train_set.select([3, 1, 2, 0]))
+    printed = capfd.readouterr()
+    assert "Saving the dataset" not in printed.err + printed.out
+    assert "Flattening the indices" not in printed.err + printed.out
+    assert not datasets.utils.are_progress_bars_disabled()

@@ -29,7 +29,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from datasets import Array2D, ClassLabel, Dataset, Features, Sequence, Value, load_from_disk
-from datasets.utils import tqdm  # tqdm.auto that obeys datasets.disable_progress_bars()
+from datasets.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+    tqdm,  # tqdm.auto that obeys datasets.disable_progress_bars()
+)
 
 from .augment import RandomResizedCropFlip
 from .collator import ROW_COLUMN, read_image, to_rgb, undecoded
@@ -191,7 +196,7 @@ class ImageFeatureCache:
         staging = f"{path}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            encoded.save_to_disk(staging)
+            _save_without_progress_bar(encoded, staging)
             manifest = {"key": key, "num_rows": len(encoded), "files": _digest_files(staging)}
             with open(os.path.join(staging, MANIFEST_NAME), "w", encoding="utf-8") as f:
                 json.dump(manifest, f)
@@ -252,3 +257,15 @@ def augmented(dataset: Dataset, crop: RandomResizedCropFlip, image_column: str, 
         return batch
 
     return dataset.with_transform(transform)
+
+
+def _save_without_progress_bar(dataset: Dataset, path: str) -> None:
+    """``save_to_disk`` without its "Saving the dataset" / "Flattening the indices" bars: writing a cache file takes
+    a blink and is not progress anyone follows (the encoding before it has its own bar)."""
+    shown = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        dataset.save_to_disk(path)
+    finally:
+        if shown:
+            enable_progress_bars()
