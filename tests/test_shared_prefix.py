@@ -266,7 +266,7 @@ def test_trainer_run_gives_the_same_prompt_with_the_shared_prefix(tmp_path, tiny
         args = CMPConfig(
             output_dir=str(tmp_path / str(shared)), use_cpu=True, report_to="none", save_strategy="no",
             per_device_train_batch_size=4, max_steps=4, learning_rate=0.002, seed=7, disable_tqdm=True, n_ctx=4,
-            gradient_checkpointing=checkpointing, image_feature_cache_dir=str(tmp_path / "cache"),
+            activation_checkpointing=checkpointing, image_feature_cache_dir=str(tmp_path / "cache"),
         )  # fmt: skip
         trainer = CMPTrainer(model=model, args=args, train_dataset=train_set, processing_class=processor)
         trainer.train()
