@@ -35,12 +35,9 @@ from .constants import (
     CALIBRATION_FEATURES_NAME,
     CALIBRATION_NAME,
     EVAL_DIR,
-    MAPLE_PROMPTS_NAME,
-    META_NET_NAME,
     METRICS_NAME,
     MODEL_CARD_NAME,
     OUTPUT_DIR_LOCK_NAME,
-    PRODA_CONTEXTS_NAME,
     PROMPT_CONFIG_NAME,
     PROMPT_DIGEST_NAME,
     PROMPT_FILES,
@@ -50,6 +47,7 @@ from .constants import (
     TRAINER_STATE_NAME,
     TRAINING_ARGS_NAME,
 )
+from .learners import LEARNERS
 from .run_record import RunRecord
 
 try:
@@ -63,10 +61,12 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _TRUE, _FALSE = {"true", "last"}, {"false", "none", ""}
 _HELD: dict[str, RunDir] = {}  # lock file -> the RunDir of this process that holds it
 
-# What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints)
+# What a run writes into its output_dir, all of which an overwrite replaces (with EVAL_DIR and the checkpoints);
+# each learner's own weights file comes from the registry, so a new learner's is replaced too
 RUN_OUTPUT_FILES = (
-    *PROMPT_FILES, PROMPT_DIGEST_NAME, CALIBRATION_NAME, CALIBRATION_FEATURES_NAME, META_NET_NAME,
-    PRODA_CONTEXTS_NAME, MAPLE_PROMPTS_NAME, TRAINING_ARGS_NAME, MODEL_CARD_NAME, RUN_INFO_NAME, METRICS_NAME,
+    *PROMPT_FILES, PROMPT_DIGEST_NAME, CALIBRATION_NAME, CALIBRATION_FEATURES_NAME, TRAINING_ARGS_NAME,
+    MODEL_CARD_NAME, RUN_INFO_NAME, METRICS_NAME,
+    *sorted({learner.weights_name for learner in LEARNERS.values() if learner.weights_name}),
 )  # fmt: skip
 # What says a directory is a recipe run's (the recipe writes run.json when it starts, a sweep job sweep_job.json)
 RECIPE_RUN_FILES = (RUN_INFO_NAME, SWEEP_JOB_NAME)

@@ -19,6 +19,7 @@ from cmp_hf import CMPConfig, CMPTrainer
 from cmp_hf.atomic import STAGING_PREFIX
 from cmp_hf.config import CMP_DEFAULTS
 from cmp_hf.constants import METRICS_NAME, OUTPUT_DIR_LOCK_NAME, PROMPT_FILES, RUN_INFO_NAME, SWEEP_JOB_NAME
+from cmp_hf.learners import LEARNERS
 from cmp_hf.paper_tables import load_runs, unfinished_runs
 from cmp_hf.run_record import RunRecord
 from cmp_hf.runs import RunDir, last_checkpoint
@@ -258,3 +259,12 @@ def test_run_record_round_trip_and_old_run_json(tmp_path, testbed):
     config = CMPConfig(output_dir=str(tmp_path), seed=5, cmp_lambda=0.5, prompt_learner="maple")
     taken = RunRecord.from_config(config, dataset="dtd", setting="all_2shot")
     assert (taken.seed, taken.cmp_lambda, taken.prompt_learner, taken.setting) == (5, 0.5, "maple", "all_2shot")
+
+
+def test_an_overwrite_removes_every_learners_own_weights_file(tmp_path):
+    """The replaced run's learner weights go with its prompt, whichever registered learner wrote them (a stale one
+    would sit beside the new prompt and be pushed with it); the user's own files stay."""
+    weights = [learner.weights_name for learner in LEARNERS.values() if learner.weights_name]
+    write_files(tmp_path, [*PROMPT_FILES, METRICS_NAME, *weights, "notes.txt"])
+    RunDir(tmp_path).remove_replaced_run(overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
