@@ -1,7 +1,8 @@
 """The ``PromptTunedCLIP`` a trainer works on: built from what the user passed, or given a checkpoint's prompt back.
 
-Kept apart from :mod:`cmp_hf.modeling`, which is the model itself and knows nothing of the training arguments:
-building one here takes a :class:`~cmp_hf.config.CMPConfig` (the prompt options) and a processor.
+Kept apart from :mod:`cmp_hf.modeling`, which is the model itself: building one here takes what a trainer is given
+(a Hub id, a directory, a CLIPModel or a ready prompt), the :class:`~cmp_hf.prompts.config.PromptConfig` the
+training arguments describe and a processor, and restoring one checks a checkpoint as ``from_pretrained`` does.
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
             for name, dataset in datasets:
                 check_labels(dataset, name, args.label_column, len(class_names))
         check_training_set(train_dataset, args.label_column)
+        loss_options = args.loss_options()
         if isinstance(model, PromptTunedCLIP) and model.learner.name != args.prompt_learner:  # CMPConfig checked
-            model.learner.check_loss_options(args.loss_options())  # the losses with its own learner, not this one
+            model.learner.check_loss_options(loss_options)  # the losses with its own learner, not this one
         set_seed(args.seed)  # the random context init draws from torch's generator
         model, processing_class = prompt_model(model, prompt_config, processing_class)
         if not self._claimed:  # a claimed run_dir resolved its resume point
@@ -134,7 +135,7 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
             optimizers=optimizers,
         )
         self._components = {"train": LossComponents(), "eval": LossComponents()}
-        self._loss_options = args.loss_options()
+        self._loss_options = loss_options
         self._hand_crafted: dict[tuple[str, ...], torch.Tensor] = {}  # KgCoOp's anchors, per list of class names
         for callback in model.learner.training_callbacks(args):  # the learner's own steps (ProDA's sampling, ...)
             self.add_callback(callback)
