@@ -40,6 +40,7 @@ SCRIPT = textwrap.dedent(
         logged = [e for e in trainer.state.log_history if "loss" in e]
         print("LOGGED", [(round(e["ce"], 6), round(e["cmp"], 6)) for e in logged])
         print("MOVED", max((p - initial[n]).abs().max().item() for n, p in learned().items()))  # the largest update
+    trainer.accelerator.end_training()  # the process group destroyed before exit, as the recipe does
     """
 )
 
