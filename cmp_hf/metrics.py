@@ -40,7 +40,7 @@ METRIC_KEYS = (
 )  # fmt: skip
 
 
-CLASSWISE_BLOCK = 2**21  # entries of p per block of classwise_ece: 16 MB of bin indices
+BLOCK_ENTRIES = 2**21  # scores per row block of the maths: 16 MB of float64 probabilities, as much of bin indices
 
 
 @dataclass(frozen=True)
@@ -63,36 +63,12 @@ class ReliabilityTable:
         return {name: [None if np.isnan(v) else float(v) for v in values] for name, values in asdict(self).items()}
 
 
-def _softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 softmax of each row and its log normaliser (log-sum-exp), from one exp over a single N x C copy:
-    at 50,000 x 1,000 every extra temporary costs 400 MB and a pass over it."""
-    z = np.array(logits, dtype=np.float64)
-    if z.ndim != 2:
-        raise ValueError(f"Expected logits (N, C), got shape {z.shape}.")
-    z_max = z.max(axis=1, keepdims=True)
-    z -= z_max
-    np.exp(z, out=z)
-    total = z.sum(axis=1, keepdims=True)
-    z /= total
-    return z, (z_max + np.log(total)).ravel()
-
-
 class NonFiniteScoresError(ValueError):
     """Scores with NaN or infinite values; ``rows`` are the rows that hold them."""
 
     def __init__(self, message: str, rows: np.ndarray) -> None:
         super().__init__(message)
         self.rows = rows
-
-
-def _check_finite(scores: np.ndarray, name: str) -> None:
-    rows = np.flatnonzero(~np.isfinite(scores).all(axis=-1)) if scores.ndim == 2 else []
-    if len(rows):
-        raise NonFiniteScoresError(
-            f"{name} holds NaN or infinite values in {len(rows)} rows (first: {rows[:10].tolist()}): calibration "
-            "metrics of such scores mean nothing. Fix or drop those rows.",
-            rows,
-        )
 
 
 def integer_labels(labels: np.ndarray) -> np.ndarray:
@@ -143,30 +119,6 @@ def equal_mass_table(confidences: np.ndarray, correct: np.ndarray, n_bins: int =
     return ReliabilityTable(lower, upper, count, accuracy, confidence)
 
 
-def classwise_ece(p: np.ndarray, labels: np.ndarray, n_bins: int = 10) -> float:
-    """Mean over classes k of the ECE of p[:, k] against 1[labels = k], with ``reliability_table``'s bins.
-
-    All classes' bins are counted in one ``bincount`` (bin index k * n_bins + b) instead of a loop over classes,
-    which matters at ImageNet's 1000 classes; over blocks of rows, so that the bin indices take 16 MB instead of
-    N x C x 8 bytes (400 MB at 50,000 x 1,000, as much again as the float64 probabilities).
-    """
-    n, num_classes = p.shape
-    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    offsets, size = n_bins * np.arange(num_classes), n_bins * num_classes
-    count, gap = np.zeros(size, dtype=np.int64), np.zeros(size)
-    rows = max(1, CLASSWISE_BLOCK // num_classes)
-    for start in range(0, n, rows):
-        block, block_labels = p[start : start + rows], labels[start : start + rows]
-        bin_ids = np.searchsorted(inner_edges, block, side="left")
-        bin_ids += offsets
-        count += np.bincount(bin_ids.ravel(), minlength=size)
-        # sum_B (1[y=k] - p_k): +1 in the bin of each sample's true class (no N x C indicator), -p over every entry
-        gap += np.bincount(bin_ids[np.arange(len(block)), block_labels], minlength=size)
-        gap -= np.bincount(bin_ids.ravel(), weights=block.ravel(), minlength=size)
-    # |B|/N * |freq_B - conf_B| = |sum_B (1[y=k] - p_k)| / N; summed over all bins of all classes, then / classes
-    return float(np.abs(gap[count > 0]).sum() / n / num_classes)
-
-
 def risk_coverage(confidences: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Coverage k/N and risk (error rate of the k most confident samples) for k = 1..N.
 
@@ -194,6 +146,120 @@ class CalibrationResult:
         return len(self.risk)
 
 
+class CalibrationAccumulator:
+    """The calibration of a set of scores given in row blocks: an evaluation's batches as they come, or one array
+    cut into blocks by :func:`calibration_result`.
+
+    Keeps per row only what the metrics need (confidence, correctness, log-probability of the true class, Brier
+    term) and the class-wise bin sums, so no N x C array outlives a block: at ImageNet's 50,000 x 1,000 the float64
+    probabilities of the whole set would take 400 MB, freshly allocated at every evaluation (on Linux with
+    transparent huge pages, a first allocation that size can cost a second of kernel time), where a block takes
+    16 MB. Rows with non-finite scores are collected over every update and refused by :meth:`result`, named by
+    their row in the whole set.
+    """
+
+    def __init__(self, n_bins: int = 10) -> None:
+        if n_bins < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
+        self.n_bins = n_bins
+        self.num_classes: int | None = None
+        self.num_rows = 0
+        per_row = ("confidence", "correct", "log_true", "brier")
+        self._per_row: dict[str, list[np.ndarray]] = {name: [] for name in per_row}
+        self._class_count = self._class_gap = np.zeros(0)
+        self._bad_rows: list[np.ndarray] = []
+        self._scores_name = "scores"
+
+    def update(self, labels: np.ndarray, *, probs: np.ndarray | None = None, logits: np.ndarray | None = None) -> None:
+        """Add rows: ``probs=`` or ``logits=`` (N, C) (not both) with their integer ``labels`` (N,)."""
+        if (probs is None) == (logits is None):
+            raise ValueError("Pass exactly one of probs= (probabilities) or logits= (unnormalised scores).")
+        self._scores_name, scores = ("logits", np.asarray(logits)) if probs is None else ("probs", np.asarray(probs))
+        bad = np.flatnonzero(~np.isfinite(scores).all(axis=-1)) if scores.ndim == 2 else np.zeros(0, dtype=np.int64)
+        labels = integer_labels(labels)
+        if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+            raise ValueError(f"Expected scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}.")
+        if self.num_classes is None:
+            self.num_classes = scores.shape[1]
+            self._class_count = np.zeros(self.n_bins * self.num_classes, dtype=np.int64)
+            self._class_gap = np.zeros(self.n_bins * self.num_classes)
+        elif scores.shape[1] != self.num_classes:
+            raise ValueError(f"Got scores over {scores.shape[1]} classes after {self.num_classes}: one set has one.")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"Labels must lie in [0, {self.num_classes}), got values in [{labels.min()}, {labels.max()}]."
+            )
+        if len(bad):
+            self._bad_rows.append(bad + self.num_rows)
+        if not self._bad_rows:  # a set with non-finite rows has no metrics: no work on it beyond finding them
+            rows = max(1, BLOCK_ENTRIES // self.num_classes)
+            for start in range(0, len(labels), rows):
+                self._add_block(scores[start : start + rows], labels[start : start + rows], probs is None)
+        self.num_rows += len(labels)
+
+    def _add_block(self, scores: np.ndarray, labels: np.ndarray, from_logits: bool) -> None:
+        rows = np.arange(len(labels))
+        p = scores.astype(np.float64)  # a copy, normalised in place: one exp over the block
+        if from_logits:
+            z_max = p.max(axis=1, keepdims=True)
+            p -= z_max
+            np.exp(p, out=p)
+            total = p.sum(axis=1, keepdims=True)
+            p /= total
+            # exact log-softmax instead of the log of a possibly underflowed probability
+            log_true = scores[rows, labels].astype(np.float64) - (z_max + np.log(total)).ravel()
+        true_prob = p[rows, labels]
+        if not from_logits:
+            log_true = np.log(np.maximum(true_prob, np.finfo(np.float64).tiny))
+        found = self._per_row
+        found["confidence"].append(p.max(axis=1))
+        found["correct"].append((p.argmax(axis=1) == labels).astype(np.float64))
+        found["log_true"].append(log_true)
+        found["brier"].append((p**2).sum(axis=1) - 2 * true_prob + 1)  # sum_k (p_k - 1[k=y])^2, no one-hot
+        # classwise ECE: every class's bins in one bincount (bin index k * n_bins + b), not a loop over classes;
+        # sum_B (1[y=k] - p_k): +1 in the bin of each row's true class (no N x C indicator), -p over every entry
+        size = len(self._class_count)
+        inner_edges = np.linspace(0.0, 1.0, self.n_bins + 1)[1:-1]
+        bin_ids = np.searchsorted(inner_edges, p, side="left")
+        bin_ids += self.n_bins * np.arange(p.shape[1])
+        self._class_count += np.bincount(bin_ids.ravel(), minlength=size)
+        self._class_gap += np.bincount(bin_ids[rows, labels], minlength=size)
+        self._class_gap -= np.bincount(bin_ids.ravel(), weights=p.ravel(), minlength=size)
+
+    def result(self) -> CalibrationResult:
+        """All calibration metrics of the rows added, with the table and curve they come from."""
+        if self._bad_rows:
+            rows = np.concatenate(self._bad_rows)
+            raise NonFiniteScoresError(
+                f"{self._scores_name} holds NaN or infinite values in {len(rows)} rows (first: {rows[:10].tolist()}): "
+                "calibration metrics of such scores mean nothing. Fix or drop those rows.",
+                rows,
+            )
+        if self.num_rows == 0:
+            raise ValueError("Cannot compute calibration metrics on an empty set.")
+        confidences, correct, log_true, brier = (np.concatenate(values) for values in self._per_row.values())
+        n_bins = self.n_bins
+        table = reliability_table(confidences, correct, n_bins)
+        _, risk = risk_coverage(confidences, correct)
+        gaps = np.abs(table.accuracy - table.confidence)
+        weights = table.count / table.count.sum()
+        # |B|/N * |freq_B - conf_B| = |sum_B (1[y=k] - p_k)| / N; summed over all bins of all classes, / classes
+        classwise = np.abs(self._class_gap[self._class_count > 0]).sum() / self.num_rows / self.num_classes
+        metrics = {
+            "accuracy": float(correct.mean()),
+            "ece": float(table.weighted_gaps.sum()),
+            "ace": float(equal_mass_table(confidences, correct, n_bins).weighted_gaps.sum()),
+            "mce": float(np.nanmax(gaps)),
+            "mce_weighted": float(table.weighted_gaps.max()),
+            "rmsce": float(np.sqrt(np.nansum(weights * gaps**2))),
+            "nll": float(-log_true.mean()),
+            "brier": float(brier.mean()),
+            "classwise_ece": float(classwise),
+            "aurc": float(risk.mean()),
+        }
+        return CalibrationResult(metrics, table, risk, self.num_classes)
+
+
 def calibration_result(
     labels: np.ndarray,
     *,
@@ -202,48 +268,13 @@ def calibration_result(
     n_bins: int = 10,
 ) -> CalibrationResult:
     """All calibration metrics of ``probs=`` or ``logits=`` (not both) with the table and curve they come from,
-    from one softmax pass.
+    computed over row blocks (:class:`CalibrationAccumulator`).
 
     Non-finite scores and non-integer labels are refused (they would give numbers with no meaning, or a label
     silently truncated to another class)."""
-    if (probs is None) == (logits is None):
-        raise ValueError("Pass exactly one of probs= (probabilities) or logits= (unnormalised scores).")
-    name, scores = ("logits", logits) if probs is None else ("probs", probs)
-    _check_finite(np.asarray(scores), name)
-    p, log_normaliser = _softmax(logits) if logits is not None else (np.asarray(probs, dtype=np.float64), None)
-    labels = integer_labels(labels)
-    if p.ndim != 2 or labels.shape != (p.shape[0],):
-        raise ValueError(f"Expected scores (N, C) and labels (N,), got {p.shape} and {labels.shape}.")
-    if len(labels) == 0:
-        raise ValueError("Cannot compute calibration metrics on an empty set.")
-    if labels.min() < 0 or labels.max() >= p.shape[1]:
-        raise ValueError(f"Labels must lie in [0, {p.shape[1]}), got values in [{labels.min()}, {labels.max()}].")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
-    confidences = p.max(axis=1)
-    correct = (p.argmax(axis=1) == labels).astype(np.float64)
-    table = reliability_table(confidences, correct, n_bins)
-    _, risk = risk_coverage(confidences, correct)
-    gaps = np.abs(table.accuracy - table.confidence)
-    weights = table.count / table.count.sum()
-    true_prob = p[np.arange(len(labels)), labels]
-    if log_normaliser is not None:  # exact log-softmax instead of log of a possibly underflowed probability
-        log_true = np.asarray(logits)[np.arange(len(labels)), labels].astype(np.float64) - log_normaliser
-    else:
-        log_true = np.log(np.maximum(true_prob, np.finfo(np.float64).tiny))
-    metrics = {
-        "accuracy": float(correct.mean()),
-        "ece": float(table.weighted_gaps.sum()),
-        "ace": float(equal_mass_table(confidences, correct, n_bins).weighted_gaps.sum()),
-        "mce": float(np.nanmax(gaps)),
-        "mce_weighted": float(table.weighted_gaps.max()),
-        "rmsce": float(np.sqrt(np.nansum(weights * gaps**2))),
-        "nll": float(-log_true.mean()),
-        "brier": float(((p**2).sum(axis=1) - 2 * true_prob + 1).mean()),  # sum_k (p_k - 1[k=y])^2, no one-hot
-        "classwise_ece": classwise_ece(p, labels, n_bins),
-        "aurc": float(risk.mean()),
-    }
-    return CalibrationResult(metrics, table, risk, p.shape[1])
+    accumulator = CalibrationAccumulator(n_bins)
+    accumulator.update(labels, probs=probs, logits=logits)
+    return accumulator.result()
 
 
 def calibration_metrics(

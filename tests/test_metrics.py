@@ -1,3 +1,5 @@
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +10,11 @@ import cmp_hf.metrics
 from cmp_hf.evaluation import Calibration
 from cmp_hf.metrics import (
     METRIC_KEYS,
+    CalibrationAccumulator,
     CalibrationMetrics,
+    NonFiniteScoresError,
     as_percent,
     calibration_metrics,
-    classwise_ece,
     equal_mass_table,
     reliability_table,
     risk_coverage,
@@ -42,9 +45,9 @@ def test_matches_torchmetrics(n_bins, classes, seed):
 
 
 @pytest.mark.parametrize(("n_bins", "classes", "seed"), [(10, 5, 0), (15, 3, 1), (7, 10, 2)])
-@pytest.mark.parametrize("block", [cmp_hf.metrics.CLASSWISE_BLOCK, 64])  # one block; rows in uneven blocks of 6-21
+@pytest.mark.parametrize("block", [cmp_hf.metrics.BLOCK_ENTRIES, 64])  # one block; rows in uneven blocks of 6-21
 def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, seed, block, monkeypatch):
-    monkeypatch.setattr(cmp_hf.metrics, "CLASSWISE_BLOCK", block)
+    monkeypatch.setattr(cmp_hf.metrics, "BLOCK_ENTRIES", block)
     probs, labels = random_probs(700, classes, seed)
     expected = 0.0
     for k in range(classes):
@@ -55,8 +58,8 @@ def test_classwise_ece_matches_a_loop_over_classes_and_bins(n_bins, classes, see
                 freq = np.mean([labels[i] == k for i in members])
                 conf = np.mean([probs[i, k] for i in members])
                 expected += len(members) / len(labels) * abs(freq - conf) / classes
-    assert classwise_ece(probs, labels, n_bins) == pytest.approx(expected, abs=1e-12)
-    assert calibration_metrics(labels, probs=probs, n_bins=n_bins)["classwise_ece"] == pytest.approx(expected)
+    found = calibration_metrics(labels, probs=probs, n_bins=n_bins)["classwise_ece"]
+    assert found == pytest.approx(expected, abs=1e-12)
 
 
 def test_classwise_ece_puts_a_probability_on_an_edge_in_the_bin_below():
@@ -69,7 +72,6 @@ def test_classwise_ece_puts_a_probability_on_an_edge_in_the_bin_below():
     probs = np.array([[0.5, 0.3, 0.2], [0.55, 0.25, 0.2]])
     labels = np.array([0, 2])
     expected = (0.525 + 0.275 + 0.3) / 3
-    assert classwise_ece(probs, labels, 10) == pytest.approx(expected, abs=1e-12)
     assert calibration_metrics(labels, probs=probs)["classwise_ece"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -175,3 +177,53 @@ def test_bad_input_is_rejected(kwargs, message):
     kwargs.setdefault("labels", np.array([0, 1, 2]))
     with pytest.raises(ValueError, match=message):
         calibration_metrics(**kwargs)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_batches_given_one_by_one_give_the_whole_sets_numbers(from_logits):
+    """An evaluation feeds its batches as they come: uneven batches, each cut into blocks of its own, give what
+    the whole array gives (the sums only regrouped)."""
+    probs, labels = random_probs(1000, 7, 6)
+    scores = {"logits": np.log(probs)} if from_logits else {"probs": probs}
+    whole = cmp_hf.metrics.calibration_result(labels, n_bins=12, **scores)
+    accumulator = CalibrationAccumulator(n_bins=12)
+    for start, stop in [(0, 1), (1, 300), (300, 301), (301, 1000)]:
+        accumulator.update(labels[start:stop], **{key: value[start:stop] for key, value in scores.items()})
+    streamed = accumulator.result()
+    assert streamed.metrics == pytest.approx(whole.metrics, abs=1e-12)
+    assert list(streamed.metrics) == list(whole.metrics)
+    np.testing.assert_array_equal(streamed.risk, whole.risk)
+    np.testing.assert_array_equal(streamed.reliability.count, whole.reliability.count)
+    assert streamed.num_classes == 7 and streamed.num_samples == 1000
+
+
+def test_non_finite_rows_of_every_batch_are_named_by_their_row_in_the_set():
+    logits = np.zeros((10, 3))
+    logits[[2, 7], 1] = [np.nan, np.inf]
+    accumulator = CalibrationAccumulator()
+    accumulator.update(np.zeros(5, dtype=int), logits=logits[:5])
+    accumulator.update(np.zeros(5, dtype=int), logits=logits[5:])
+    with pytest.raises(NonFiniteScoresError, match=r"NaN or infinite values in 2 rows \(first: \[2, 7\]\)"):
+        accumulator.result()
+
+
+def test_a_batch_over_other_classes_is_refused():
+    accumulator = CalibrationAccumulator()
+    accumulator.update(np.array([0, 1]), logits=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="over 4 classes after 3"):
+        accumulator.update(np.array([0, 1]), logits=np.zeros((2, 4)))
+
+
+def test_the_maths_holds_a_block_of_probabilities_not_the_whole_set():
+    """At 20,000 x 500 the float64 probabilities of the whole set take 80 MB; the maths works on 16 MB blocks."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20_000, 500)).astype(np.float32)
+    labels = rng.integers(0, 500, size=20_000)
+    tracemalloc.start()
+    try:
+        calibration_metrics(labels, logits=logits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole = logits.size * 8
+    assert peak < whole / 2, f"peak {peak / 2**20:.0f} MiB"
