@@ -146,8 +146,9 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
         self.dataset_name: str | None = None  # shown in the model card; set through create_model_card
 
     def _model_inputs(self, dataset: Any) -> Any:
-        """A dataset of images as the collator takes it (:class:`~cmp_hf.data.pipeline.InputPipeline`)."""
-        return self.input_pipeline(dataset)
+        """A dataset to evaluate or predict on, as the collator takes it (:class:`~cmp_hf.data.pipeline.InputPipeline`
+        reads cached features in batches)."""
+        return self.input_pipeline.for_reading(dataset)
 
     # ---- training -----------------------------------------------------------------------------------------------
 

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from transformers import EvalPrediction, Trainer
+from transformers.trainer_pt_utils import nested_numpify
 
 from .eval_report import EvalReport
-from .metrics import CalibrationMetrics, NonFiniteScoresError
+from .metrics import CalibrationAccumulator, CalibrationMetrics, NonFiniteScoresError
 
 
 class CalibrationEvaluation(Trainer):
@@ -76,16 +77,19 @@ class CalibrationEvaluation(Trainer):
     ):
         """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
 
-        The logits are concatenated once (Trainer concatenates at every batch, quadratic in the set's size). The
-        calibration maths runs once per set, here: the default ``compute_metrics`` is not called by Trainer, its
-        numbers come with the set's report; another ``compute_metrics`` gets the whole set's arrays, as usual."""
+        With the default ``compute_metrics`` the calibration maths takes each batch as Trainer's loop gathers it
+        (``batch_eval_metrics``, into a :class:`~cmp_hf.metrics.CalibrationAccumulator`): an evaluation keeps no
+        logits, and the set's report and numbers come once, at the end. Another ``compute_metrics`` gets the whole
+        set's arrays, as usual, concatenated once (Trainer concatenates at every batch, quadratic in the set's
+        size), and the report is computed from them."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
         own_metrics = self._computes_calibration_metrics()
-        concatenate, compute_metrics = self.args.eval_do_concat_batches, self.compute_metrics
-        self.args.eval_do_concat_batches = False
-        self.compute_metrics = None if own_metrics else _on_whole_arrays(compute_metrics)
+        accumulator = CalibrationAccumulator(self.args.calibration_bins)
+        saved = self.args.eval_do_concat_batches, self.args.batch_eval_metrics, self.compute_metrics
+        self.args.eval_do_concat_batches, self.args.batch_eval_metrics = False, own_metrics
+        self.compute_metrics = _accumulating(accumulator) if own_metrics else _on_whole_arrays(self.compute_metrics)
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
@@ -94,20 +98,24 @@ class CalibrationEvaluation(Trainer):
         except NonFiniteScoresError as error:  # from a CalibrationMetrics with other bins
             raise self._non_finite_eval_error(name, error.rows) from error
         finally:
-            self.args.eval_do_concat_batches, self.compute_metrics = concatenate, compute_metrics
+            self.args.eval_do_concat_batches, self.args.batch_eval_metrics, self.compute_metrics = saved
         output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
         terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
-        if (name is not None or own_metrics) and output.predictions is not None and output.label_ids is not None:
-            output.metrics.update(self._report_metrics(output, name, metric_key_prefix, own_metrics))
+        if not own_metrics and name is not None and output.predictions is not None and output.label_ids is not None:
+            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+            accumulator.update(output.label_ids, logits=logits)
+        if accumulator.num_rows:
+            output.metrics.update(self._report_metrics(accumulator, name, metric_key_prefix, own_metrics))
         output.metrics.update(terms)
         return output
 
-    def _report_metrics(self, output, name: str | None, prefix: str, own_metrics: bool) -> dict[str, float]:
-        """Compute the set's report (kept under ``name``); return its metrics, prefixed, when they stand for the
-        default ``compute_metrics`` (which Trainer did not call), to go where Trainer puts its numbers."""
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        try:  # the maths checks the logits and names their non-finite rows: no second pass over them here
-            report = EvalReport.from_logits(name or prefix, logits, output.label_ids, self.args.calibration_bins)
+    def _report_metrics(
+        self, accumulator: CalibrationAccumulator, name: str | None, prefix: str, own_metrics: bool
+    ) -> dict[str, float]:
+        """The set's report (kept under ``name``); its metrics, prefixed, when they stand for the default
+        ``compute_metrics`` (which Trainer did not call), to go where Trainer puts its numbers."""
+        try:  # the maths found the non-finite rows: no second pass over the logits here
+            report = EvalReport.from_result(name or prefix, accumulator.result())
         except NonFiniteScoresError as error:
             raise self._non_finite_eval_error(name, error.rows) from error
         if name is not None:
@@ -131,6 +139,17 @@ class CalibrationEvaluation(Trainer):
 def _joined(values: Any) -> Any:
     """One array from Trainer's per-batch list of arrays (``eval_do_concat_batches=False``); anything else as is."""
     return np.concatenate(values) if isinstance(values, list) else values
+
+
+def _accumulating(accumulator: CalibrationAccumulator) -> Callable:
+    """``compute_metrics`` for Trainer's ``batch_eval_metrics``: each gathered batch into ``accumulator``."""
+
+    def compute(prediction: EvalPrediction, compute_result: bool) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        accumulator.update(nested_numpify(prediction.label_ids), logits=nested_numpify(logits))
+        return {}
+
+    return compute
 
 
 def _on_whole_arrays(compute_metrics: Callable | None) -> Callable | None:

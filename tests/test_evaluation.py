@@ -15,6 +15,7 @@ from transformers import EvalPrediction
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
 from cmp_hf.data.collator import ImageFeatureCollator
+from cmp_hf.data.feature_batches import FeatureBatches
 from cmp_hf.data.feature_cache import FEATURES_COLUMN
 from cmp_hf.evaluation import CALIBRATION_METRIC, Calibration
 from cmp_hf.losses import cmp_penalty
@@ -128,8 +129,10 @@ def test_trainer_metrics_are_the_modules_numbers_without_its_arrow_store(monkeyp
     assert out == expected  # the same function on the same float64 values: equal, not only close
 
 
-def feature_trainer(tmp_path, n: int, classes: int, **options) -> tuple:
-    """A CMPTrainer over cached image features (the evaluation at scale's input) on a tiny CLIP, and its eval set."""
+def feature_trainer(tmp_path, n: int, classes: int, collator=None, **options) -> tuple:
+    """A CMPTrainer over cached image features (the evaluation at scale's input) on a tiny CLIP, and its eval set.
+    Without ``collator``, the trainer's own input pipeline reads the features (in batches of columns); with
+    ``ImageFeatureCollator()``, a user's collator gets them as ``datasets`` hands them, row by row."""
     names = [f"class {chr(97 + k)}" for k in range(classes)]
     clip, processor = tiny_clip(word for name in names for word in name.split())
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
@@ -140,14 +143,15 @@ def feature_trainer(tmp_path, n: int, classes: int, **options) -> tuple:
     config = CMPConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, **options
     )
-    trainer = CMPTrainer(model, config, data_collator=ImageFeatureCollator(), processing_class=processor)
+    trainer = CMPTrainer(model, config, data_collator=collator, processing_class=processor)
     return trainer, dataset
 
 
-def test_trainer_evaluation_equals_a_brute_force_computation(tmp_path):
+@pytest.mark.parametrize("collator", [None, ImageFeatureCollator()], ids=["batches", "rows"])
+def test_trainer_evaluation_equals_a_brute_force_computation(tmp_path, collator):
     """Loss terms and calibration metrics of an eval set in uneven batches = the same maths on all its logits."""
     trainer, dataset = feature_trainer(
-        tmp_path, 61, 7, per_device_eval_batch_size=8, cmp_lambda=0.5, mbls_weight=0.2, calibration_bins=12
+        tmp_path, 61, 7, collator, per_device_eval_batch_size=8, cmp_lambda=0.5, mbls_weight=0.2, calibration_bins=12
     )
     metrics = trainer.evaluate({"set": dataset})
     features, labels = torch.tensor(np.asarray(dataset[FEATURES_COLUMN])), torch.tensor(dataset["label"])
@@ -197,3 +201,51 @@ def test_another_compute_metrics_gets_the_whole_sets_arrays(tmp_path):
         np.testing.assert_array_equal(logits, output.predictions)
         np.testing.assert_array_equal(labels, dataset["label"])
     assert trainer.eval_reports["set"].metrics == as_percent(calibration_metrics(labels, logits=logits))
+
+
+def test_an_evaluation_reads_cached_features_in_batches_and_keeps_no_logits(tmp_path, monkeypatch):
+    """What keeps evaluating an ImageNet-sized set near the cost of its maths: one Arrow read per batch (not a
+    Python dict per row) and the maths fed batch by batch (no N x C logits kept, none concatenated)."""
+    reads = []
+    real = FeatureBatches.__getitems__
+    monkeypatch.setattr(FeatureBatches, "__getitems__", lambda self, rows: reads.append(len(rows)) or real(self, rows))
+    trainer, dataset = feature_trainer(tmp_path, 61, 7, per_device_eval_batch_size=8)
+    loader = trainer.get_eval_dataloader(trainer._model_inputs(dataset))
+    output = trainer.evaluation_loop(loader, "Evaluation", metric_key_prefix="eval")
+    assert reads == [8] * 7 + [5]
+    assert output.predictions is None and output.metrics["eval_accuracy_pct"] >= 0
+    prediction = trainer.predict(dataset)  # a prediction keeps its logits, in one array
+    assert prediction.predictions.shape == (61, 7)
+    expected = as_percent(calibration_metrics(prediction.label_ids, logits=prediction.predictions))
+    assert {key: output.metrics[f"eval_{key}"] for key in expected} == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("fixed_width", [True, False], ids=["as-the-cache-writes", "list-column"])
+def test_feature_batches_read_what_the_rows_hold(fixed_width):
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((20, 6)).astype(np.float32)
+    feature_type = datasets.Sequence(datasets.Value("float32"), length=6 if fixed_width else -1)
+    schema = datasets.Features({FEATURES_COLUMN: feature_type, "label": datasets.ClassLabel(num_classes=4)})
+    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": rng.integers(0, 4, 20)}, features=schema)
+    dataset = dataset.shuffle(seed=0).select(range(3, 17))  # through an indices mapping, as a subset is read
+    batches = FeatureBatches(dataset, "label")
+    rows = [7, 0, 13, 2]
+    batch = ImageFeatureCollator()(batches.__getitems__(rows))
+    expected = ImageFeatureCollator()([dataset[row] for row in rows])
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+    assert batch["image_features"].dtype == torch.float32 and batch["labels"].dtype == torch.long
+    assert len(batches) == 14 and batches[5]["label"] == dataset[5]["label"]
+
+
+def test_feature_batches_refuse_features_of_different_widths():
+    dataset = Dataset.from_dict({FEATURES_COLUMN: [[0.1, 0.2], [0.3, 0.4, 0.5]], "label": [0, 1]})
+    with pytest.raises(ValueError, match="2 different lengths"):
+        FeatureBatches(dataset, "label").__getitems__([0, 1])
+
+
+def test_cached_features_for_a_learner_that_needs_images_are_refused_at_once(tmp_path, tiny_clip_dir, train_set):
+    """MaPLe prompts the image tower: features encoded by the frozen tower are not what it classifies."""
+    features = Dataset.from_dict({FEATURES_COLUMN: np.zeros((4, 16), np.float32), "label": [0, 1, 2, 0]})
+    config = CMPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", prompt_learner="maple")
+    with pytest.raises(ValueError, match="holds cached 'image_features' but this trainer feeds images"):
+        CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set, eval_dataset=features)

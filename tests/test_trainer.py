@@ -401,14 +401,14 @@ def test_evaluation_computes_the_calibration_maths_once_per_set(
     tmp_path, tiny_clip_dir, train_set, test_set, monkeypatch
 ):
     calls = []
-    real = cmp_hf.metrics.calibration_result
+    real = cmp_hf.metrics.CalibrationAccumulator.result
 
-    def counting(*args, **kwargs):
+    def counting(self):
         calls.append(1)
-        return real(*args, **kwargs)
+        return real(self)
 
-    for module in (cmp_hf.metrics, cmp_hf.eval_report):  # CalibrationMetrics' way and the report's
-        monkeypatch.setattr(module, "calibration_result", counting)
+    # every way to the numbers (CalibrationMetrics', the report's, the evaluation's batches) ends in result()
+    monkeypatch.setattr(cmp_hf.metrics.CalibrationAccumulator, "result", counting)
     trainer = CMPTrainer(model=tiny_clip_dir, args=make_config(tmp_path), train_dataset=train_set)
     metrics = trainer.evaluate({"a": test_set, "b": train_set})
     assert len(calls) == 2  # once per eval set: its report's metrics are the returned metrics

@@ -12,12 +12,15 @@ from typing import Any
 import numpy as np
 from datasets import ClassLabel, Dataset, Value
 
+from .feature_cache import FEATURES_COLUMN
+
 
 def check_columns(dataset: Any, name: str, image_column: str, label_column: str, needs_images: bool) -> None:
     """The image and label columns exist, and the image column does not hold labels or numbers."""
     columns = dataset.column_names
     if columns is None:  # an IterableDataset of unknown schema: nothing to check up front
         return
+    needs_images = needs_images and FEATURES_COLUMN not in columns  # cached features stand for the images
     required = [image_column, label_column] if needs_images else [label_column]
     missing = [column for column in required if column not in columns]
     if missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +115,16 @@ class CLIPImageCollator:
 
 @dataclass
 class ImageFeatureCollator:
-    """Batches rows of cached, L2-normalised ``image_features`` (D,) into ``image_features`` and ``labels``."""
+    """Batches cached, L2-normalised ``image_features`` (D,) and their labels into ``image_features`` and
+    ``labels``: from a list of rows, or from one batch of columns (:class:`~cmp_hf.data.feature_batches.FeatureBatches`
+    reads them so)."""
 
     label_column: str = "label"
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        features = torch.from_numpy(np.stack([np.asarray(row["image_features"], dtype=np.float32) for row in rows]))
-        labels = torch.tensor([int(row[self.label_column]) for row in rows], dtype=torch.long)
-        return {"image_features": features, "labels": labels}
+    def __call__(self, rows: list[dict[str, Any]] | Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if isinstance(rows, Mapping):
+            features, labels = rows["image_features"], rows[self.label_column]
+        else:
+            features = np.stack([np.asarray(row["image_features"], dtype=np.float32) for row in rows])
+            labels = [int(row[self.label_column]) for row in rows]
+        return {"image_features": torch.as_tensor(features), "labels": torch.as_tensor(labels, dtype=torch.long)}

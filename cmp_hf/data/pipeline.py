@@ -18,6 +18,7 @@ from datasets.config import HF_DATASETS_CACHE
 
 from .augment import RandomResizedCropFlip
 from .collator import CLIPImageCollator, ImageFeatureCollator, with_row_numbers
+from .feature_batches import FeatureBatches
 from .feature_cache import FEATURES_COLUMN, ImageFeatureCache, augmented, select_views
 
 if TYPE_CHECKING:  # the data layer needs neither at run time
@@ -73,7 +74,14 @@ class InputPipeline:
     def __call__(self, dataset: Any, views: int = 0) -> Any:
         """``dataset`` as the collator takes it; ``views`` > 0 for a training set (``args.augmented_views``)."""
         args = self.args
-        if dataset is None or isinstance(dataset, str) or FEATURES_COLUMN in (dataset.column_names or []):
+        if dataset is None or isinstance(dataset, str):
+            return dataset
+        if FEATURES_COLUMN in (dataset.column_names or []):  # encoded already (by this pipeline or the user)
+            if isinstance(self.collator, CLIPImageCollator):
+                raise ValueError(
+                    f"A dataset holds cached {FEATURES_COLUMN!r} but this trainer feeds images to the model "
+                    "(cache_image_features is off, or the learner prompts the image tower): pass the images."
+                )
             return dataset
         if self.feature_cache is None:
             dataset = with_row_numbers(dataset, args.image_column)
@@ -83,13 +91,24 @@ class InputPipeline:
         with args.main_process_first(desc="image-feature cache"):
             return select_views(self.feature_cache.features(dataset, views), seed=args.seed)
 
+    def for_reading(self, dataset: Any) -> Any:
+        """``dataset`` as an evaluation reads it: as :meth:`__call__` gives it, read in batches of columns
+        (:class:`~cmp_hf.data.feature_batches.FeatureBatches`) where it holds cached features and this pipeline's
+        collator takes them."""
+        if isinstance(dataset, FeatureBatches):
+            return dataset
+        dataset = self(dataset)
+        if isinstance(self.collator, ImageFeatureCollator) and FeatureBatches.can_read(dataset):
+            return FeatureBatches(dataset, self.args.label_column)
+        return dataset
+
     def prepare(self, train_dataset: Any, eval_dataset: Any) -> tuple[Any, Any]:
         """The training set (with the augmented views ``args`` ask for) and the eval set or dict of eval sets, as
         the collator takes them."""
         train_dataset = self(train_dataset, views=self.args.augmented_views if self.args.augment else 0)
         if isinstance(eval_dataset, dict):
-            return train_dataset, {key: self(dataset) for key, dataset in eval_dataset.items()}
-        return train_dataset, self(eval_dataset)
+            return train_dataset, {key: self.for_reading(dataset) for key, dataset in eval_dataset.items()}
+        return train_dataset, self.for_reading(eval_dataset)
 
 
 def named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, Any]]:
