@@ -19,11 +19,11 @@ maximum softmax probability; equal-width bins are ``(lower, upper]``; ECE = sum_
   which differs by O(1/N).
 
 These functions work on numpy arrays and know nothing of models or of the rest of cmp_hf (this module imports
-nothing from it). :func:`calibration_result` is the one computation: the metrics with the reliability table and the
-risk curve they come from. ``calibration_metrics``, ``CalibrationMetrics`` (``Trainer``'s ``compute_metrics``), the
-``calibration`` ``evaluate`` module (:mod:`cmp_hf.evaluation`) and the trainer's eval reports all go through it; the
-trainer calls it once per eval set on the logits in memory, as the module's Arrow store costs 15-18x the maths
-at ImageNet's 50,000 x 1,000.
+nothing from it). :class:`CalibrationAccumulator` is the one computation: the metrics with the reliability table and
+the risk curve they come from, from scores given in row blocks. :func:`calibration_result` feeds it one array;
+``calibration_metrics``, ``CalibrationMetrics`` (``Trainer``'s ``compute_metrics``) and the ``calibration``
+``evaluate`` module (:mod:`cmp_hf.evaluation`) go through that; the trainer feeds it each eval batch as it comes,
+once per eval set, as the module's Arrow store costs 15-20x the maths at ImageNet's 50,000 x 1,000.
 """
 
 from __future__ import annotations
