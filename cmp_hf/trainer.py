@@ -186,10 +186,25 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = inputs["labels"]
-        prompt_model = self.accelerator.unwrap_model(model)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         outputs = model(**model_inputs)
-        logits = outputs.logits.float()
+        rows = len(labels) if model.training else self._rows_of_the_eval_set(len(labels))
+        if 0 < rows < len(labels):  # the loss of the set's own rows (the padding's outputs still go to the gather)
+            own_inputs = {key: value[:rows] for key, value in model_inputs.items()}
+            loss, terms = self._objective(model, own_inputs, model(**own_inputs), labels[:rows])
+        else:
+            loss, terms = self._objective(model, model_inputs, outputs, labels)
+        if model.training:
+            self._stop_at_non_finite_loss(loss, terms, inputs)
+        if rows:
+            self._components["train" if model.training else "eval"].add(terms, rows)
+        return (loss, {"logits": outputs.logits.float()}) if return_outputs else loss
+
+    def _objective(
+        self, model: torch.nn.Module, model_inputs: dict[str, torch.Tensor], outputs, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective (cross-entropy, CMP, the baselines, the learner's own terms) of a batch."""
+        prompt_model = self.accelerator.unwrap_model(model)
         hand_crafted = self._hand_crafted_text_features(model) if self._loss_options.kgcoop_weight else None
         variance = None  # a learner with Gaussian class features (ProDA) trains on a bound that needs it
         if outputs.text_spread is not None:
@@ -197,13 +212,20 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
         learner_terms = prompt_model.learner.regularization(
             prompt_model.clip, prompt_model.context, model_inputs, outputs, self.args
         )
-        loss, terms = training_objective(
-            logits, labels, self._loss_options, outputs.text_features, hand_crafted, variance, learner_terms
-        )
-        if model.training:
-            self._stop_at_non_finite_loss(loss, terms, inputs)
-        self._components["train" if model.training else "eval"].add(terms, len(labels))
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return training_objective(
+            outputs.logits.float(), labels, self._loss_options, outputs.text_features, hand_crafted, variance,
+            learner_terms,
+        )  # fmt: skip
+
+    def _rows_of_the_eval_set(self, batch_size: int) -> int:
+        """How many rows of this process's eval batch belong to the eval set. At the end of a multi-process
+        evaluation accelerate pads the last round of batches with rows from the set's start, so that every process
+        has a full batch, and ``gather_for_metrics`` drops them from the gathered outputs (the first ``remainder``
+        rows of the round are the set's); the eval loss and its logged terms must not count them either."""
+        state = self.accelerator.gradient_state
+        if self.args.world_size == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch_size
+        return min(max(state.remainder - self.accelerator.process_index * batch_size, 0), batch_size)
 
     def _stop_at_non_finite_loss(
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]

@@ -3,6 +3,7 @@ for every registered learner: CoOp (text side only, cached image features), MaPL
 gradients to its couplings, at every step), and the others."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,52 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_clip_dir, learner):
     ddp_terms = ast.literal_eval(ddp_log.split("LOGGED")[1].split("MOVED")[0].strip())
     torch.testing.assert_close(torch.tensor(ddp_terms), torch.tensor(single_terms), atol=1e-5, rtol=0)
     assert single_terms[-1][0] < single_terms[0][0]
+
+
+EVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from cmp_hf import CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
+    from cmp_hf.data.feature_cache import FEATURES_COLUMN
+    from cmp_hf.testing.tiny import tiny_clip
+
+    names = [f"class {chr(97 + k)}" for k in range(7)]
+    clip, processor = tiny_clip(word for name in names for word in name.split())
+    torch.manual_seed(0)  # the same random context on every process (and in both runs)
+    model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((61, clip.config.projection_dim)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": rng.integers(0, 7, 61)})
+    config = CMPConfig(
+        output_dir=sys.argv[1], use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_eval_batch_size=int(sys.argv[2]),
+    )
+    trainer = CMPTrainer(model, config, processing_class=processor)
+    metrics = trainer.evaluate({"set": dataset})
+    if trainer.is_world_process_zero():
+        print("METRICS", json.dumps({k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second", "time"))}))
+    trainer.accelerator.end_training()
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_gives_the_single_process_numbers(tmp_path):
+    """61 rows in batches of 8 over 2 processes: the last round is padded with repeated rows, which the metrics,
+    the eval loss and the loss terms must not count."""
+    script = tmp_path / "evaluate_ddp.py"
+    script.write_text(EVAL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = run([sys.executable, str(script), str(tmp_path / "single"), "8"], env)
+    ddp = run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29599",
+         str(script), str(tmp_path / "ddp"), "8"],
+        env,
+    )  # fmt: skip
+    single, ddp = (json.loads(log.split("METRICS")[1].strip().splitlines()[0]) for log in (single, ddp))
+    assert "eval_set_ece_pct" in single and single.keys() == ddp.keys()
+    assert ddp == pytest.approx(single, abs=1e-5)
