@@ -50,6 +50,16 @@ class PromptTunedCLIPOutput(ModelOutput):
     text_features: torch.Tensor | None = None
     text_spread: torch.Tensor | None = None
 
+    def first_rows(self, rows: int) -> PromptTunedCLIPOutput:
+        """These outputs for the batch's first ``rows`` images; the class-wise tensors as they are."""
+        image, text = self.image_features, self.text_features
+        return PromptTunedCLIPOutput(
+            logits=self.logits[:rows],
+            image_features=None if image is None else image[:rows],
+            text_features=text[:rows] if text is not None and text.dim() == 3 else text,
+            text_spread=self.text_spread,
+        )
+
 
 class PromptTunedCLIP(nn.Module):
     """CLIP classifier over a fixed list of classes whose text prompts carry a learned context.

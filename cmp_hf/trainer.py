@@ -191,7 +191,7 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
         rows = len(labels) if model.training else self._rows_of_the_eval_set(len(labels))
         if 0 < rows < len(labels):  # the loss of the set's own rows (the padding's outputs still go to the gather)
             own_inputs = {key: value[:rows] for key, value in model_inputs.items()}
-            loss, terms = self._objective(model, own_inputs, model(**own_inputs), labels[:rows])
+            loss, terms = self._objective(model, own_inputs, outputs.first_rows(rows), labels[:rows])
         else:
             loss, terms = self._objective(model, model_inputs, outputs, labels)
         if model.training:

@@ -1,4 +1,5 @@
-"""``CMPTrainer``'s evaluation: every eval set's calibration metrics and report, class text features once.
+"""``CMPTrainer``'s evaluation: every eval set's calibration metrics and report (the maths fed batch by batch, its
+result computed once per set), class text features once.
 
 Kept apart from the training loop (as transformers keeps Seq2SeqTrainer's generation apart from Trainer):
 :class:`CalibrationEvaluation` overrides Trainer's ``evaluate``, ``predict`` and ``evaluation_loop`` and uses what
@@ -15,10 +16,9 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 from transformers import EvalPrediction, Trainer
-from transformers.trainer_pt_utils import nested_numpify
 
 from .eval_report import EvalReport
-from .metrics import CalibrationAccumulator, CalibrationMetrics, NonFiniteScoresError
+from .metrics import CalibrationAccumulator, CalibrationMetrics, NonFiniteScoresError, as_numpy
 
 
 class CalibrationEvaluation(Trainer):
@@ -77,19 +77,27 @@ class CalibrationEvaluation(Trainer):
     ):
         """Evaluate with the class text features computed once, and add the mean loss terms to the metrics.
 
-        With the default ``compute_metrics`` the calibration maths takes each batch as Trainer's loop gathers it
-        (``batch_eval_metrics``, into a :class:`~cmp_hf.metrics.CalibrationAccumulator`): an evaluation keeps no
-        logits, and the set's report and numbers come once, at the end. Another ``compute_metrics`` gets the whole
-        set's arrays, as usual, concatenated once (Trainer concatenates at every batch, quadratic in the set's
-        size), and the report is computed from them."""
+        With the default ``compute_metrics`` an evaluation feeds the calibration maths each batch as Trainer's loop
+        gathers it (``batch_eval_metrics``, into a :class:`~cmp_hf.metrics.CalibrationAccumulator`): it keeps no
+        logits, and the set's report and numbers come once, at the end. A prediction keeps its logits (Trainer's
+        ``eval_accumulation_steps`` moves them off the device as usual) and the maths takes them at the end. Another
+        ``compute_metrics`` gets the whole set's arrays, as usual, concatenated once (Trainer concatenates at every
+        batch, quadratic in the set's size), or, with ``batch_eval_metrics``, each batch as Trainer gives it."""
         self.model.eval()
         self._components["eval"].reset()  # drop leftovers of an interrupted evaluation
         name = self._report_name
         own_metrics = self._computes_calibration_metrics()
+        compute_metrics, reported = self.compute_metrics, name is not None or own_metrics
         accumulator = CalibrationAccumulator(self.args.calibration_bins)
-        saved = self.args.eval_do_concat_batches, self.args.batch_eval_metrics, self.compute_metrics
-        self.args.eval_do_concat_batches, self.args.batch_eval_metrics = False, own_metrics
-        self.compute_metrics = _accumulating(accumulator) if own_metrics else _on_whole_arrays(self.compute_metrics)
+        users_batches = self.args.batch_eval_metrics and not own_metrics  # a compute_metrics(p, compute_result)
+        streamed = users_batches or (own_metrics and description != "Prediction")
+        saved = self.args.eval_do_concat_batches, self.args.batch_eval_metrics, compute_metrics
+        self.args.eval_do_concat_batches, self.args.batch_eval_metrics = False, streamed
+        if streamed:
+            users = compute_metrics if users_batches else None
+            self.compute_metrics = _accumulating(accumulator if reported else None, users)
+        else:
+            self.compute_metrics = None if own_metrics else _on_whole_arrays(compute_metrics)
         try:
             with self.model.fixed_text_features():
                 output = super().evaluation_loop(
@@ -101,7 +109,7 @@ class CalibrationEvaluation(Trainer):
             self.args.eval_do_concat_batches, self.args.batch_eval_metrics, self.compute_metrics = saved
         output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
         terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
-        if not own_metrics and name is not None and output.predictions is not None and output.label_ids is not None:
+        if not streamed and reported and output.predictions is not None and output.label_ids is not None:
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             accumulator.update(output.label_ids, logits=logits)
         if accumulator.num_rows:
@@ -141,13 +149,16 @@ def _joined(values: Any) -> Any:
     return np.concatenate(values) if isinstance(values, list) else values
 
 
-def _accumulating(accumulator: CalibrationAccumulator) -> Callable:
-    """``compute_metrics`` for Trainer's ``batch_eval_metrics``: each gathered batch into ``accumulator``."""
+def _accumulating(accumulator: CalibrationAccumulator | None, users: Callable | None) -> Callable:
+    """``compute_metrics`` for Trainer's ``batch_eval_metrics``: each gathered batch into ``accumulator`` (when the
+    set's report is wanted), and to the user's own per-batch ``compute_metrics`` if there is one."""
 
     def compute(prediction: EvalPrediction, compute_result: bool) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        accumulator.update(nested_numpify(prediction.label_ids), logits=nested_numpify(logits))
-        return {}
+        if accumulator is not None:
+            logits = prediction.predictions
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            accumulator.update(as_numpy(prediction.label_ids), logits=as_numpy(logits))
+        return users(prediction, compute_result=compute_result) if users is not None else {}
 
     return compute
 

@@ -112,7 +112,7 @@ EVAL_SCRIPT = textwrap.dedent(
     trainer = CMPTrainer(model, config, processing_class=processor)
     metrics = trainer.evaluate({"set": dataset})
     if trainer.is_world_process_zero():
-        print("METRICS", json.dumps({k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second", "time"))}))
+        print("METRICS", json.dumps({k: v for k, v in metrics.items() if not k.endswith(("per_second", "time"))}))
     trainer.accelerator.end_training()
     """
 )

@@ -249,3 +249,48 @@ def test_cached_features_for_a_learner_that_needs_images_are_refused_at_once(tmp
     config = CMPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", prompt_learner="maple")
     with pytest.raises(ValueError, match="holds cached 'image_features' but this trainer feeds images"):
         CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=train_set, eval_dataset=features)
+
+
+def test_a_per_batch_compute_metrics_of_the_users_gets_every_batch_and_the_report_is_still_kept(tmp_path):
+    calls = []
+
+    def compute_metrics(prediction: EvalPrediction, compute_result: bool) -> dict[str, float]:
+        calls.append((len(prediction.label_ids), compute_result))
+        return {"rows": sum(rows for rows, _ in calls)} if compute_result else {}
+
+    trainer, dataset = feature_trainer(tmp_path, 30, 5, per_device_eval_batch_size=8, batch_eval_metrics=True)
+    trainer.compute_metrics = compute_metrics
+    metrics = trainer.evaluate({"set": dataset})
+    assert calls == [(8, False), (8, False), (8, False), (6, True)] and metrics["eval_set_rows"] == 30
+    logits = trainer.predict(dataset).predictions
+    expected = as_percent(calibration_metrics(np.asarray(dataset["label"]), logits=logits))
+    assert trainer.eval_reports["set"].metrics == pytest.approx(expected, abs=1e-12)
+
+
+def test_remove_unused_columns_reads_cached_features_by_rows_with_the_same_numbers(tmp_path):
+    """Trainer wraps the collator of a non-``datasets`` set in one that takes rows: no batch reader then."""
+    numbers = []
+    for remove in (False, True):
+        torch.manual_seed(0)  # the same random context in both
+        trainer, dataset = feature_trainer(
+            tmp_path / str(remove), 30, 5, per_device_eval_batch_size=8, remove_unused_columns=remove
+        )
+        assert isinstance(trainer._model_inputs(dataset), FeatureBatches) != remove
+        numbers.append(trainer.evaluate({"set": dataset}))
+    drop = ("runtime", "per_second", "preparation_time")
+    assert {k: v for k, v in numbers[1].items() if not k.endswith(drop)} == pytest.approx(
+        {k: v for k, v in numbers[0].items() if not k.endswith(drop)}, abs=1e-6
+    )
+
+
+def test_feature_batches_leave_a_column_of_nested_lists_to_the_row_path():
+    nested = Dataset.from_dict({FEATURES_COLUMN: [[[0.1, 0.2]], [[0.3, 0.4]]], "label": [0, 1]})
+    flat = Dataset.from_dict({FEATURES_COLUMN: [[0.1, 0.2], [0.3, 0.4]], "label": [0, 1]})
+    assert not FeatureBatches.can_read(nested) and FeatureBatches.can_read(flat)
+
+
+def test_a_training_set_of_cached_features_is_not_silently_left_unaugmented(tmp_path, tiny_clip_dir):
+    features = Dataset.from_dict({FEATURES_COLUMN: np.ones((4, 16), np.float32), "label": [0, 1, 2, 0]})
+    config = CMPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", augment=True)
+    with pytest.raises(ValueError, match="cannot be augmented: pass the images .* or set augment=False"):
+        CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=features, class_names=["red", "green", "blue"])

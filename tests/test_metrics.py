@@ -227,3 +227,23 @@ def test_the_maths_holds_a_block_of_probabilities_not_the_whole_set():
         tracemalloc.stop()
     whole = logits.size * 8
     assert peak < whole / 2, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_compute_metrics_adds_up_the_batches_trainer_hands_it_one_by_one():
+    """Trainer's batch_eval_metrics: tensors per batch, the set's numbers with the last (compute_result=True)."""
+    probs, labels = random_probs(100, 4, 7)
+    logits = torch.from_numpy(np.log(probs)).to(torch.bfloat16)  # what an eval in bf16 gathers
+    metrics = CalibrationMetrics(n_bins=10)
+    returned = [
+        metrics(
+            EvalPrediction(
+                predictions=logits[start : start + 32], label_ids=torch.from_numpy(labels[start : start + 32])
+            ),
+            compute_result=start + 32 >= 100,
+        )
+        for start in range(0, 100, 32)
+    ]
+    expected = as_percent(calibration_metrics(labels, logits=logits.float().numpy()))
+    assert returned[:-1] == [{}, {}, {}] and returned[-1] == pytest.approx(expected, abs=1e-12)
+    again = metrics(EvalPrediction(predictions=logits.float().numpy(), label_ids=labels))  # a new set, whole
+    assert again == pytest.approx(expected, abs=1e-12)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizer
 
 from cmp_hf.learners import learner_class
-from cmp_hf.modeling import PromptTunedCLIP
+from cmp_hf.modeling import PromptTunedCLIP, PromptTunedCLIPOutput
 from cmp_hf.prompts import PromptConfig
 
 
@@ -248,3 +248,20 @@ def test_prompts_saved_by_v0_1_load_with_identical_logits(learner):
     for ours, theirs in pairs:
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
         assert torch.equal(ours.argmax(1), theirs.argmax(1))
+
+
+@pytest.mark.parametrize("per_image_text", [False, True], ids=["class-text", "per-image-text"])
+def test_first_rows_cut_what_is_per_image_and_keep_what_is_per_class(per_image_text):
+    """What a padded eval batch's loss is computed from: CoCoOp's text features are per image, CoOp's per class."""
+    batch, classes, dim = 5, 3, 4
+    text = torch.randn(batch, classes, dim) if per_image_text else torch.randn(classes, dim)
+    spread = torch.randn(classes, 2, dim)
+    outputs = PromptTunedCLIPOutput(
+        logits=torch.randn(batch, classes), image_features=torch.randn(batch, dim), text_features=text,
+        text_spread=spread,
+    )  # fmt: skip
+    first = outputs.first_rows(2)
+    torch.testing.assert_close(first.logits, outputs.logits[:2])
+    torch.testing.assert_close(first.image_features, outputs.image_features[:2])
+    torch.testing.assert_close(first.text_features, text[:2] if per_image_text else text)
+    assert first.text_spread is spread

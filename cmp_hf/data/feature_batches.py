@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, List
+from datasets import Dataset, List, Value
 
 from .feature_cache import FEATURES_COLUMN
 
@@ -33,7 +33,8 @@ class FeatureBatches(torch.utils.data.Dataset):
         """Whether ``dataset`` is a ``datasets.Dataset`` with one feature vector per row (not several views)."""
         if not isinstance(dataset, Dataset) or FEATURES_COLUMN not in dataset.column_names:
             return False
-        return isinstance(dataset.features[FEATURES_COLUMN], List)  # what Sequence(...) builds too
+        feature = dataset.features[FEATURES_COLUMN]  # a List of numbers (what Sequence(Value(...)) builds too)
+        return isinstance(feature, List) and isinstance(feature.feature, Value)
 
     def __len__(self) -> int:
         return len(self.dataset)

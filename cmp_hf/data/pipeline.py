@@ -82,6 +82,11 @@ class InputPipeline:
                     f"A dataset holds cached {FEATURES_COLUMN!r} but this trainer feeds images to the model "
                     "(cache_image_features is off, or the learner prompts the image tower): pass the images."
                 )
+            if views:
+                raise ValueError(
+                    f"The training set holds cached {FEATURES_COLUMN!r}, which cannot be augmented: pass the images "
+                    "(the cache encodes augmented views of them), or set augment=False."
+                )
             return dataset
         if self.feature_cache is None:
             dataset = with_row_numbers(dataset, args.image_column)
@@ -94,11 +99,13 @@ class InputPipeline:
     def for_reading(self, dataset: Any) -> Any:
         """``dataset`` as an evaluation reads it: as :meth:`__call__` gives it, read in batches of columns
         (:class:`~cmp_hf.data.feature_batches.FeatureBatches`) where it holds cached features and this pipeline's
-        collator takes them."""
+        collator takes them. Not with ``remove_unused_columns``: Trainer then wraps the collator in one that takes
+        rows (and the batch reader keeps only the columns the collator takes anyway)."""
         if isinstance(dataset, FeatureBatches):
             return dataset
         dataset = self(dataset)
-        if isinstance(self.collator, ImageFeatureCollator) and FeatureBatches.can_read(dataset):
+        readable = isinstance(self.collator, ImageFeatureCollator) and FeatureBatches.can_read(dataset)
+        if readable and not self.args.remove_unused_columns:
             return FeatureBatches(dataset, self.args.label_column)
         return dataset
 
