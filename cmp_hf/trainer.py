@@ -176,6 +176,21 @@ class CMPTrainer(PostHocFitting, CalibrationEvaluation):
             self.fit_posthoc_calibration()
         return output
 
+    def end_training(self) -> None:
+        """End a multi-process run before the interpreter does: destroy its process group now. (Nothing to do on one
+        process.) Call it last: the trainer cannot train after it.
+
+        accelerate's ``end_training`` drops torch.distributed's references to the group, but the DDP-wrapped model
+        holds it too, so gloo's worker threads would live on until interpreter shutdown, where one finishing the
+        clean-up of a collective needs the GIL and aborts the process ("terminate called without an active
+        exception", exit -6) after the run has finished and saved. The order matters: the wrapper goes first, while
+        torch.distributed still holds the group (its reducer's reference is dropped with the GIL held: were it the
+        last, the group's destructor would wait on a worker that waits for the GIL); then destroying the group drops
+        the last reference through torch's binding, which releases the GIL while the workers are joined."""
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()  # its references to the wrapped model, and a garbage collection
+        self.accelerator.end_training()
+
     # ---- loss and logging ---------------------------------------------------------------------------------------
 
     def compute_loss(

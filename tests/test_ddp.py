@@ -17,6 +17,7 @@ from cmp_hf.learners import LEARNERS
 
 SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
     from cmp_hf import CMPConfig, CMPTrainer
     from cmp_hf.learners import LEARNERS
@@ -41,7 +42,10 @@ SCRIPT = textwrap.dedent(
         logged = [e for e in trainer.state.log_history if "loss" in e]
         print("LOGGED", [(round(e["ce"], 6), round(e["cmp"], 6)) for e in logged])
         print("MOVED", max((p - initial[n]).abs().max().item() for n, p in learned().items()))  # the largest update
-    trainer.accelerator.end_training()  # the process group destroyed before exit, as the recipe does
+    native_threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    before = native_threads()
+    trainer.end_training()  # the process group destroyed before exit, as the recipe does
+    print("THREADS", trainer.args.process_index, before, native_threads(), flush=True)
     """
 )
 
@@ -85,6 +89,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_clip_dir, learner):
     ddp_terms = ast.literal_eval(ddp_log.split("LOGGED")[1].split("MOVED")[0].strip())
     torch.testing.assert_close(torch.tensor(ddp_terms), torch.tensor(single_terms), atol=1e-5, rtol=0)
     assert single_terms[-1][0] < single_terms[0][0]
+    # end_training destroyed the gloo group on both processes (its worker threads gone), not interpreter shutdown,
+    # where a worker finishing a collective's clean-up could abort a finished run (exit -6, 1 run in ~10 here)
+    threads = {int(rank): (int(before), int(after)) for rank, before, after in
+               (line.split()[1:] for line in ddp_log.splitlines() if line.startswith("THREADS"))}  # fmt: skip
+    assert sorted(threads) == [0, 1] and all(after < before for before, after in threads.values()), threads
 
 
 EVAL_SCRIPT = textwrap.dedent(
@@ -113,7 +122,7 @@ EVAL_SCRIPT = textwrap.dedent(
     metrics = trainer.evaluate({"set": dataset})
     if trainer.is_world_process_zero():
         print("METRICS", json.dumps({k: v for k, v in metrics.items() if not k.endswith(("per_second", "time"))}))
-    trainer.accelerator.end_training()
+    trainer.end_training()
     """
 )
 

@@ -226,7 +226,7 @@ def main(
         trainer, metrics = train_and_evaluate(script_args, config, run_dir)
     if config.push_to_hub:
         push(trainer, script_args.benchmark or script_args.dataset_name)
-    trainer.accelerator.end_training()  # a multi-process run destroys its process group instead of leaving it to exit
+    trainer.end_training()  # a multi-process run destroys its process group instead of leaving it to exit
     return metrics
 
 
