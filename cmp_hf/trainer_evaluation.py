@@ -69,6 +69,21 @@ class CalibrationEvaluation(Trainer):
         finally:
             self._report_name = None
 
+    def get_eval_dataloader(self, eval_dataset: Dataset | str | None = None):
+        """As Trainer's, except that a dataset passed in (not a name of ``self.eval_dataset``) neither gets nor leaves
+        a cached loader. Trainer keeps persistent-workers loaders by name and files every passed dataset under
+        ``"eval"``, so the next passed dataset would be read through the first one's loader: its numbers, silently."""
+        if eval_dataset is None or isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
+            return super().get_eval_dataloader(eval_dataset)
+        own = getattr(self, "_eval_dataloaders", {}).pop("eval", None)  # self.eval_dataset's, kept aside
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            cached = getattr(self, "_eval_dataloaders", {})
+            cached.pop("eval", None)
+            if own is not None:
+                cached["eval"] = own
+
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         return super().predict(self._model_inputs(test_dataset), ignore_keys, metric_key_prefix)
 

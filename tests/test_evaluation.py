@@ -294,3 +294,17 @@ def test_a_training_set_of_cached_features_is_not_silently_left_unaugmented(tmp_
     config = CMPConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", augment=True)
     with pytest.raises(ValueError, match="cannot be augmented: pass the images .* or set augment=False"):
         CMPTrainer(model=tiny_clip_dir, args=config, train_dataset=features, class_names=["red", "green", "blue"])
+
+
+def test_datasets_passed_in_are_each_read_with_persistent_workers(tmp_path):
+    """Trainer caches a persistent-workers eval loader under "eval" for any dataset passed in: the second set
+    would silently get the first one's numbers."""
+    trainer, dataset = feature_trainer(
+        tmp_path, 30, 5, per_device_eval_batch_size=8, dataloader_num_workers=1, dataloader_persistent_workers=True
+    )
+    first, second = dataset.select(range(15)), dataset.select(range(15, 30))
+    metrics = trainer.evaluate({"first": first, "second": second})
+    for name, subset in (("first", first), ("second", second)):
+        logits = trainer.predict(subset).predictions
+        expected = as_percent(calibration_metrics(np.asarray(subset["label"]), logits=logits))
+        assert {key: metrics[f"eval_{name}_{key}"] for key in expected} == pytest.approx(expected, abs=1e-9), name
