@@ -198,6 +198,16 @@ class CalibrationAccumulator:
                 self._add_block(scores[start : start + rows], labels[start : start + rows], probs is None)
         self.num_rows += len(labels)
 
+    def update_from_trainer(self, predictions: Any, label_ids: Any) -> None:
+        """Add logits as Trainer hands them: an array or a list of per-batch arrays (``eval_do_concat_batches=False``),
+        or a tuple led by either (the model's other outputs after it); arrays or tensors (any device, bfloat16)."""
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        if not isinstance(predictions, list):
+            predictions, label_ids = [predictions], [label_ids]
+        for logits, labels in zip(predictions, label_ids, strict=True):
+            self.update(_as_numpy(labels), logits=_as_numpy(logits))
+
     def _add_block(self, scores: np.ndarray, labels: np.ndarray, from_logits: bool) -> None:
         rows = np.arange(len(labels))
         p = scores.astype(np.float64)  # a copy, normalised in place: one exp over the block
@@ -317,22 +327,16 @@ class CalibrationMetrics:
         """The set's metrics. Under Trainer's ``batch_eval_metrics`` each call brings one batch (as tensors): the
         batches are added up and the set's numbers come with the last one (``compute_result=True``), ``{}`` before.
         """
-        logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-        if isinstance(logits, tuple):  # (logits, other model outputs)
-            logits = logits[0]
-        if not isinstance(logits, list):  # a list holds one array per batch (eval_do_concat_batches=False)
-            logits, labels = [logits], [labels]
         if self._batches is None:
             self._batches = CalibrationAccumulator(self.n_bins)
-        for batch_logits, batch_labels in zip(logits, labels, strict=True):
-            self._batches.update(as_numpy(batch_labels), logits=as_numpy(batch_logits))
+        self._batches.update_from_trainer(eval_prediction.predictions, eval_prediction.label_ids)
         if not compute_result:
             return {}
         accumulator, self._batches = self._batches, None
         return as_percent(accumulator.result().metrics)
 
 
-def as_numpy(values: Any) -> np.ndarray:
+def _as_numpy(values: Any) -> np.ndarray:
     """A batch as Trainer hands it per batch (a tensor on any device, bfloat16 included) or an array, as numpy."""
     if hasattr(values, "detach"):  # a torch tensor, without importing torch here
         values = values.detach().cpu()

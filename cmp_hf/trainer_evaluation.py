@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import EvalPrediction, Trainer
 
 from .eval_report import EvalReport
-from .metrics import CalibrationAccumulator, CalibrationMetrics, NonFiniteScoresError, as_numpy
+from .metrics import CalibrationAccumulator, CalibrationMetrics, NonFiniteScoresError
 
 
 class CalibrationEvaluation(Trainer):
@@ -125,8 +125,7 @@ class CalibrationEvaluation(Trainer):
         output = output._replace(predictions=_joined(output.predictions), label_ids=_joined(output.label_ids))
         terms = self._components["eval"].pop(self._sum_over_processes, prefix=f"{metric_key_prefix}_")
         if not streamed and reported and output.predictions is not None and output.label_ids is not None:
-            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-            accumulator.update(output.label_ids, logits=logits)
+            accumulator.update_from_trainer(output.predictions, output.label_ids)
         if accumulator.num_rows:
             output.metrics.update(self._report_metrics(accumulator, name, metric_key_prefix, own_metrics))
         output.metrics.update(terms)
@@ -170,9 +169,7 @@ def _accumulating(accumulator: CalibrationAccumulator | None, users: Callable | 
 
     def compute(prediction: EvalPrediction, compute_result: bool) -> dict[str, float]:
         if accumulator is not None:
-            logits = prediction.predictions
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            accumulator.update(as_numpy(prediction.label_ids), logits=as_numpy(logits))
+            accumulator.update_from_trainer(prediction.predictions, prediction.label_ids)
         return users(prediction, compute_result=compute_result) if users is not None else {}
 
     return compute
