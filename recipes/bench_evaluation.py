@@ -23,19 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import evaluate
-import numpy as np
 import torch
-from datasets import Dataset, Features, Sequence, Value
+from datasets import Dataset
 from transformers import CLIPModel
 
 from cmp_hf import CMPConfig, CMPTrainer, PromptTunedCLIP
-from cmp_hf.data.feature_cache import FEATURES_COLUMN
 from cmp_hf.eval_report import EvalReport
 from cmp_hf.evaluation import CALIBRATION_METRIC
 from cmp_hf.losses import training_objective
 from cmp_hf.metrics import calibration_metrics
 from cmp_hf.progress import bars_only
 from cmp_hf.prompts import PromptConfig
+from cmp_hf.testing.synthetic import random_features
 from cmp_hf.testing.tiny import tiny_clip
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python recipes/<script>.py`
@@ -64,12 +63,7 @@ def trainer_for(args: argparse.Namespace) -> tuple[CMPTrainer, Dataset]:
     clip = CLIPModel(clip.config).eval()
     prompt = PromptConfig(class_names=names, n_ctx=4, allow_duplicate_names=True)
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, prompt)
-    rng = np.random.default_rng(args.seed)
-    features = rng.standard_normal((args.samples, clip.config.projection_dim)).astype(np.float32)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    labels = rng.integers(0, args.classes, args.samples)
-    schema = Features({FEATURES_COLUMN: Sequence(Value("float32"), length=args.feature_dim), "label": Value("int64")})
-    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": labels}, features=schema)  # as the cache writes
+    dataset = random_features(args.samples, args.feature_dim, args.classes, args.seed)  # as the cache stores them
     config = CMPConfig(
         output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         per_device_eval_batch_size=args.eval_batch_size, allow_duplicate_class_names=True,

@@ -99,21 +99,16 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_clip_dir, learner):
 EVAL_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    import numpy as np
     import torch
-    from datasets import Dataset
     from cmp_hf import CMPConfig, CMPTrainer, PromptConfig, PromptTunedCLIP
-    from cmp_hf.data.feature_cache import FEATURES_COLUMN
+    from cmp_hf.testing.synthetic import random_features
     from cmp_hf.testing.tiny import tiny_clip
 
     names = [f"class {chr(97 + k)}" for k in range(7)]
     clip, processor = tiny_clip(word for name in names for word in name.split())
     torch.manual_seed(0)  # the same random context on every process (and in both runs)
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((61, clip.config.projection_dim)).astype(np.float32)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": rng.integers(0, 7, 61)})
+    dataset = random_features(61, clip.config.projection_dim, len(names))
     config = CMPConfig(
         output_dir=sys.argv[1], use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
         per_device_eval_batch_size=int(sys.argv[2]),

@@ -21,6 +21,7 @@ from cmp_hf.evaluation import CALIBRATION_METRIC, Calibration
 from cmp_hf.losses import cmp_penalty
 from cmp_hf.losses.baselines import mbls_penalty
 from cmp_hf.metrics import CalibrationMetrics, as_percent, calibration_metrics, reliability_table, risk_coverage
+from cmp_hf.testing.synthetic import random_features
 from cmp_hf.testing.tiny import tiny_clip
 
 
@@ -136,10 +137,7 @@ def feature_trainer(tmp_path, n: int, classes: int, collator=None, **options) ->
     names = [f"class {chr(97 + k)}" for k in range(classes)]
     clip, processor = tiny_clip(word for name in names for word in name.split())
     model = PromptTunedCLIP.from_clip(clip, processor.tokenizer, PromptConfig(class_names=names, n_ctx=2))
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((n, clip.config.projection_dim)).astype(np.float32)
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    dataset = Dataset.from_dict({FEATURES_COLUMN: features, "label": rng.integers(0, classes, n)})
+    dataset = random_features(n, clip.config.projection_dim, classes)
     config = CMPConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, **options
     )

@@ -178,19 +178,11 @@ class ImageFeatureCache:
         if batch:
             flush()
         features = torch.cat(outputs).numpy()
-        width = features.shape[-1]
-        if views:  # (K, D) per row: an Array2D that select_views draws from
-            features, feature_type = features.reshape(len(dataset), views, width), Array2D((views, width), "float32")
-        else:  # (D,) per row, as a fixed-length list: read back an order of magnitude faster than a (1, D) Array2D
-            feature_type = Sequence(Value("float32"), length=width)
-        labels = dataset.select_columns([self.label_column])
+        if views:
+            features = features.reshape(len(dataset), views, features.shape[-1])
         label_feature = dataset.features[self.label_column]  # a ClassLabel keeps its names, for subsets by class
-        if not isinstance(label_feature, ClassLabel):
-            label_feature = Value("int64")
-        schema = Features({FEATURES_COLUMN: feature_type, self.label_column: label_feature})
-        return Dataset.from_dict(
-            {FEATURES_COLUMN: features, self.label_column: np.asarray(labels[self.label_column])}, features=schema
-        )
+        labels = np.asarray(dataset.select_columns([self.label_column])[self.label_column])
+        return features_dataset(features, labels, self.label_column, label_feature)
 
     def _write(self, encoded: Dataset, path: str, key: str) -> None:
         staging = f"{path}.tmp-{os.getpid()}"
@@ -227,6 +219,22 @@ class ImageFeatureCache:
         except (OSError, ValueError, KeyError) as error:
             logger.warning("Image-feature cache %s is invalid (%s): rebuilding it.", path, error)
             return None
+
+
+def features_dataset(
+    features: np.ndarray, labels: np.ndarray, label_column: str = "label", label_feature: Any = None
+) -> Dataset:
+    """Cached features as the cache stores them: (N, D) features one (D,) fixed-length list per row (read back an
+    order of magnitude faster than a (1, D) Array2D), (N, K, D) ones a (K, D) Array2D per row that
+    :func:`select_views` draws from; labels int64 unless ``label_feature`` is a ``ClassLabel``."""
+    if features.ndim == 3:
+        feature_type = Array2D(features.shape[1:], "float32")
+    else:
+        feature_type = Sequence(Value("float32"), length=features.shape[-1])
+    if not isinstance(label_feature, ClassLabel):
+        label_feature = Value("int64")
+    schema = Features({FEATURES_COLUMN: feature_type, label_column: label_feature})
+    return Dataset.from_dict({FEATURES_COLUMN: features, label_column: labels}, features=schema)
 
 
 def select_views(dataset: Dataset, seed: int) -> Dataset:

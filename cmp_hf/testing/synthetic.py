@@ -12,6 +12,8 @@ import os
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Image
 
+from ..data.feature_cache import features_dataset
+
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -41,6 +43,15 @@ def colour_patches(class_names: list[str], per_class: int, image_size: int = 32,
             labels.append(label)
     features = Features({"image": Image(), "label": ClassLabel(names=list(class_names))})
     return Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def random_features(num_rows: int, width: int, num_classes: int, seed: int = 0) -> Dataset:
+    """``num_rows`` random unit-norm image features and random labels, stored as the feature cache stores them: an
+    eval set at any scale without encoding images (benchmarks of the evaluation, tests of the trainer's maths)."""
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((num_rows, width)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    return features_dataset(features, rng.integers(0, num_classes, num_rows))
 
 
 def write_image_folder(dataset: Dataset, directory: str, split: str) -> None:
